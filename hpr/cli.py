@@ -10,13 +10,16 @@ from pathlib import Path
 
 
 def _reproduce(args) -> int:
-    from hpr.runs import METHODS, RunConfig, reproduce
+    from hpr.editors.hpr import HPRTrainConfig
+    from hpr.runs import METHODS, RunConfig, format_results, reproduce
 
     cfg = RunConfig(model=args.model, dataset=args.dataset, data_path=args.data_path,
-                    methods=tuple(args.methods or METHODS), limit=args.limit, seed=args.seed)
+                    methods=tuple(args.methods or METHODS), limit=args.limit, seed=args.seed,
+                    batch_size=args.batch_size, fp16_activations=args.fp16_activations,
+                    hpr=HPRTrainConfig(top_k=args.top_k), iti_k=args.iti_k)
     results = reproduce(cfg, Path(args.out), device=args.device, progress=not args.quiet)
-    print(json.dumps({k: results[k] for k in ("splits", "selected_layers", "methods", "flip_rates")}, indent=2))
-    print(f"run folder: {args.out}")
+    print(format_results(results))
+    print(f"run folder: {args.out} (results.json has everything)")
     return 0
 
 
@@ -29,6 +32,25 @@ def _build_toy(args) -> int:
     return 0
 
 
+def _toyworld(args) -> int:
+    import dataclasses
+
+    from hpr.toyworld import DEFAULT
+    from hpr.toyworld.diagnose import diagnose, format_report, seed_table
+
+    seeds = args.seed or [DEFAULT.seed]
+    reports = []
+    for seed in seeds:
+        reports.append(diagnose(dataclasses.replace(DEFAULT, seed=seed), progress=not args.quiet))
+        print(format_report(reports[-1]), flush=True)
+    if len(reports) > 1:
+        print(seed_table(reports))
+    if args.json:
+        Path(args.json).write_text(json.dumps(reports if len(reports) > 1 else reports[0], indent=2))
+        print(f"report: {args.json}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hpr", description="Activation editing workbench (HPR and baselines)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -38,9 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--dataset", default="toy", choices=["toy", "truthfulqa", "jsonl"])
     rep.add_argument("--data-path", default=None, help="file or folder for truthfulqa / jsonl")
     rep.add_argument("--out", required=True, help="run folder")
-    rep.add_argument("--methods", nargs="+", default=None, help="base hpr hpr_no_angle (default: all)")
+    rep.add_argument("--methods", nargs="+", default=None,
+                     help="any of: base hpr hpr_no_angle iti15 iti200 caa (default: all)")
     rep.add_argument("--limit", type=int, default=None, help="use only the first N questions")
     rep.add_argument("--seed", type=int, default=0)
+    rep.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+    rep.add_argument("--top-k", type=int, default=5, help="HPR edits the k layers with the best val probe")
+    rep.add_argument("--iti-k", type=int, default=48, help="ITI edits the K heads with the best val probe")
+    rep.add_argument("--fp16-activations", action="store_true", help="store cached activations in float16")
     rep.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     rep.add_argument("--quiet", action="store_true", help="no progress bars")
     rep.set_defaults(func=_reproduce)
@@ -48,6 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     toy = sub.add_parser("build-toy", help="build (or find) the cached embedded toy model")
     toy.add_argument("--quiet", action="store_true")
     toy.set_defaults(func=_build_toy)
+
+    world = sub.add_parser("toyworld", help="build (or find) the toy world and print its diagnostics")
+    world.add_argument("--seed", type=int, nargs="+", default=None,
+                       help="world seed(s); several give a comparison table (default: the default world's)")
+    world.add_argument("--json", default=None, help="also write the full report to this file")
+    world.add_argument("--quiet", action="store_true", help="no progress bars")
+    world.set_defaults(func=_toyworld)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -70,3 +70,43 @@ def edit_norm_change(model, questions: Sequence[MCQuestion], fmt: PromptFormat, 
             sums[i] += change[n].cpu()[mask].double().sum()
         count += int(mask.sum())
     return (sums / count).tolist()
+
+
+@torch.inference_mode()
+def norm_change_vs_base(model, questions: Sequence[MCQuestion], fmt: PromptFormat, editor,
+                        batch_size: int = 16) -> list[float]:
+    """Per layer: mean over tokens of ``| ||h_edit|| - ||h_base|| | / ||h_base||`` at ``hook_resid_post``.
+
+    ``h_base`` comes from an unedited pass, ``h_edit`` from the edited pass on the same tokens (every
+    position of prompt + true answer), so this counts everything the edit does to the residual norm at that
+    layer, including edits made inside attention (ITI) and the downstream effect of earlier edited layers.
+    The base itself reads 0.
+    """
+    if editor is None:
+        return [0.0] * model.cfg.n_layers
+    names = resid_names(model.cfg.n_layers)
+    encoded = encode_all(model, [(fmt.context(q), fmt.continuation(q.mc1[0].text)) for q in questions])
+    pad_id = pad_token_id(model)
+    sums = torch.zeros(len(names), dtype=torch.float64)
+    count = 0
+    for start in range(0, len(encoded), batch_size):
+        ids, lengths = pad_batch(encoded[start : start + batch_size], pad_id)
+        mask = torch.arange(ids.shape[1])[None] < lengths[:, None]
+        norms: dict[str, dict[str, torch.Tensor]] = {"base": {}, "edit": {}}
+
+        def recorder(kind):
+            def hook(act, hook):
+                norms[kind][hook.name] = act.float().norm(dim=-1).cpu()
+            return hook
+
+        for kind in ("base", "edit"):
+            # The editor's hooks attach first, so at a layer it edits the recorder sees the edited value.
+            with _applied(editor if kind == "edit" else None, model):
+                with model.hooks(fwd_hooks=[(n, recorder(kind)) for n in names]):
+                    model(ids.to(model.cfg.device), return_type=None)
+        for i, n in enumerate(names):
+            base = norms["base"][n]
+            rel = (norms["edit"][n] - base).abs() / base.clamp_min(1e-12)
+            sums[i] += rel[mask].double().sum()
+        count += int(mask.sum())
+    return (sums / count).tolist()

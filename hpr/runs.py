@@ -7,6 +7,8 @@ Run folder::
     activations/<split>/  answer-token resid_post shards (hpr.activations)
     probes.json           per-layer probe accuracy (val, test) and the selected layers
     editors/<method>/     config.json + state.safetensors
+    iti_heads.json        ITI: per-head val probe accuracy and the selected heads
+    caa_sweep.json        CAA: val MC1/MC2 per multiplier, and the one chosen
     predictions/<method>.parquet, predictions.parquet
     results.json
 """
@@ -27,10 +29,11 @@ import hpr
 from hpr import activations, evaluate, metrics
 from hpr.data import PromptFormat, apply_split, load_dataset, split_ids
 from hpr.editors import load_editor
+from hpr.editors.additive import ITI_PRESETS, answer_head_activations, fit_caa, fit_iti
 from hpr.editors.hpr import HPREditor, HPRTrainConfig, probe_accuracy, top_k_layers, train_layerwise
 
 log = logging.getLogger(__name__)
-METHODS = ("base", "hpr", "hpr_no_angle")
+METHODS = ("base", "hpr", "hpr_no_angle", "iti15", "iti200", "caa")
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,9 @@ class RunConfig:
     batch_size: int = field(default=16, metadata={"help": "sequences per forward pass"})
     fp16_activations: bool = field(default=False, metadata={"help": "store activations in float16"})
     hpr: HPRTrainConfig = field(default_factory=HPRTrainConfig)
+    iti_k: int = field(default=48, metadata={"help": "ITI: heads edited, top-K by val probe accuracy"})
+    caa_multipliers: tuple[float, ...] = field(default=(0.5, 1.0, 2.0, 4.0, 8.0, 16.0),
+                                               metadata={"help": "CAA: multipliers tried on val (best MC1)"})
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -54,7 +60,7 @@ class RunConfig:
     def from_json(cls, d: dict) -> RunConfig:
         d = dict(d)
         d["hpr"] = HPRTrainConfig(**d.get("hpr", {}))
-        for k in ("methods", "fractions"):
+        for k in ("methods", "fractions", "caa_multipliers"):
             if k in d:
                 d[k] = tuple(d[k])
         return cls(**d)
@@ -73,6 +79,15 @@ def prompt_format(dataset: str, truthful: bool = False) -> PromptFormat:
     if dataset == "toy":
         return PromptFormat(primer=TRUTHFUL_PRIMER if truthful else PRIMER, separator="\n")
     return PromptFormat()
+
+
+def toy_world_record() -> dict:
+    """Which world built the toy model: generator version, cache key and every parameter (seed included)."""
+    import hpr.toyworld
+    from hpr.toyworld.world import WORLD_VERSION
+
+    config = hpr.toyworld.DEFAULT
+    return {"world_version": WORLD_VERSION, "key": config.key(), "config": dataclasses.asdict(config)}
 
 
 def reproduce(cfg: RunConfig, out: Path, device=None, progress: bool = True) -> dict:
@@ -130,9 +145,31 @@ def reproduce(cfg: RunConfig, out: Path, device=None, progress: bool = True) -> 
     probes = json.loads(probes_path.read_text())
     done()
 
+    done = step("baselines")
+    if {"iti15", "iti200"} & set(cfg.methods) and not (editors_dir / "iti200" / "config.json").exists():
+        heads = {name: answer_head_activations(model, parts[name], fmt, cfg.batch_size) for name in ("train", "val")}
+        iti, head_acc = fit_iti(heads["train"], heads["val"], ITI_PRESETS["iti15"], k=cfg.iti_k,
+                                d_model=model.cfg.d_model)
+        _write_json(out / "iti_heads.json", {"val_accuracy": head_acc.tolist(), "heads": list(iti.config.heads)})
+        iti.save(editors_dir / "iti15")
+        iti.with_alpha(ITI_PRESETS["iti200"]).save(editors_dir / "iti200")
+    if "caa" in cfg.methods and not (editors_dir / "caa" / "config.json").exists():
+        pos, neg, _ = acts["train"].pairs()
+        caa = fit_caa(pos, neg, probes["selected_layers"], 1.0)
+        sweep = []
+        for m in cfg.caa_multipliers:
+            val = evaluate.predictions(model, parts["val"], fmt, "caa", caa.with_multiplier(m), cfg.batch_size)
+            row = metrics.summarize(metrics.question_scores(val))["caa"]
+            sweep.append({"multiplier": m, "mc1": row["mc1"], "mc2": row["mc2"]})
+        best = max(sweep, key=lambda r: (r["mc1"], r["mc2"], -r["multiplier"]))
+        _write_json(out / "caa_sweep.json", {"layers": probes["selected_layers"], "val": sweep,
+                                             "chosen": best["multiplier"]})
+        caa.with_multiplier(best["multiplier"]).save(editors_dir / "caa")
+    done()
+
     done = step("evaluation")
     frames = []
-    norm_change = {}
+    norm_change, norm_vs_base = {}, {}
     for method in cfg.methods:
         editor = None if method == "base" else load_editor(editors_dir / method)
         path = out / "predictions" / f"{method}.parquet"
@@ -144,6 +181,7 @@ def reproduce(cfg: RunConfig, out: Path, device=None, progress: bool = True) -> 
             os.replace(tmp, path)
         frames.append(pd.read_parquet(path))
         norm_change[method] = evaluate.edit_norm_change(model, parts["test"], fmt, editor, cfg.batch_size)
+        norm_vs_base[method] = evaluate.norm_change_vs_base(model, parts["test"], fmt, editor, cfg.batch_size)
     preds = pd.concat(frames, ignore_index=True)
     tmp = out / "predictions.parquet.tmp"
     preds.to_parquet(tmp, index=False)
@@ -162,11 +200,29 @@ def reproduce(cfg: RunConfig, out: Path, device=None, progress: bool = True) -> 
         "methods": {m: {k: summary[m][k] for k in ("mc1", "mc1_stderr", "mc2", "mc2_stderr")} for m in cfg.methods},
         "flip_rates": metrics.flip_rates(scores, base="base") if "base" in cfg.methods else {},
         "norm_change": norm_change,
+        "norm_change_vs_base": norm_vs_base,
         "timings_s": timings,
     }
+    if cfg.model == "toy":
+        results["toy_world"] = toy_world_record()
     if cfg.dataset == "toy":  # knowledge ceiling: the base model told that a truthful source speaks
         ceiling = evaluate.predictions(model, parts["test"], prompt_format("toy", truthful=True), "base")
         row = metrics.summarize(metrics.question_scores(ceiling))["base"]
         results["toy_ceiling"] = {k: row[k] for k in ("mc1", "mc1_stderr", "mc2", "mc2_stderr")}
     _write_json(out / "results.json", results)
     return results
+
+
+def format_results(results: dict) -> str:
+    """The headline table of a run: MC1/MC2 with standard errors, flips against base, norm change."""
+    lines = [f"{results['model']} on {results['dataset']}: {results['splits']['test']} test questions; "
+             f"HPR layers {results['selected_layers']}",
+             f"{'method':<13} {'MC1':>14} {'MC2':>14} {'f->t':>6} {'t->f':>6} {'max |dnorm|/norm':>17}"]
+    for method, row in results["methods"].items():
+        flips = results["flip_rates"].get(method, {})
+        norm = max(results.get("norm_change_vs_base", {}).get(method, [0.0]))
+        lines.append(f"{method:<13} {row['mc1']:>7.3f}±{row['mc1_stderr']:.3f} {row['mc2']:>7.3f}±{row['mc2_stderr']:.3f} "
+                     f"{flips.get('false_to_true', 0):>6.3f} {flips.get('true_to_false', 0):>6.3f} {norm:>17.3f}")
+    if "toy_ceiling" in results:
+        lines.append(f"toy knowledge ceiling (truthful header): MC1 {results['toy_ceiling']['mc1']:.3f}")
+    return "\n".join(lines)

@@ -3,8 +3,8 @@ import pytest
 from hpr.toyworld import ToyWorldConfig
 
 # A toy world small enough to build in seconds: enough to exercise every step, not to learn much.
-TINY = ToyWorldConfig(n_entities=16, n_docs=400, n_layers=2, d_model=32, n_heads=2, d_mlp=64, n_ctx=64,
-                      vocab_size=400, steps=30, batch_size=8)
+TINY = ToyWorldConfig(n_entities=16, questions_per_entity=2, n_docs=400, n_layers=2, d_model=32, n_heads=2,
+                      d_mlp=64, n_ctx=64, vocab_size=400, steps=30, batch_size=8)
 
 
 @pytest.fixture(scope="session")

@@ -17,23 +17,35 @@ def test_reproduce_tiny_toy(tiny_toy, tmp_path):
     assert results["n_layers"] == 2
     assert len(results["probe_accuracy"]["val"]) == 2 and len(results["probe_accuracy"]["test"]) == 2
     assert results["selected_layers"] == [0, 1]  # top-5 capped by the layer count
-    assert set(results["methods"]) == {"base", "hpr", "hpr_no_angle"}
+    assert results["toy_world"]["key"] == tiny_toy.key()  # which world (version, seed, config) built the model
+    assert results["toy_world"]["config"]["seed"] == tiny_toy.seed
+    methods = {"base", "hpr", "hpr_no_angle", "iti15", "iti200", "caa"}
+    assert set(results["methods"]) == methods
     assert 0 <= results["toy_ceiling"]["mc1"] <= 1  # the base model scored after a truthful-source header
     assert set(results["flip_rates"]["hpr"]) == {"false_to_true", "true_to_false", "remains_true", "remains_false"}
     assert sum(results["flip_rates"]["hpr"].values()) == pytest.approx(1.0)
-    # Norms: the base is untouched; HPR preserves norms at the layers it edits.
+    # Norms: the base is untouched; HPR preserves norms at the layers it edits; against the base pass,
+    # ITI at alpha 200 moves norms more than at alpha 15 (same heads, same directions).
     assert results["norm_change"]["base"] == [0.0, 0.0]
     for method in ("hpr", "hpr_no_angle"):
         assert max(results["norm_change"][method]) <= 1e-5
+    vs_base = results["norm_change_vs_base"]
+    assert set(vs_base) == methods and vs_base["base"] == [0.0, 0.0]
+    assert vs_base["hpr"][0] <= 1e-5  # the first edited layer has an unedited input
+    assert all(a > b for a, b in zip(vs_base["iti200"], vs_base["iti15"]))
+    heads = json.loads((out / "iti_heads.json").read_text())
+    assert len(heads["heads"]) == 4  # K = 48 capped by 2 layers x 2 heads
+    sweep = json.loads((out / "caa_sweep.json").read_text())
+    assert sweep["chosen"] in [row["multiplier"] for row in sweep["val"]]
 
     preds = pd.read_parquet(out / "predictions.parquet")
     assert list(preds.columns) == ["method", "question_id", "task", "choice", "is_true", "loglik"]
-    assert set(preds.method) == {"base", "hpr", "hpr_no_angle"}
+    assert set(preds.method) == methods
     recomputed = metrics.summarize(metrics.question_scores(preds))
     for method, row in results["methods"].items():
         for key in ("mc1", "mc2", "mc1_stderr", "mc2_stderr"):
             assert row[key] == pytest.approx(recomputed[method][key])
-    for name in ("hpr", "hpr_no_angle"):
+    for name in methods - {"base"}:
         assert (out / "editors" / name / "config.json").exists()
         assert (out / "editors" / name / "state.safetensors").exists()
 

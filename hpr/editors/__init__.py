@@ -1,6 +1,7 @@
 """Editors: one file per method, all behind :class:`hpr.editors.base.Editor`."""
 
-from hpr.editors import hpr as _hpr  # noqa: F401  (registers the method)
+from hpr.editors import additive as _additive  # noqa: F401  (registers iti, caa)
+from hpr.editors import hpr as _hpr  # noqa: F401  (registers hpr)
 from hpr.editors.base import REGISTRY, Editor, load_editor
 
 __all__ = ["REGISTRY", "Editor", "load_editor"]

@@ -82,7 +82,7 @@ def build_toy_model(config: ToyWorldConfig, out_dir: Path, progress: bool = True
     timings["corpus_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    tokenizer = train_tokenizer(docs[:5000], config.vocab_size, out_dir / "tokenizer")
+    tokenizer = train_tokenizer(docs[:5000], config.vocab_size, out_dir / "tokenizer", config.tokenizer)
     stream = _token_stream(tokenizer, docs)
     timings["tokenizer_s"] = time.perf_counter() - t0
 

@@ -1,0 +1,352 @@
+"""Additive steering baselines: ITI (per-head shifts at ``attn.hook_z``) and CAA (one residual vector).
+
+ITI, Inference-Time Intervention (Li et al., NeurIPS 2023; ``likenneth/honest_llama``). Per head (l, h):
+a logistic-regression probe on the head output ``z`` ranks the heads by validation accuracy, the top K
+(K = 48) are edited. ``theta`` = unit mass-mean shift ``mean(z | true) - mean(z | false)`` (train + val),
+``sigma`` = std of the train ``z . theta``. Edit, at every position of every forward pass:
+``z[:, t, h] <- z[:, t, h] + alpha * sigma * theta``. That is the legacy honest_llama semantics; editing
+only the last position would leave MC answer tokens unshifted, and with a KV cache each new position is
+shifted as it is computed, so cached and uncached decoding agree.
+
+CAA, Contrastive Activation Addition / mean-difference steering (Rimsky et al., ACL 2024). Per layer l:
+``v_l = mean(resid_post | true answer tokens) - mean(resid_post | false answer tokens)`` (not normalised).
+Edit at ``blocks.{l}.hook_resid_post``, every position: ``x[:, t] <- x[:, t] + multiplier * v_l``.
+
+Both: math in float32, result cast back to the activation's dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from hpr.data.prompts import PromptFormat
+from hpr.data.schema import MCQuestion
+from hpr.editors.base import Editor, Hook, register
+from hpr.models import head_z_hook, resid_post_hook
+from hpr.scoring import encode_all, pad_batch, pad_token_id
+
+Head = tuple[int, int]
+HeadActs = tuple[Tensor, Tensor]  # z [N, n_layers, n_heads, d_head], is_true [N]
+
+# alpha values compared in the HPR paper (15 is ITI's own default).
+ITI_PRESETS: dict[str, float] = {"iti15": 15.0, "iti200": 200.0}
+
+
+# --------------------------------------------------------------------------------------------------- ITI
+
+
+@dataclass(frozen=True)
+class ITIConfig:
+    heads: tuple[Head, ...] = field(default=(), metadata={"help": "edited heads as (layer, head), 0-based"})
+    alpha: float = field(default=15.0, metadata={"help": "shift strength in units of the head's std"})
+
+    def __post_init__(self):
+        # JSON round trips give lists of lists; normalise so equality and hashing work.
+        heads = []
+        for head in self.heads:
+            if len(head) != 2 or any(int(i) < 0 for i in head):
+                raise ValueError(f"ITI heads must be (layer, head) pairs of non-negative ints, got {head!r}")
+            heads.append((int(head[0]), int(head[1])))
+        if len(set(heads)) != len(heads):
+            raise ValueError(f"ITI heads contain duplicates: {heads}")
+        object.__setattr__(self, "heads", tuple(heads))
+        object.__setattr__(self, "alpha", float(self.alpha))
+
+
+@torch.inference_mode()
+def answer_head_activations(model, questions: Sequence[MCQuestion], fmt: PromptFormat,
+                            batch_size: int = 16) -> HeadActs:
+    """Head outputs at the answer tokens of every MC2 choice of every question.
+
+    Returns ``z [N_tokens, n_layers, n_heads, d_head]`` (float32, CPU) from ``blocks.{l}.attn.hook_z`` and
+    ``is_true [N_tokens]`` (bool, the token's choice label). Encoding, right padding and the continuation
+    span (the last ``n_cont`` tokens) are those of :func:`hpr.activations.answer_activations`.
+    """
+    choices = [c for q in questions for c in q.mc2]
+    pairs = [(fmt.context(q), fmt.continuation(c.text)) for q in questions for c in q.mc2]
+    if not pairs:
+        raise ValueError("no MC2 choices to collect head activations from")
+    names = [head_z_hook(layer) for layer in range(model.cfg.n_layers)]
+    wanted = set(names)
+    encoded = encode_all(model, pairs)
+    pad_id = pad_token_id(model)
+    zs, labels = [], []
+    for start in range(0, len(encoded), batch_size):
+        batch = encoded[start : start + batch_size]
+        ids, _ = pad_batch(batch, pad_id)
+        _, cache = model.run_with_cache(ids.to(model.cfg.device), names_filter=lambda n: n in wanted)
+        stacked = torch.stack([cache[n] for n in names], dim=2)  # [b, pos, layers, heads, d_head]
+        for i, (e, choice) in enumerate(zip(batch, choices[start : start + batch_size])):
+            total = len(e.tokens)
+            zs.append(stacked[i, total - e.n_cont : total].float().cpu())
+            labels.append(torch.full((e.n_cont,), choice.is_true, dtype=torch.bool))
+    return torch.cat(zs), torch.cat(labels)
+
+
+def _check_head_acts(acts: HeadActs, name: str, both_classes: bool) -> tuple[Tensor, Tensor]:
+    z, is_true = acts
+    if z.ndim != 4 or is_true.ndim != 1 or len(z) != len(is_true) or len(z) == 0:
+        raise ValueError(f"{name}: expected z [N, n_layers, n_heads, d_head] and is_true [N] with N > 0, "
+                         f"got {tuple(z.shape)} and {tuple(is_true.shape)}")
+    y = is_true.bool()
+    if both_classes and (y.all() or not y.any()):
+        raise ValueError(f"{name}: the probes need both true and false answer tokens")
+    return z.detach().cpu().float(), y.cpu()  # no copies for CPU float32 (the usual case: z can be large)
+
+
+def head_probe_accuracy(train: HeadActs, val: HeadActs) -> np.ndarray:
+    """Validation accuracy ``[n_layers, n_heads]`` of a probe ``sigmoid(w . z + b)`` fitted per head on train.
+
+    sklearn ``LogisticRegression(max_iter=1000, random_state=0)`` (default L2, C=1), as honest_llama.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
+
+    z_tr, y_tr = _check_head_acts(train, "train", both_classes=True)
+    z_va, y_va = _check_head_acts(val, "val", both_classes=False)
+    if z_tr.shape[1:] != z_va.shape[1:]:
+        raise ValueError(f"train and val head activations differ in shape: {tuple(z_tr.shape[1:])} "
+                         f"vs {tuple(z_va.shape[1:])}")
+    n_layers, n_heads = z_tr.shape[1:3]
+    x_tr, x_va, y_tr_np, y_va_np = z_tr.numpy(), z_va.numpy(), y_tr.numpy(), y_va.numpy()  # views, no copies
+    acc = np.zeros((n_layers, n_heads))
+    # One probe is a small problem: BLAS/OpenMP threads cost more than they save (measured 2-4x slower).
+    with threadpool_limits(1):
+        for layer in range(n_layers):
+            for head in range(n_heads):
+                probe = LogisticRegression(max_iter=1000, random_state=0).fit(x_tr[:, layer, head], y_tr_np)
+                acc[layer, head] = probe.score(x_va[:, layer, head], y_va_np)
+    return acc
+
+
+def top_k_heads(val_accuracy: np.ndarray, k: int) -> tuple[Head, ...]:
+    """The k heads with the highest accuracy (ties: lower (layer, head) first), sorted ascending.
+
+    k is capped at ``n_layers * n_heads``.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    acc = np.asarray(val_accuracy)
+    ranked = sorted(np.ndindex(*acc.shape), key=lambda lh: (-acc[lh], lh))
+    return tuple(sorted((int(l), int(h)) for l, h in ranked[:k]))
+
+
+def mass_mean_directions(*parts: HeadActs) -> Tensor:
+    """``theta = mean(z | true) - mean(z | false)`` per head over all ``(z, is_true)`` parts, unit-normalised.
+
+    Returns ``[n_layers, n_heads, d_head]``; a head with no mean difference gets a zero vector (from_heads
+    refuses it if selected). Class sums are matrix products, so no part is copied or concatenated.
+    """
+    sums, counts = 0.0, 0.0
+    for z, is_true in parts:
+        onehot = torch.stack([is_true.bool(), ~is_true.bool()], dim=1).float()  # [N, 2]: true, false
+        sums = sums + onehot.T @ z.float().flatten(1)  # [2, layers * heads * d_head]
+        counts = counts + onehot.sum(0)
+    if not (counts > 0).all():
+        raise ValueError("mass-mean directions need both true and false answer tokens")
+    means = sums / counts[:, None]
+    diff = (means[0] - means[1]).view(parts[0][0].shape[1:])
+    return diff / diff.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def fit_iti(train_heads: HeadActs, val_heads: HeadActs, alpha: float, k: int = 48,
+            d_model: int | None = None) -> tuple[ITIEditor, np.ndarray]:
+    """Fit ITI: top-k heads by val probe accuracy, mass-mean directions, train std along them.
+
+    Each argument is ``(z [N, n_layers, n_heads, d_head], is_true [N])`` as from
+    :func:`answer_head_activations`. ``theta`` uses train + val; ``sigma = std(z_train . theta)`` (ddof 0,
+    as ``np.std``). ``d_model`` is only recorded in the saved config (default ``n_heads * d_head``);
+    the shape check uses n_layers, n_heads and d_head. Returns the editor and the per-head val accuracy
+    ``[n_layers, n_heads]``.
+    """
+    val_acc = head_probe_accuracy(train_heads, val_heads)
+    heads = top_k_heads(val_acc, k)
+    z_tr, y_tr = _check_head_acts(train_heads, "train", both_classes=True)
+    z_va, y_va = _check_head_acts(val_heads, "val", both_classes=False)
+    theta = mass_mean_directions((z_tr, y_tr), (z_va, y_va))
+    sigma = {(l, h): float((z_tr[:, l, h] @ theta[l, h]).std(correction=0)) for l, h in heads}
+    _, n_layers, n_heads, _ = z_tr.shape
+    editor = ITIEditor.from_heads({lh: theta[lh] for lh in heads}, sigma, alpha, n_layers, n_heads, d_model)
+    return editor, val_acc
+
+
+def _add_to_heads(z: Tensor, idx: Tensor, shift: Tensor) -> Tensor:
+    """``z [..., n_heads, d_head]`` with ``shift [k, d_head]`` added to heads ``idx [k]``; other heads copied."""
+    out = z.clone()  # heads not in idx stay bit-identical (adding 0.0 would turn -0.0 into +0.0)
+    out[..., idx, :] = (z[..., idx, :].float() + shift.to(z.device)).to(z.dtype)
+    return out
+
+
+@register
+class ITIEditor(Editor):
+    method = "iti"
+    config_cls = ITIConfig
+
+    @classmethod
+    def from_heads(cls, directions: Mapping[Head, Tensor], sigmas: Mapping[Head, float], alpha: float,
+                   n_layers: int, n_heads: int, d_model: int | None = None) -> ITIEditor:
+        """Build from per-head directions (normalised here) and stds. ``d_model`` defaults to n_heads * d_head."""
+        if not directions:
+            raise ValueError("ITI needs at least one head")
+        if set(directions) != set(sigmas):
+            raise ValueError(f"directions and sigmas name different heads: {sorted(directions)} vs {sorted(sigmas)}")
+        heads = tuple(sorted(directions))
+        d_heads = {tuple(directions[lh].shape) for lh in heads}
+        if len(d_heads) > 1 or any(len(s) != 1 for s in d_heads):
+            raise ValueError(f"ITI directions must all be 1-D of the same length d_head, got shapes {d_heads}")
+        d_head = d_heads.pop()[0]
+        tensors = {"head_shape": torch.tensor([n_heads, d_head])}
+        for layer, head in heads:
+            theta = directions[(layer, head)].detach().float().cpu()
+            norm = theta.norm()
+            if not torch.isfinite(norm) or norm == 0:
+                raise ValueError(f"ITI direction of head L{layer}.H{head} has norm {norm.item()}; cannot normalise")
+            tensors[f"L{layer}.H{head}.direction"] = theta / norm
+            tensors[f"L{layer}.H{head}.sigma"] = torch.tensor(float(sigmas[(layer, head)]))
+        return cls(ITIConfig(heads=heads, alpha=alpha), tensors, d_model or n_heads * d_head, n_layers)
+
+    def with_alpha(self, alpha: float) -> ITIEditor:
+        """The same fitted heads with another alpha (e.g. the values of :data:`ITI_PRESETS`)."""
+        return type(self)(dataclasses.replace(self.config, alpha=alpha), self.tensors, self.d_model, self.n_layers)
+
+    @property
+    def head_shape(self) -> tuple[int, int]:
+        """``(n_heads, d_head)`` of the model the editor was fitted on."""
+        if "head_shape" not in self.tensors:
+            raise ValueError("ITI editor state has no 'head_shape' tensor (n_heads, d_head)")
+        n_heads, d_head = (int(x) for x in self.tensors["head_shape"])
+        return n_heads, d_head
+
+    def check_model(self, model) -> None:
+        # The edit lives on hook_z, so n_layers, n_heads and d_head are what must match (d_model need not).
+        n_heads, d_head = self.head_shape
+        ours = (self.n_layers, n_heads, d_head)
+        theirs = (model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_head)
+        if ours != theirs:
+            raise ValueError(
+                f"iti editor was fitted on a model with n_layers={ours[0]}, n_heads={ours[1]}, d_head={ours[2]}; "
+                f"this model has n_layers={theirs[0]}, n_heads={theirs[1]}, d_head={theirs[2]}. "
+                f"Fit a new editor for this model.")
+
+    def shifts(self, layer: int) -> tuple[Tensor, Tensor]:
+        """Edited head indices ``[k]`` of ``layer`` and their shifts ``alpha * sigma * theta`` ``[k, d_head]``.
+
+        Shifts are float32; they are added in float32 and the sum cast back to the activation's dtype.
+        """
+        heads = [h for l, h in self.config.heads if l == layer]
+        missing = [f"L{layer}.H{h}.{t}" for h in heads for t in ("direction", "sigma")
+                   if f"L{layer}.H{h}.{t}" not in self.tensors]
+        if missing:
+            raise ValueError(f"ITI editor state is missing tensors {missing}")
+        shift = [self.config.alpha * self.tensors[f"L{layer}.H{h}.sigma"].float()
+                 * self.tensors[f"L{layer}.H{h}.direction"].float() for h in heads]
+        d_head = self.head_shape[1]
+        return torch.tensor(heads, dtype=torch.long), torch.stack(shift) if shift else torch.zeros(0, d_head)
+
+    def edit(self, layer: int, z: Tensor) -> Tensor:
+        """``z [..., n_heads, d_head]`` of ``layer`` after the edit: ``z[..., h, :] + alpha * sigma_h * theta_h``."""
+        idx, shift = self.shifts(layer)
+        return _add_to_heads(z, idx.to(z.device), shift)
+
+    def hooks(self, model) -> list[Hook]:
+        n_heads = self.head_shape[0]
+        bad = [lh for lh in self.config.heads if lh[0] >= self.n_layers or lh[1] >= n_heads]
+        if bad:
+            raise ValueError(f"ITI heads {bad} out of range for {self.n_layers} layers x {n_heads} heads")
+        device = model.cfg.device
+
+        def make(layer: int):
+            idx, shift = (t.to(device) for t in self.shifts(layer))  # built once, before any hook attaches
+
+            def hook(z, hook):
+                return _add_to_heads(z, idx.to(z.device), shift)
+            return hook
+
+        layers = sorted({layer for layer, _ in self.config.heads})
+        return [(head_z_hook(layer), make(layer)) for layer in layers]
+
+
+# --------------------------------------------------------------------------------------------------- CAA
+
+
+@dataclass(frozen=True)
+class CAAConfig:
+    layers: tuple[int, ...] = field(default=(), metadata={"help": "edited layers (0-based blocks)"})
+    multiplier: float = field(default=1.0, metadata={"help": "scale of the added mean-difference vector"})
+
+    def __post_init__(self):
+        layers = tuple(int(layer) for layer in self.layers)
+        if len(set(layers)) != len(layers) or any(layer < 0 for layer in layers):
+            raise ValueError(f"CAA layers must be distinct non-negative ints, got {self.layers!r}")
+        object.__setattr__(self, "layers", layers)
+        object.__setattr__(self, "multiplier", float(self.multiplier))
+
+
+def fit_caa(pos: Tensor, neg: Tensor, layers: Sequence[int], multiplier: float) -> CAAEditor:
+    """``v_l = mean_i pos[i, l] - mean_i neg[i, l]`` for each of ``layers``, from ``[N, n_layers, d_model]``.
+
+    ``pos``/``neg`` are the aligned true/false answer tokens of
+    :meth:`hpr.activations.AnswerActivations.pairs` (so ``v_l`` is also the mean pairwise difference).
+    """
+    if pos.ndim != 3 or pos.shape != neg.shape or len(pos) == 0:
+        raise ValueError(f"pos and neg must both be [N, n_layers, d_model] with N > 0, "
+                         f"got {tuple(pos.shape)} and {tuple(neg.shape)}")
+    n_layers = pos.shape[1]
+    bad = [layer for layer in layers if not 0 <= layer < n_layers]
+    if bad:
+        raise ValueError(f"CAA layers {bad} out of range for {n_layers} layers")
+    diff = pos.float().mean(0) - neg.float().mean(0)  # [layers, d_model]
+    return CAAEditor.from_vectors({layer: diff[layer] for layer in layers}, multiplier, n_layers)
+
+
+@register
+class CAAEditor(Editor):
+    method = "caa"
+    config_cls = CAAConfig
+
+    @classmethod
+    def from_vectors(cls, vectors: Mapping[int, Tensor], multiplier: float, n_layers: int) -> CAAEditor:
+        """Build from per-layer steering vectors ``[d_model]`` (used as given, not normalised)."""
+        shapes = {tuple(v.shape) for v in vectors.values()}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 1:
+            raise ValueError(f"CAA needs at least one vector, all 1-D of length d_model; got shapes {shapes}")
+        tensors = {f"layer{layer}.vector": v.detach().float().cpu().clone() for layer, v in vectors.items()}
+        d_model = next(iter(shapes))[0]
+        return cls(CAAConfig(layers=tuple(sorted(vectors)), multiplier=multiplier), tensors, d_model, n_layers)
+
+    def with_multiplier(self, multiplier: float) -> CAAEditor:
+        """The same vectors with another multiplier."""
+        config = dataclasses.replace(self.config, multiplier=multiplier)
+        return type(self)(config, self.tensors, self.d_model, self.n_layers)
+
+    def shift(self, layer: int) -> Tensor:
+        """``multiplier * v_layer`` ``[d_model]`` (float32)."""
+        key = f"layer{layer}.vector"
+        if key not in self.tensors:
+            raise ValueError(f"CAA editor state is missing tensor {key!r}")
+        return self.config.multiplier * self.tensors[key].float()
+
+    def edit(self, layer: int, x: Tensor) -> Tensor:
+        """``x [..., d_model]`` of ``layer`` after the edit: ``x + multiplier * v_layer``."""
+        return (x.float() + self.shift(layer).to(x.device)).to(x.dtype)
+
+    def hooks(self, model) -> list[Hook]:
+        bad = [layer for layer in self.config.layers if layer >= model.cfg.n_layers]
+        if bad:
+            raise ValueError(f"CAA layers {bad} out of range for a {model.cfg.n_layers}-layer model")
+        device = model.cfg.device
+
+        def make(layer: int):
+            shift = self.shift(layer).to(device)  # built once, before any hook attaches
+
+            def hook(x, hook):
+                return (x.float() + shift.to(x.device)).to(x.dtype)
+            return hook
+
+        return [(resid_post_hook(layer), make(layer)) for layer in self.config.layers]

@@ -1,0 +1,46 @@
+"""Norm change against the unedited pass: what the Fig. 4 box plots and results.json report."""
+
+import pytest
+import torch
+
+import hpr
+from hpr.data.prompts import PromptFormat
+from hpr.editors.additive import CAAEditor
+from hpr.editors.hpr import HPREditor, LayerwiseHPR
+from hpr.evaluate import norm_change_vs_base
+from hpr.toyworld import toy_dataset
+
+FMT = PromptFormat(primer="", separator="\n")
+
+
+def _resid(model, questions, layer):
+    """resid_post at ``layer`` for prompt + true answer of each question, one sequence at a time."""
+    out = []
+    for q in questions:
+        text = FMT.context(q) + FMT.continuation(q.mc1[0].text)
+        _, cache = model.run_with_cache(text, names_filter=f"blocks.{layer}.hook_resid_post")
+        out.append(cache[f"blocks.{layer}.hook_resid_post"][0])
+    return out
+
+
+def test_caa_norm_change_matches_a_hand_computation(tiny_toy):
+    model = hpr.load_model("toy")
+    questions = toy_dataset()[:6]
+    d = model.cfg.d_model
+    vector = torch.randn(d, generator=torch.Generator().manual_seed(0))
+    editor = CAAEditor.from_vectors({1: vector}, 0.5, model.cfg.n_layers)
+    change = norm_change_vs_base(model, questions, FMT, editor, batch_size=4)
+    assert change[0] == 0.0  # before the edited layer nothing moves
+    base = torch.cat(_resid(model, questions, 1))
+    expected = ((base + 0.5 * vector).norm(dim=-1) - base.norm(dim=-1)).abs() / base.norm(dim=-1)
+    assert change[1] == pytest.approx(expected.mean().item(), rel=1e-4)
+    assert norm_change_vs_base(model, questions, FMT, None) == [0.0, 0.0]
+
+
+def test_hpr_alone_preserves_the_norm_at_its_layer(tiny_toy):
+    model = hpr.load_model("toy")
+    torch.manual_seed(0)
+    net = LayerwiseHPR(model.cfg.n_layers, model.cfg.d_model)
+    editor = HPREditor.from_layerwise(net, (1,))
+    change = norm_change_vs_base(model, toy_dataset()[:6], FMT, editor, batch_size=4)
+    assert change[0] == 0.0 and change[1] < 1e-5
