@@ -51,6 +51,29 @@ def answer_activations(model, pairs: Sequence[tuple[str, str]], batch_size: int 
     return out
 
 
+@torch.inference_mode()
+def last_token_activations(model, pairs: Sequence[tuple[str, str]], names: Sequence[str],
+                           batch_size: int = 16) -> dict[str, Tensor]:
+    """For each ``(context, continuation)``, every hook in ``names`` at the last continuation token.
+
+    Returns ``{name: [len(pairs), *act_shape]}`` (float32, CPU). SEA and SADI fit on these, as their
+    reference code does (the last token of prompt + answer).
+    """
+    wanted = set(names)
+    encoded = encode_all(model, pairs)
+    pad_id = pad_token_id(model)
+    out: dict[str, list[Tensor]] = {n: [] for n in names}
+    for start in range(0, len(encoded), batch_size):
+        batch = encoded[start : start + batch_size]
+        ids, lengths = pad_batch(batch, pad_id)
+        _, cache = model.run_with_cache(ids.to(model.cfg.device), names_filter=lambda n: n in wanted)
+        last = (lengths - 1).to(model.cfg.device)
+        rows = torch.arange(len(batch), device=model.cfg.device)
+        for n in names:
+            out[n].append(cache[n][rows, last].float().cpu())
+    return {n: torch.cat(v) for n, v in out.items()}
+
+
 @dataclass
 class AnswerActivations:
     """All answers of a split: ``acts[offsets[j]:offsets[j+1]]`` are answer j's tokens."""

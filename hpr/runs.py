@@ -8,7 +8,7 @@ Run folder::
     probes.json           per-layer probe accuracy (val, test) and the selected layers
     editors/<method>/     config.json + state.safetensors
     iti_heads.json        ITI: per-head val probe accuracy and the selected heads
-    caa_sweep.json        CAA: val MC1/MC2 per multiplier, and the one chosen
+    <method>_sweep.json   CAA, SADI: val MC1/MC2 per candidate setting, and the one chosen
     predictions/<method>.parquet, predictions.parquet
     results.json
 """
@@ -30,10 +30,13 @@ from hpr import activations, evaluate, metrics
 from hpr.data import PromptFormat, apply_split, load_dataset, split_ids
 from hpr.editors import load_editor
 from hpr.editors.additive import ITI_PRESETS, answer_head_activations, fit_caa, fit_iti
+from hpr.editors.diff import train_diff
 from hpr.editors.hpr import HPREditor, HPRTrainConfig, probe_accuracy, top_k_layers, train_layerwise
+from hpr.editors.sadi import fit_sadi, mean_differences
+from hpr.editors.sea import fit_sea, last_layers, sea_activations
 
 log = logging.getLogger(__name__)
-METHODS = ("base", "hpr", "hpr_no_angle", "iti15", "iti200", "caa")
+METHODS = ("base", "hpr", "hpr_no_angle", "iti15", "iti200", "caa", "diff", "sea", "sadi")
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,13 @@ class RunConfig:
     iti_k: int = field(default=48, metadata={"help": "ITI: heads edited, top-K by val probe accuracy"})
     caa_multipliers: tuple[float, ...] = field(default=(0.5, 1.0, 2.0, 4.0, 8.0, 16.0),
                                                metadata={"help": "CAA: multipliers tried on val (best MC1)"})
+    sea_k_ratio: float = field(default=0.998, metadata={"help": "SEA: explained-variance cutoff of the spectra"})
+    sea_max_new_tokens: int = field(default=32, metadata={"help": "SEA: length limit of the greedy base answers"})
+    sadi_level: str = field(default="heads", metadata={"help": "SADI: heads | hidden | neurons"})
+    sadi_mode: str = field(default="additive", metadata={"help": "SADI: additive (paper) | multiplicative (code)"})
+    sadi_k: tuple[int, ...] = field(default=(1, 2, 4, 8), metadata={"help": "SADI: mask sizes tried on val"})
+    sadi_deltas: tuple[float, ...] = field(default=(0.5, 1.0, 2.0, 5.0),
+                                           metadata={"help": "SADI: deltas tried on val (best MC1)"})
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -60,7 +70,7 @@ class RunConfig:
     def from_json(cls, d: dict) -> RunConfig:
         d = dict(d)
         d["hpr"] = HPRTrainConfig(**d.get("hpr", {}))
-        for k in ("methods", "fractions", "caa_multipliers"):
+        for k in ("methods", "fractions", "caa_multipliers", "sadi_k", "sadi_deltas"):
             if k in d:
                 d[k] = tuple(d[k])
         return cls(**d)
@@ -88,6 +98,93 @@ def toy_world_record() -> dict:
 
     config = hpr.toyworld.DEFAULT
     return {"world_version": WORLD_VERSION, "key": config.key(), "config": dataclasses.asdict(config)}
+
+
+@dataclass
+class FitContext:
+    """What a method's fitting step reads: the run's settings, model, splits, activations and HPR layers."""
+
+    cfg: RunConfig
+    model: object
+    parts: dict
+    fmt: PromptFormat
+    acts: dict
+    probes: dict
+    editors_dir: Path
+    out: Path
+    progress: bool
+
+    def done(self, method: str) -> bool:
+        return (self.editors_dir / method / "config.json").exists()
+
+    def val_mc(self, method: str, editor) -> dict:
+        """MC1/MC2 of ``editor`` on the validation split (the only split any method is tuned on)."""
+        val = evaluate.predictions(self.model, self.parts["val"], self.fmt, method, editor, self.cfg.batch_size)
+        row = metrics.summarize(metrics.question_scores(val))[method]
+        return {"mc1": row["mc1"], "mc2": row["mc2"]}
+
+    def sweep(self, method: str, candidates: list[tuple[dict, object]], extra: dict | None = None):
+        """Pick the candidate with the best val MC1 (then MC2, then the first listed); record the sweep."""
+        rows = []
+        for params, editor in candidates:
+            rows.append({**params, **self.val_mc(method, editor)})
+        best = max(range(len(rows)), key=lambda i: (rows[i]["mc1"], rows[i]["mc2"], -i))
+        _write_json(self.out / f"{method}_sweep.json", {**(extra or {}), "val": rows, "chosen": rows[best]})
+        return candidates[best][1]
+
+
+def _fit_iti(fit: FitContext) -> None:
+    if fit.done("iti15") and fit.done("iti200"):
+        return
+    heads = {name: answer_head_activations(fit.model, fit.parts[name], fit.fmt, fit.cfg.batch_size)
+             for name in ("train", "val")}
+    iti, head_acc = fit_iti(heads["train"], heads["val"], ITI_PRESETS["iti15"], k=fit.cfg.iti_k,
+                            d_model=fit.model.cfg.d_model)
+    _write_json(fit.out / "iti_heads.json", {"val_accuracy": head_acc.tolist(), "heads": list(iti.config.heads)})
+    iti.save(fit.editors_dir / "iti15")
+    iti.with_alpha(ITI_PRESETS["iti200"]).save(fit.editors_dir / "iti200")
+
+
+def _fit_caa(fit: FitContext) -> None:
+    if fit.done("caa"):
+        return
+    pos, neg, _ = fit.acts["train"].pairs()
+    caa = fit_caa(pos, neg, fit.probes["selected_layers"], 1.0)
+    best = fit.sweep("caa", [({"multiplier": m}, caa.with_multiplier(m)) for m in fit.cfg.caa_multipliers],
+                     {"layers": fit.probes["selected_layers"]})
+    best.save(fit.editors_dir / "caa")
+
+
+def _fit_diff(fit: FitContext) -> None:
+    if fit.done("diff"):
+        return
+    pos, neg, _ = fit.acts["train"].pairs()
+    train_diff(pos, neg, fit.probes["selected_layers"], fit.cfg.hpr, fit.progress).save(fit.editors_dir / "diff")
+
+
+def _fit_sea(fit: FitContext) -> None:
+    if fit.done("sea"):
+        return
+    base, pos, neg = sea_activations(fit.model, fit.parts["train"], fit.fmt, fit.cfg.sea_max_new_tokens,
+                                     fit.cfg.batch_size, fit.progress)
+    fit_sea(base, pos, neg, last_layers(fit.model.cfg.n_layers), fit.cfg.sea_k_ratio).save(fit.editors_dir / "sea")
+
+
+def _fit_sadi(fit: FitContext) -> None:
+    if fit.done("sadi"):
+        return
+    cfg = fit.cfg
+    diff = mean_differences(fit.model, fit.parts["train"], fit.fmt, cfg.sadi_level, cfg.batch_size)
+    candidates = [({"k": k, "delta": delta},
+                   fit_sadi(diff, k, delta, cfg.sadi_level, cfg.sadi_mode, fit.model.cfg.d_model))
+                  for k in sorted({min(k, diff.numel()) for k in cfg.sadi_k}) for delta in cfg.sadi_deltas]
+    best = fit.sweep("sadi", candidates, {"level": cfg.sadi_level, "mode": cfg.sadi_mode})
+    best.save(fit.editors_dir / "sadi")
+
+
+# One fitting step per method, in this order; iti15 and iti200 share one fit.
+FITTERS = {"iti": _fit_iti, "caa": _fit_caa, "diff": _fit_diff, "sea": _fit_sea, "sadi": _fit_sadi}
+_FITTED_AS = {"iti15": "iti", "iti200": "iti"}
 
 
 def reproduce(cfg: RunConfig, out: Path, device=None, progress: bool = True) -> dict:
@@ -145,27 +242,11 @@ def reproduce(cfg: RunConfig, out: Path, device=None, progress: bool = True) -> 
     probes = json.loads(probes_path.read_text())
     done()
 
-    done = step("baselines")
-    if {"iti15", "iti200"} & set(cfg.methods) and not (editors_dir / "iti200" / "config.json").exists():
-        heads = {name: answer_head_activations(model, parts[name], fmt, cfg.batch_size) for name in ("train", "val")}
-        iti, head_acc = fit_iti(heads["train"], heads["val"], ITI_PRESETS["iti15"], k=cfg.iti_k,
-                                d_model=model.cfg.d_model)
-        _write_json(out / "iti_heads.json", {"val_accuracy": head_acc.tolist(), "heads": list(iti.config.heads)})
-        iti.save(editors_dir / "iti15")
-        iti.with_alpha(ITI_PRESETS["iti200"]).save(editors_dir / "iti200")
-    if "caa" in cfg.methods and not (editors_dir / "caa" / "config.json").exists():
-        pos, neg, _ = acts["train"].pairs()
-        caa = fit_caa(pos, neg, probes["selected_layers"], 1.0)
-        sweep = []
-        for m in cfg.caa_multipliers:
-            val = evaluate.predictions(model, parts["val"], fmt, "caa", caa.with_multiplier(m), cfg.batch_size)
-            row = metrics.summarize(metrics.question_scores(val))["caa"]
-            sweep.append({"multiplier": m, "mc1": row["mc1"], "mc2": row["mc2"]})
-        best = max(sweep, key=lambda r: (r["mc1"], r["mc2"], -r["multiplier"]))
-        _write_json(out / "caa_sweep.json", {"layers": probes["selected_layers"], "val": sweep,
-                                             "chosen": best["multiplier"]})
-        caa.with_multiplier(best["multiplier"]).save(editors_dir / "caa")
-    done()
+    fit = FitContext(cfg, model, parts, fmt, acts, probes, editors_dir, out, progress)
+    for method in sorted({_FITTED_AS.get(m, m) for m in cfg.methods} & set(FITTERS), key=list(FITTERS).index):
+        done = step(f"fit_{method}")
+        FITTERS[method](fit)
+        done()
 
     done = step("evaluation")
     frames = []

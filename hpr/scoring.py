@@ -44,6 +44,16 @@ def encode_all(model, pairs: Sequence[tuple[str, str]]) -> list[Encoded]:
     return [encode_pair(model.tokenizer, c, x, add_bos, model.cfg.n_ctx) for c, x in pairs]
 
 
+def encode_context(model, context: str, room: int = 0) -> list[int]:
+    """A prompt's token ids as the scorer would see it (same BOS rule), leaving ``room`` tokens to generate."""
+    ids = model.tokenizer(context, add_special_tokens=False)["input_ids"]
+    prefix = [model.tokenizer.bos_token_id] if model.cfg.default_prepend_bos else []
+    keep = model.cfg.n_ctx - room
+    if keep < 1:
+        raise ValueError(f"no room for a prompt: n_ctx={model.cfg.n_ctx}, {room} tokens to generate")
+    return (prefix + ids)[-keep:]
+
+
 def pad_token_id(model) -> int:
     """The id used to right-pad batches (padding follows the real tokens, so causal attention ignores it)."""
     pad = model.tokenizer.pad_token_id

@@ -7,6 +7,7 @@ import pytest
 
 from hpr import metrics
 from hpr.cli import main
+from hpr.runs import METHODS
 
 
 def test_reproduce_tiny_toy(tiny_toy, tmp_path):
@@ -19,7 +20,8 @@ def test_reproduce_tiny_toy(tiny_toy, tmp_path):
     assert results["selected_layers"] == [0, 1]  # top-5 capped by the layer count
     assert results["toy_world"]["key"] == tiny_toy.key()  # which world (version, seed, config) built the model
     assert results["toy_world"]["config"]["seed"] == tiny_toy.seed
-    methods = {"base", "hpr", "hpr_no_angle", "iti15", "iti200", "caa"}
+    methods = set(METHODS)
+    assert {"base", "hpr", "hpr_no_angle", "iti15", "iti200", "caa", "diff", "sea", "sadi"} <= methods
     assert set(results["methods"]) == methods
     assert 0 <= results["toy_ceiling"]["mc1"] <= 1  # the base model scored after a truthful-source header
     assert set(results["flip_rates"]["hpr"]) == {"false_to_true", "true_to_false", "remains_true", "remains_false"}
@@ -27,7 +29,7 @@ def test_reproduce_tiny_toy(tiny_toy, tmp_path):
     # Norms: the base is untouched; HPR preserves norms at the layers it edits; against the base pass,
     # ITI at alpha 200 moves norms more than at alpha 15 (same heads, same directions).
     assert results["norm_change"]["base"] == [0.0, 0.0]
-    for method in ("hpr", "hpr_no_angle"):
+    for method in ("hpr", "hpr_no_angle", "sea"):  # norm-preserving edits at their own hook
         assert max(results["norm_change"][method]) <= 1e-5
     vs_base = results["norm_change_vs_base"]
     assert set(vs_base) == methods and vs_base["base"] == [0.0, 0.0]
@@ -35,8 +37,9 @@ def test_reproduce_tiny_toy(tiny_toy, tmp_path):
     assert all(a > b for a, b in zip(vs_base["iti200"], vs_base["iti15"]))
     heads = json.loads((out / "iti_heads.json").read_text())
     assert len(heads["heads"]) == 4  # K = 48 capped by 2 layers x 2 heads
-    sweep = json.loads((out / "caa_sweep.json").read_text())
-    assert sweep["chosen"] in [row["multiplier"] for row in sweep["val"]]
+    for method in ("caa", "sadi"):  # tuned on val only; the sweep is kept
+        sweep = json.loads((out / f"{method}_sweep.json").read_text())
+        assert sweep["chosen"] in sweep["val"] and len(sweep["val"]) > 1
 
     preds = pd.read_parquet(out / "predictions.parquet")
     assert list(preds.columns) == ["method", "question_id", "task", "choice", "is_true", "loglik"]

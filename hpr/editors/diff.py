@@ -1,0 +1,167 @@
+"""Diff: the HPR paper's learned-difference baseline.
+
+Per edited layer l, a network ``f_l: R^d -> R^d`` learns the shift that takes an activation to the
+positive side: trained on the aligned answer-token pairs of :meth:`AnswerActivations.pairs` with target
+``pos - h``, i.e. ``0`` for a positive token and ``pos - neg`` for its aligned negative. Loss: MSE (mean
+over tokens and dimensions, then over layers); all layers are trained together in one batched pass with
+HPR's reference optimiser settings (AdamW lr 5e-4, 5 epochs, batch 16 pairs, 5 % warmup then linear decay,
+weight decay 0, grad clip 1.0), so the two methods see the same data and budget.
+
+Edit at ``blocks.{l}.hook_resid_post`` of each edited layer, every position of every forward pass:
+``h <- h + scale * f_l(h)``. Nothing gates the edit and nothing preserves the norm: that is the contrast
+with HPR. Math in float32, the result cast back to the activation's dtype.
+
+Network: the paper does not give its shape; we reuse HPR's angle-network trunk (``d -> d/2 -> d/4 ->
+d/8``, GELU between) with a final linear layer back to ``d``, so both methods have the same capacity
+up to the output width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from hpr.editors.base import Editor, Hook, register
+from hpr.editors.hpr import HPRTrainConfig
+from hpr.models import resid_post_hook
+
+
+@dataclass(frozen=True)
+class DiffConfig:
+    layers: tuple[int, ...] = field(default=(), metadata={"help": "edited layers (0-based blocks)"})
+    scale: float = field(default=1.0, metadata={"help": "multiplier of the predicted shift (0 = base model)"})
+
+    def __post_init__(self):
+        layers = tuple(int(layer) for layer in self.layers)
+        if len(set(layers)) != len(layers) or any(layer < 0 for layer in layers):
+            raise ValueError(f"Diff layers must be distinct non-negative ints, got {self.layers!r}")
+        object.__setattr__(self, "layers", layers)
+        object.__setattr__(self, "scale", float(self.scale))
+
+
+def diff_widths(d_model: int, hidden_layers: int) -> list[int]:
+    """``[d, d/2, ..., d/2**(hidden_layers-1), d]``: the halving trunk, then back to ``d``."""
+    widths = [d_model // (2**i) for i in range(hidden_layers)] + [d_model]
+    if min(widths) < 1:
+        raise ValueError(f"d_model={d_model} too small for {hidden_layers} halving layers")
+    return widths
+
+
+class LayerwiseDiff(nn.Module):
+    """One shift network per layer, parameters stacked on a layer axis (trained in one batched pass)."""
+
+    def __init__(self, n_layers: int, d_model: int, hidden_layers: int = 4):
+        super().__init__()
+        widths = diff_widths(d_model, hidden_layers)
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for d_in, d_out in zip(widths[:-1], widths[1:]):
+            bound = 1 / math.sqrt(d_in)  # nn.Linear's default init, per layer
+            self.weights.append(nn.Parameter(torch.empty(n_layers, d_in, d_out).uniform_(-bound, bound)))
+            self.biases.append(nn.Parameter(torch.empty(n_layers, 1, d_out).uniform_(-bound, bound)))
+
+    def forward(self, h: Tensor) -> Tensor:
+        """``h [layers, n, d]`` -> predicted shifts ``[layers, n, d]``."""
+        x = h
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            x = torch.baddbmm(b, x, w)
+            if i < len(self.weights) - 1:
+                x = nn.functional.gelu(x)
+        return x
+
+
+def train_diff(pos: Tensor, neg: Tensor, layers: Sequence[int], cfg: HPRTrainConfig,
+               progress: bool = False) -> DiffEditor:
+    """Fit the shift networks of ``layers`` on aligned token pairs ``pos``/``neg`` ``[N, n_layers, d]``."""
+    from tqdm.auto import tqdm
+
+    if pos.ndim != 3 or pos.shape != neg.shape or len(pos) == 0:
+        raise ValueError(f"pos and neg must both be [N, n_layers, d_model] with N > 0, "
+                         f"got {tuple(pos.shape)} and {tuple(neg.shape)}")
+    n, n_layers, d = pos.shape
+    layers = tuple(sorted(int(layer) for layer in layers))
+    bad = [layer for layer in layers if not 0 <= layer < n_layers]
+    if bad or not layers:
+        raise ValueError(f"Diff needs layers in [0, {n_layers}), got {layers}")
+    pos_l = pos[:, list(layers)].float()
+    neg_l = neg[:, list(layers)].float()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    net = LayerwiseDiff(len(layers), d, cfg.angle_layers)
+    total = math.ceil(n / cfg.batch_size) * cfg.epochs
+    warm = max(1, int(cfg.warmup * total))
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
+    bar = tqdm(total=total, desc="training Diff", disable=not progress, unit="step")
+    for _ in range(cfg.epochs):
+        for idx in torch.randperm(n, generator=gen).split(cfg.batch_size):
+            x = torch.cat([pos_l[idx], neg_l[idx]]).transpose(0, 1)  # [layers, 2B, d]
+            target = torch.cat([torch.zeros_like(pos_l[idx]), pos_l[idx] - neg_l[idx]]).transpose(0, 1)
+            loss = ((net(x) - target) ** 2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            bar.update()
+    bar.close()
+    tensors = {}
+    for j, layer in enumerate(layers):
+        for i, (w, b) in enumerate(zip(net.weights, net.biases)):
+            tensors[f"layer{layer}.{i}.weight"] = w[j].detach().clone()
+            tensors[f"layer{layer}.{i}.bias"] = b[j, 0].detach().clone()
+    return DiffEditor(DiffConfig(layers=layers), tensors, d, n_layers)
+
+
+@register
+class DiffEditor(Editor):
+    method = "diff"
+    config_cls = DiffConfig
+
+    def with_scale(self, scale: float) -> DiffEditor:
+        return type(self)(dataclasses.replace(self.config, scale=scale), self.tensors, self.d_model, self.n_layers)
+
+    def _params(self, layer: int) -> list[tuple[Tensor, Tensor]]:
+        params, i = [], 0
+        while f"layer{layer}.{i}.weight" in self.tensors:
+            params.append((self.tensors[f"layer{layer}.{i}.weight"], self.tensors[f"layer{layer}.{i}.bias"]))
+            i += 1
+        if not params or params[-1][0].shape[-1] != self.d_model:
+            raise ValueError(f"Diff editor state has no complete network for layer {layer}")
+        return params
+
+    def shift(self, layer: int, h: Tensor) -> Tensor:
+        """``f_layer(h)`` for ``h [..., d]`` (float32)."""
+        x = h.float()
+        params = self._params(layer)
+        for i, (w, b) in enumerate(params):
+            x = x @ w.to(x.device) + b.to(x.device)
+            if i < len(params) - 1:
+                x = nn.functional.gelu(x)
+        return x
+
+    def edit(self, layer: int, h: Tensor) -> Tensor:
+        """``h + scale * f_layer(h)``, in float32, cast back to ``h``'s dtype."""
+        if self.config.scale == 0:
+            return h
+        return (h.float() + self.config.scale * self.shift(layer, h)).to(h.dtype)
+
+    def hooks(self, model) -> list[Hook]:
+        bad = [layer for layer in self.config.layers if layer >= model.cfg.n_layers]
+        if bad:
+            raise ValueError(f"Diff layers {bad} out of range for a {model.cfg.n_layers}-layer model")
+        for layer in self.config.layers:
+            self._params(layer)  # fail before anything attaches
+
+        def make(layer: int):
+            def hook(h, hook):
+                return self.edit(layer, h)
+            return hook
+
+        return [(resid_post_hook(layer), make(layer)) for layer in self.config.layers]

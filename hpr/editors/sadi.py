@@ -1,0 +1,176 @@
+"""SADI: Semantics-Adaptive Dynamic Intervention (Wang, Yang & Peng, ICLR 2025; ``weixuan-wang123/SADI``).
+
+Fit: over contrastive pairs (a question with a true and with a false answer), the difference of the
+activations at the last token, ``D = A(q + a_true) - A(q + a_false)``, averaged over pairs. The mask ``M``
+is 1 on the ``k`` elements with the largest signed mean difference (over all layers) and 0 elsewhere.
+Elements, by ``level``:
+
+- ``heads``: per-head outputs before W_O (``blocks.{l}.attn.hook_z``); a head's score is the mean of its
+  ``d_head`` differences and the whole head vector is scaled (SADI-HEAD, the paper's best);
+- ``hidden``: MLP outputs, one element per ``d_model`` unit (``blocks.{l}.hook_mlp_out``);
+- ``neurons``: MLP hidden activations (``blocks.{l}.mlp.hook_post``, ``act(pre)`` or ``act(gate) * up``
+  for gated MLPs; scaling an element there equals scaling ``act(gate)`` in the code).
+
+Edit, the input's own activation scaled on the mask:
+``mode="additive"`` (the paper): ``A' = A + delta * (M * A)``;
+``mode="multiplicative"`` (the released code): ``A' = A * (1 - M) + delta * (M * A)``.
+
+Positions: the released code patches one position, the last prompt token, into the forward pass over
+question + answer. Here, as for every editor of the workbench, every position of every forward pass is
+edited (the prompt and the scored answer tokens; each new token in generation), which needs no knowledge
+of where the prompt ends. This is a deliberate difference; the grid of (k, delta) is chosen on the
+validation split, never on test (the released script reports the best grid point on test data).
+Math in float32, cast back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from hpr.activations import last_token_activations
+from hpr.data.prompts import PromptFormat
+from hpr.data.schema import MCQuestion
+from hpr.editors.base import Editor, Hook, register
+
+LEVELS = ("heads", "hidden", "neurons")
+MODES = ("additive", "multiplicative")
+Element = tuple[int, int]  # (layer, unit)
+
+
+def level_hook(level: str, layer: int) -> str:
+    return {"heads": f"blocks.{layer}.attn.hook_z", "hidden": f"blocks.{layer}.hook_mlp_out",
+            "neurons": f"blocks.{layer}.mlp.hook_post"}[level]
+
+
+def level_units(level: str, cfg) -> int:
+    """Elements per layer at ``level`` for a model config: n_heads, d_model or d_mlp."""
+    return {"heads": cfg.n_heads, "hidden": cfg.d_model, "neurons": cfg.d_mlp}[level]
+
+
+@dataclass(frozen=True)
+class SADIConfig:
+    level: str = field(default="heads", metadata={"help": "heads | hidden | neurons"})
+    elements: tuple[Element, ...] = field(default=(), metadata={"help": "masked elements as (layer, unit)"})
+    delta: float = field(default=1.0, metadata={"help": "scale of the masked elements (0 = base model)"})
+    mode: str = field(default="additive", metadata={"help": "additive (paper): A + delta*M*A; "
+                                                            "multiplicative (code): masked A times delta"})
+
+    def __post_init__(self):
+        if self.level not in LEVELS:
+            raise ValueError(f"SADI level must be one of {LEVELS}, got {self.level!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"SADI mode must be one of {MODES}, got {self.mode!r}")
+        elements = []
+        for e in self.elements:
+            if len(e) != 2 or any(int(i) < 0 for i in e):
+                raise ValueError(f"SADI elements must be (layer, unit) pairs of non-negative ints, got {e!r}")
+            elements.append((int(e[0]), int(e[1])))
+        if len(set(elements)) != len(elements):
+            raise ValueError(f"SADI elements contain duplicates: {elements}")
+        object.__setattr__(self, "elements", tuple(sorted(elements)))
+        object.__setattr__(self, "delta", float(self.delta))
+
+
+@torch.inference_mode()
+def mean_differences(model, questions: Sequence[MCQuestion], fmt: PromptFormat, level: str,
+                     batch_size: int = 16) -> Tensor:
+    """Mean over (true, false) pairs of the last-token activation difference: ``[n_layers, units]``.
+
+    For ``heads`` each head's difference is averaged over ``d_head`` (the code's head score).
+    """
+    if level not in LEVELS:
+        raise ValueError(f"SADI level must be one of {LEVELS}, got {level!r}")
+    names = [level_hook(level, layer) for layer in range(model.cfg.n_layers)]
+    answers = [(q, c.text) for q in questions for c in q.mc2]
+    acts = last_token_activations(model, [(fmt.context(q), fmt.continuation(a)) for q, a in answers], names,
+                                  batch_size)
+    stacked = torch.stack([acts[n] for n in names], dim=1)  # [answers, layers, units(, d_head)]
+    if level == "heads":
+        stacked = stacked.mean(-1)
+    index = {(q.id, c.text, c.is_true): i for i, (q, c) in enumerate((q, c) for q in questions for c in q.mc2)}
+    pos, neg = [], []
+    for q in questions:
+        for true, false in q.pairs():
+            pos.append(index[(q.id, true, True)])
+            neg.append(index[(q.id, false, False)])
+    if not pos:
+        raise ValueError("SADI needs questions with at least one true and one false answer")
+    return (stacked[torch.tensor(pos)] - stacked[torch.tensor(neg)]).mean(0)
+
+
+def top_k_elements(mean_diff: Tensor, k: int) -> tuple[Element, ...]:
+    """The ``k`` (layer, unit) elements with the largest signed mean difference (ties: lower index first)."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    flat = mean_diff.flatten()
+    k = min(k, len(flat))
+    order = sorted(range(len(flat)), key=lambda i: (-float(flat[i]), i))[:k]
+    units = mean_diff.shape[1]
+    return tuple(sorted((i // units, i % units) for i in order))
+
+
+def fit_sadi(mean_diff: Tensor, k: int, delta: float, level: str = "heads", mode: str = "additive",
+             d_model: int | None = None) -> SADIEditor:
+    """The SADI editor of the top-``k`` elements of ``mean_diff [n_layers, units]``."""
+    n_layers, units = mean_diff.shape
+    config = SADIConfig(level=level, elements=top_k_elements(mean_diff, k), delta=delta, mode=mode)
+    tensors = {"mean_diff": mean_diff.detach().float().cpu().clone(), "units": torch.tensor(units)}
+    return SADIEditor(config, tensors, d_model or 0, n_layers)
+
+
+def scale_masked(a: Tensor, units: Tensor, delta: float, mode: str, level: str) -> Tensor:
+    """``a`` with elements ``units`` of its unit axis scaled (float32 math, input dtype out).
+
+    The unit axis is the last one, except for ``heads`` (``[..., n_heads, d_head]``).
+    """
+    out = a.clone()  # unmasked elements stay bit-identical
+    factor = 1.0 + delta if mode == "additive" else delta
+    if level == "heads":
+        out[..., units, :] = (a[..., units, :].float() * factor).to(a.dtype)
+    else:
+        out[..., units] = (a[..., units].float() * factor).to(a.dtype)
+    return out
+
+
+@register
+class SADIEditor(Editor):
+    method = "sadi"
+    config_cls = SADIConfig
+
+    def with_delta(self, delta: float) -> SADIEditor:
+        return type(self)(dataclasses.replace(self.config, delta=delta), self.tensors, self.d_model, self.n_layers)
+
+    def check_model(self, model) -> None:
+        units = int(self.tensors["units"]) if "units" in self.tensors else None
+        theirs = (model.cfg.n_layers, level_units(self.config.level, model.cfg))
+        if (self.n_layers, units) != theirs:
+            raise ValueError(
+                f"sadi editor ({self.config.level}) was fitted on a model with n_layers={self.n_layers} and "
+                f"{units} units per layer; this model has n_layers={theirs[0]} and {theirs[1]}. "
+                f"Fit a new editor for this model.")
+
+    def edit(self, layer: int, a: Tensor) -> Tensor:
+        units = [u for l, u in self.config.elements if l == layer]
+        if not units or self.config.delta == 0 and self.config.mode == "additive":
+            return a
+        return scale_masked(a, torch.tensor(units, device=a.device), self.config.delta, self.config.mode,
+                            self.config.level)
+
+    def hooks(self, model) -> list[Hook]:
+        n_units = level_units(self.config.level, model.cfg)
+        bad = [e for e in self.config.elements if e[0] >= model.cfg.n_layers or e[1] >= n_units]
+        if bad:
+            raise ValueError(f"SADI elements {bad} out of range for {model.cfg.n_layers} layers x {n_units} units")
+
+        def make(layer: int):
+            def hook(a, hook):
+                return self.edit(layer, a)
+            return hook
+
+        layers = sorted({layer for layer, _ in self.config.elements})
+        return [(level_hook(self.config.level, layer), make(layer)) for layer in layers]

@@ -1,0 +1,204 @@
+"""SEA: Spectral Editing of Activations (Qiu et al., NeurIPS 2024; ``yfqiu-nlp/sea-llm``), linear SEA.
+
+Fit, per edited layer, from three row-aligned activation sets ``[N, d]`` at the last token:
+``H`` (prompt + the model's own greedy answer), ``H+`` (prompt + a true answer), ``H-`` (prompt + a false
+answer); row i of each comes from the same prompt::
+
+    Omega+ = H^T H+ / N,   Omega- = H^T H- / N                  (d x d cross-covariances)
+    U+ S+ V+^T = svd(Omega+),   U- S- V-^T = svd(Omega-)
+    k = smallest k with  sum_{i<k} s_i^2 / sum_i s_i^2 >= k_ratio   (k+ and k-, default ratio 0.998)
+    keep = U+[:, :k+]   (the top positive directions)
+    tail = U-[:, k-:]   (everything but the top negative directions)
+
+Edit at ``blocks.{l}.hook_resid_post``, every position: ``h' = keep keep^T h + tail tail^T h``, then
+``normalize="l2_norm"`` rescales each token to its own norm ``||h||`` (the default), ``"average"`` halves
+the sum. Math in float32 (the SVD in float64), cast back.
+
+Deliberate differences from the released code (the paper's reading is the default):
+- site: the code fits on residual hidden states but appends the projection after each layer's MLP (it
+  edits ``mlp_out``); we fit and edit the same site, the residual stream after the block;
+- norm: the code's ``l2_norm`` takes the norm per feature across tokens; we restore each token's norm;
+- layers: the code edits the last 21 of 32 layers; :func:`last_layers` gives that proportion for any
+  depth, and the run uses it;
+- no mean subtraction (as the shipped scripts);
+- each (true, false) pair of a question is one row, with the question's one greedy answer as its ``H`` row;
+  greedy answers are at most ``max_new_tokens`` (32; the paper allows 256) and end at the first newline.
+Not implemented: non-linear Phi-SEA. Its feature maps have no faithful inverse after projection (tanh's
+inverse is undefined once a projected feature leaves (-1, 1), ELU's below -1, and the squared exponential
+is not invertible), and the released adapter discards the feature map's output; we found no reading of it
+that is both faithful and well defined.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from hpr.activations import last_token_activations, resid_names
+from hpr.data.prompts import PromptFormat
+from hpr.data.schema import MCQuestion
+from hpr.editors.base import Editor, Hook, register
+from hpr.models import resid_post_hook
+
+NORMALIZE = ("l2_norm", "average")
+
+
+@dataclass(frozen=True)
+class SEAConfig:
+    layers: tuple[int, ...] = field(default=(), metadata={"help": "edited layers (0-based blocks)"})
+    normalize: str = field(default="l2_norm", metadata={"help": "l2_norm: keep each token's norm; average: halve"})
+
+    def __post_init__(self):
+        layers = tuple(int(layer) for layer in self.layers)
+        if len(set(layers)) != len(layers) or any(layer < 0 for layer in layers):
+            raise ValueError(f"SEA layers must be distinct non-negative ints, got {self.layers!r}")
+        if self.normalize not in NORMALIZE:
+            raise ValueError(f"SEA normalize must be one of {NORMALIZE}, got {self.normalize!r}")
+        object.__setattr__(self, "layers", layers)
+
+
+def last_layers(n_layers: int, fraction: float = 21 / 32) -> tuple[int, ...]:
+    """The last ``ceil(fraction * n_layers)`` layers (the released code edits the last 21 of Llama-2-7B's 32)."""
+    k = max(1, math.ceil(fraction * n_layers))
+    return tuple(range(n_layers - k, n_layers))
+
+
+def explained_rank(singular_values: Tensor, ratio: float) -> int:
+    """The smallest k whose top-k singular values explain at least ``ratio`` of ``sum s^2``."""
+    if not 0 < ratio <= 1:
+        raise ValueError(f"k_ratio must be in (0, 1], got {ratio}")
+    energy = singular_values.double() ** 2
+    if energy.sum() == 0:
+        raise ValueError("SEA cross-covariance is zero: the activations carry no signal")
+    cumulative = energy.cumsum(0) / energy.sum()
+    k = int(torch.searchsorted(cumulative, torch.tensor(ratio, dtype=cumulative.dtype) - 1e-12)) + 1
+    return min(k, len(singular_values))
+
+
+def spectral_projections(base: Tensor, pos: Tensor, neg: Tensor, k_ratio: float = 0.998) -> tuple[Tensor, Tensor]:
+    """``(keep [d, k+], tail [d, d - k-])`` from row-aligned ``[N, d]`` activations (see the module doc)."""
+    if not base.shape == pos.shape == neg.shape or base.ndim != 2 or len(base) == 0:
+        raise ValueError(f"SEA needs base, pos and neg of one shape [N, d] with N > 0, got "
+                         f"{tuple(base.shape)}, {tuple(pos.shape)}, {tuple(neg.shape)}")
+    h = base.double()
+    u_pos, s_pos, _ = torch.linalg.svd(h.T @ pos.double() / len(h))
+    u_neg, s_neg, _ = torch.linalg.svd(h.T @ neg.double() / len(h))
+    k_pos = explained_rank(s_pos, k_ratio)
+    k_neg = explained_rank(s_neg, k_ratio)
+    return u_pos[:, :k_pos].float().contiguous(), u_neg[:, k_neg:].float().contiguous()
+
+
+def fit_sea(base: Tensor, pos: Tensor, neg: Tensor, layers: Sequence[int], k_ratio: float = 0.998,
+            normalize: str = "l2_norm") -> SEAEditor:
+    """Fit SEA on row-aligned ``[N, n_layers, d]`` activations (as from :func:`sea_activations`)."""
+    if base.ndim != 3 or not base.shape == pos.shape == neg.shape:
+        raise ValueError(f"SEA needs base, pos and neg of one shape [N, n_layers, d], got "
+                         f"{tuple(base.shape)}, {tuple(pos.shape)}, {tuple(neg.shape)}")
+    n_layers, d = base.shape[1:]
+    bad = [layer for layer in layers if not 0 <= layer < n_layers]
+    if bad:
+        raise ValueError(f"SEA layers {bad} out of range for {n_layers} layers")
+    tensors = {}
+    for layer in layers:
+        keep, tail = spectral_projections(base[:, layer], pos[:, layer], neg[:, layer], k_ratio)
+        tensors[f"layer{layer}.keep"] = keep
+        tensors[f"layer{layer}.tail"] = tail
+    return SEAEditor(SEAConfig(layers=tuple(sorted(layers)), normalize=normalize), tensors, d, n_layers)
+
+
+def newline_ids(tokenizer) -> list[int]:
+    """Token ids that end an answer line (the last token of "\\n" and "\\n\\n")."""
+    ids = {tokenizer(s, add_special_tokens=False)["input_ids"][-1] for s in ("\n", "\n\n")}
+    return sorted(ids)
+
+
+@torch.inference_mode()
+def greedy_answers(model, questions: Sequence[MCQuestion], fmt: PromptFormat, max_new_tokens: int = 32,
+                   progress: bool = False) -> list[str]:
+    """The model's own greedy answer to each question: the text after ``A:`` up to the first newline.
+
+    An answer that ends at once (a newline first) keeps its first generated token, so it is never empty.
+    """
+    from tqdm.auto import tqdm
+
+    from hpr.scoring import encode_context
+
+    tok = model.tokenizer
+    stops = newline_ids(tok)
+    answers = []
+    for q in tqdm(questions, desc="SEA base answers", disable=not progress, unit="q"):
+        ids = torch.tensor(encode_context(model, fmt.context(q), max_new_tokens), device=model.cfg.device)[None]
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, stop_at_eos=True,
+                             eos_token_id=stops, verbose=False, use_past_kv_cache=True)
+        new = out[0, ids.shape[1]:].tolist()
+        text = tok.decode(new).split("\n")[0]
+        answers.append(text if text.strip() else tok.decode(new[:1]))
+    return answers
+
+
+def sea_activations(model, questions: Sequence[MCQuestion], fmt: PromptFormat, max_new_tokens: int = 32,
+                    batch_size: int = 16, progress: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """Row-aligned last-token resid_post ``(base, pos, neg)``, each ``[N, n_layers, d]``.
+
+    One row per (true, false) answer pair of each question; its base row is the question's greedy answer.
+    """
+    answers = greedy_answers(model, questions, fmt, max_new_tokens, progress)
+    names = resid_names(model.cfg.n_layers)
+
+    def collect(pairs):
+        acts = last_token_activations(model, pairs, names, batch_size)
+        return torch.stack([acts[n] for n in names], dim=1)
+
+    base_rows, pos_pairs, neg_pairs = [], [], []
+    for i, q in enumerate(questions):
+        for true, false in q.pairs():
+            base_rows.append(i)
+            pos_pairs.append((fmt.context(q), fmt.continuation(true)))
+            neg_pairs.append((fmt.context(q), fmt.continuation(false)))
+    if not base_rows:
+        raise ValueError("SEA needs questions with at least one true and one false answer")
+    # Greedy answers are scored as generated (they already start with the model's own space, if any).
+    base = collect([(fmt.context(q), a) for q, a in zip(questions, answers)])
+    return base[torch.tensor(base_rows)], collect(pos_pairs), collect(neg_pairs)
+
+
+@register
+class SEAEditor(Editor):
+    method = "sea"
+    config_cls = SEAConfig
+
+    def projections(self, layer: int) -> tuple[Tensor, Tensor]:
+        keys = (f"layer{layer}.keep", f"layer{layer}.tail")
+        missing = [k for k in keys if k not in self.tensors]
+        if missing:
+            raise ValueError(f"SEA editor state is missing tensors {missing}")
+        return self.tensors[keys[0]], self.tensors[keys[1]]
+
+    def edit(self, layer: int, h: Tensor) -> Tensor:
+        """``h [..., d]`` after the spectral edit (float32 math, input dtype out)."""
+        keep, tail = (t.to(h.device).float() for t in self.projections(layer))
+        x = h.float()
+        edited = (x @ keep) @ keep.T + (x @ tail) @ tail.T
+        if self.config.normalize == "l2_norm":
+            edited = edited * (x.norm(dim=-1, keepdim=True) / edited.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+        else:
+            edited = edited / 2
+        return edited.to(h.dtype)
+
+    def hooks(self, model) -> list[Hook]:
+        bad = [layer for layer in self.config.layers if layer >= model.cfg.n_layers]
+        if bad:
+            raise ValueError(f"SEA layers {bad} out of range for a {model.cfg.n_layers}-layer model")
+        for layer in self.config.layers:
+            self.projections(layer)  # fail before anything attaches
+
+        def make(layer: int):
+            def hook(h, hook):
+                return self.edit(layer, h)
+            return hook
+
+        return [(resid_post_hook(layer), make(layer)) for layer in self.config.layers]
