@@ -13,10 +13,13 @@ def _reproduce(args) -> int:
     from hpr.editors.hpr import HPRTrainConfig
     from hpr.runs import METHODS, RunConfig, format_results, reproduce
 
+    # "--methods base hpr" and "--methods base,hpr" both work
+    methods = tuple(m for arg in args.methods or () for m in arg.split(",") if m) or METHODS
     cfg = RunConfig(model=args.model, dataset=args.dataset, data_path=args.data_path,
-                    methods=tuple(args.methods or METHODS), limit=args.limit, seed=args.seed,
+                    methods=methods, limit=args.limit, seed=args.seed,
                     batch_size=args.batch_size, fp16_activations=args.fp16_activations,
-                    hpr=HPRTrainConfig(top_k=args.top_k), iti_k=args.iti_k)
+                    hpr=HPRTrainConfig(top_k=args.top_k), iti_k=args.iti_k,
+                    sadi_level=args.sadi_level, sadi_mode=args.sadi_mode)
     results = reproduce(cfg, Path(args.out), device=args.device, progress=not args.quiet)
     print(format_results(results))
     print(f"run folder: {args.out} (results.json has everything)")
@@ -52,6 +55,8 @@ def _toyworld(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hpr.runs import METHODS
+
     parser = argparse.ArgumentParser(prog="hpr", description="Activation editing workbench (HPR and baselines)")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -61,12 +66,16 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--data-path", default=None, help="file or folder for truthfulqa / jsonl")
     rep.add_argument("--out", required=True, help="run folder")
     rep.add_argument("--methods", nargs="+", default=None,
-                     help="any of: base hpr hpr_no_angle iti15 iti200 caa (default: all)")
+                     help=f"any of: {' '.join(METHODS)}, space- or comma-separated (default: all)")
     rep.add_argument("--limit", type=int, default=None, help="use only the first N questions")
     rep.add_argument("--seed", type=int, default=0)
     rep.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
     rep.add_argument("--top-k", type=int, default=5, help="HPR edits the k layers with the best val probe")
     rep.add_argument("--iti-k", type=int, default=48, help="ITI edits the K heads with the best val probe")
+    rep.add_argument("--sadi-level", default="heads", choices=["heads", "hidden", "neurons"],
+                     help="SADI: which elements the mask selects")
+    rep.add_argument("--sadi-mode", default="additive", choices=["additive", "multiplicative"],
+                     help="SADI: A + delta*M*A (paper) or masked A times delta (released code)")
     rep.add_argument("--fp16-activations", action="store_true", help="store cached activations in float16")
     rep.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     rep.add_argument("--quiet", action="store_true", help="no progress bars")

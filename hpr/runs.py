@@ -19,6 +19,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,15 +135,21 @@ class FitContext:
 
 
 def _fit_iti(fit: FitContext) -> None:
-    if fit.done("iti15") and fit.done("iti200"):
+    """One fit (heads, directions, stds) for every alpha asked for, the two presets always."""
+    alphas = {m: iti_alpha(m) for m in set(fit.cfg.methods) | set(ITI_PRESETS) if iti_alpha(m) is not None}
+    if all(fit.done(m) for m in alphas):
         return
-    heads = {name: answer_head_activations(fit.model, fit.parts[name], fit.fmt, fit.cfg.batch_size)
-             for name in ("train", "val")}
-    iti, head_acc = fit_iti(heads["train"], heads["val"], ITI_PRESETS["iti15"], k=fit.cfg.iti_k,
-                            d_model=fit.model.cfg.d_model)
-    _write_json(fit.out / "iti_heads.json", {"val_accuracy": head_acc.tolist(), "heads": list(iti.config.heads)})
-    iti.save(fit.editors_dir / "iti15")
-    iti.with_alpha(ITI_PRESETS["iti200"]).save(fit.editors_dir / "iti200")
+    if fit.done("iti15"):
+        iti = load_editor(fit.editors_dir / "iti15")
+    else:
+        heads = {name: answer_head_activations(fit.model, fit.parts[name], fit.fmt, fit.cfg.batch_size)
+                 for name in ("train", "val")}
+        iti, head_acc = fit_iti(heads["train"], heads["val"], ITI_PRESETS["iti15"], k=fit.cfg.iti_k,
+                                d_model=fit.model.cfg.d_model)
+        _write_json(fit.out / "iti_heads.json", {"val_accuracy": head_acc.tolist(), "heads": list(iti.config.heads)})
+    for method, alpha in sorted(alphas.items()):
+        if not fit.done(method):
+            iti.with_alpha(alpha).save(fit.editors_dir / method)
 
 
 def _fit_caa(fit: FitContext) -> None:
@@ -184,13 +191,23 @@ def _fit_sadi(fit: FitContext) -> None:
 
 # One fitting step per method, in this order; iti15 and iti200 share one fit.
 FITTERS = {"iti": _fit_iti, "caa": _fit_caa, "diff": _fit_diff, "sea": _fit_sea, "sadi": _fit_sadi}
-_FITTED_AS = {"iti15": "iti", "iti200": "iti"}
+
+
+def iti_alpha(method: str) -> float | None:
+    """``iti15`` -> 15.0, ``iti2.5`` -> 2.5: ITI at any alpha, named by it; None for other names."""
+    match = re.fullmatch(r"iti(\d+(?:\.\d+)?)", method)
+    return float(match.group(1)) if match else None
+
+
+def _fitted_as(method: str) -> str:
+    return "iti" if iti_alpha(method) is not None else method
 
 
 def reproduce(cfg: RunConfig, out: Path, device=None, progress: bool = True) -> dict:
-    unknown = set(cfg.methods) - set(METHODS)
+    unknown = {m for m in cfg.methods if m not in METHODS and iti_alpha(m) is None}
     if unknown:
-        raise ValueError(f"unknown methods {sorted(unknown)}; available: {list(METHODS)}")
+        raise ValueError(f"unknown methods {sorted(unknown)}; available: {list(METHODS)}, or iti<alpha> "
+                         "(e.g. iti50) for ITI at any alpha")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "config.json"
@@ -243,7 +260,7 @@ def reproduce(cfg: RunConfig, out: Path, device=None, progress: bool = True) -> 
     done()
 
     fit = FitContext(cfg, model, parts, fmt, acts, probes, editors_dir, out, progress)
-    for method in sorted({_FITTED_AS.get(m, m) for m in cfg.methods} & set(FITTERS), key=list(FITTERS).index):
+    for method in sorted({_fitted_as(m) for m in cfg.methods} & set(FITTERS), key=list(FITTERS).index):
         done = step(f"fit_{method}")
         FITTERS[method](fit)
         done()

@@ -63,3 +63,12 @@ def test_reproduce_refuses_other_settings_in_same_folder(tiny_toy, tmp_path):
     out = tmp_path / "run"
     assert main(["reproduce", "--out", str(out), "--quiet", "--methods", "base"]) == 0
     assert main(["reproduce", "--out", str(out), "--quiet", "--seed", "3"]) == 2
+
+
+def test_reproduce_runs_iti_at_any_alpha_and_refuses_unknown_methods(tiny_toy, tmp_path):
+    out = tmp_path / "run"
+    assert main(["reproduce", "--out", str(out), "--quiet", "--methods", "base,iti7.5"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["methods"]) == {"base", "iti7.5"}
+    assert json.loads((out / "editors" / "iti7.5" / "config.json").read_text())["config"]["alpha"] == 7.5
+    assert main(["reproduce", "--out", str(tmp_path / "other"), "--quiet", "--methods", "base,magic"]) == 2
