@@ -33,11 +33,13 @@ from hpr.editors import load_editor
 from hpr.editors.additive import ITI_PRESETS, answer_head_activations, fit_caa, fit_iti
 from hpr.editors.diff import train_diff
 from hpr.editors.hpr import HPREditor, HPRTrainConfig, probe_accuracy, top_k_layers, train_layerwise
+from hpr.editors.lora import LoRATrainConfig, fit_lora
+from hpr.editors.reptune import RepTuneTrainConfig, fit_reptune
 from hpr.editors.sadi import fit_sadi, mean_differences
 from hpr.editors.sea import fit_sea, last_layers, sea_activations
 
 log = logging.getLogger(__name__)
-METHODS = ("base", "hpr", "hpr_no_angle", "iti15", "iti200", "caa", "diff", "sea", "sadi")
+METHODS = ("base", "hpr", "hpr_no_angle", "iti15", "iti200", "caa", "diff", "sea", "sadi", "lora", "reptune")
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,8 @@ class RunConfig:
     iti_k: int = field(default=48, metadata={"help": "ITI: heads edited, top-K by val probe accuracy"})
     caa_multipliers: tuple[float, ...] = field(default=(0.5, 1.0, 2.0, 4.0, 8.0, 16.0),
                                                metadata={"help": "CAA: multipliers tried on val (best MC1)"})
+    lora: LoRATrainConfig = field(default_factory=LoRATrainConfig)
+    reptune: RepTuneTrainConfig = field(default_factory=RepTuneTrainConfig)
     sea_k_ratio: float = field(default=0.998, metadata={"help": "SEA: explained-variance cutoff of the spectra"})
     sea_max_new_tokens: int = field(default=32, metadata={"help": "SEA: length limit of the greedy base answers"})
     sadi_level: str = field(default="heads", metadata={"help": "SADI: heads | hidden | neurons"})
@@ -71,6 +75,8 @@ class RunConfig:
     def from_json(cls, d: dict) -> RunConfig:
         d = dict(d)
         d["hpr"] = HPRTrainConfig(**d.get("hpr", {}))
+        d["lora"] = LoRATrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.get("lora", {}).items()})
+        d["reptune"] = RepTuneTrainConfig(**d.get("reptune", {}))
         for k in ("methods", "fractions", "caa_multipliers", "sadi_k", "sadi_deltas"):
             if k in d:
                 d[k] = tuple(d[k])
@@ -189,8 +195,28 @@ def _fit_sadi(fit: FitContext) -> None:
     best.save(fit.editors_dir / "sadi")
 
 
-# One fitting step per method, in this order; iti15 and iti200 share one fit.
-FITTERS = {"iti": _fit_iti, "caa": _fit_caa, "diff": _fit_diff, "sea": _fit_sea, "sadi": _fit_sadi}
+def _fit_lora(fit: FitContext) -> None:
+    if fit.done("lora"):
+        return
+    lora = fit_lora(fit.model, fit.parts["train"], fit.fmt, fit.probes["selected_layers"], fit.cfg.lora,
+                    fit.cfg.batch_size, fit.progress)
+    lora.save(fit.editors_dir / "lora")
+
+
+def _fit_reptune(fit: FitContext) -> None:
+    if fit.done("reptune"):
+        return
+    pos, neg, _ = fit.acts["train"].pairs()
+    layers = fit.probes["selected_layers"]
+    caa = fit_caa(pos, neg, layers, 1.0)  # the steering vectors: CAA's, from the train split
+    vectors = {layer: caa.tensors[f"layer{layer}.vector"] for layer in layers}
+    fit_reptune(fit.model, fit.parts["train"], fit.fmt, vectors, fit.cfg.reptune, layers,
+                progress=fit.progress).save(fit.editors_dir / "reptune")
+
+
+# One fitting step per method, in this order; ITI at every alpha shares one fit.
+FITTERS = {"iti": _fit_iti, "caa": _fit_caa, "diff": _fit_diff, "sea": _fit_sea, "sadi": _fit_sadi,
+           "lora": _fit_lora, "reptune": _fit_reptune}
 
 
 def iti_alpha(method: str) -> float | None:

@@ -1,4 +1,6 @@
-"""Every editor behind one interface (parametrised), and the Diff, SEA and SADI edits in detail."""
+"""Every editor behind one interface (parametrised), and the Diff, SEA and SADI edits in detail.
+
+LoRA and representation tuning have their own files (test_lora.py, test_reptune.py)."""
 
 import dataclasses
 import math
@@ -11,6 +13,8 @@ from hpr.editors import load_editor
 from hpr.editors.additive import CAAEditor, ITIEditor
 from hpr.editors.diff import DiffEditor, train_diff
 from hpr.editors.hpr import HPREditor, HPRTrainConfig, LayerwiseHPR
+from hpr.editors.lora import LoRAConfig, LoRAEditor
+from hpr.editors.reptune import RepTuneConfig, RepTuneEditor
 from hpr.editors.sadi import SADIEditor, fit_sadi, mean_differences, scale_masked, top_k_elements
 from hpr.editors.sea import (
     SEAEditor,
@@ -70,6 +74,27 @@ def _caa():
     return CAAEditor.from_vectors({1: torch.randn(32, generator=torch.Generator().manual_seed(0))}, 2.0, 3)
 
 
+def _lora():
+    model = new_hooked_transformer(CFG, tokenizer=None, seed=0)  # the module's model: same seed, same weights
+    editor = LoRAEditor.initialise(model, LoRAConfig(layers=(1, 2)), seed=0)
+    g = torch.Generator().manual_seed(2)
+    tensors = {k: torch.randn(v.shape, generator=g) * 0.3 if k.endswith(".B") else v for k, v in editor.tensors.items()}
+    return LoRAEditor(editor.config, tensors, 32, 3)
+
+
+def _lora_zero(editor):
+    tensors = {k: torch.zeros_like(v) if k.endswith(".B") else v for k, v in editor.tensors.items()}
+    return LoRAEditor(editor.config, tensors, 32, 3)
+
+
+def _reptune(zero=False):
+    model = new_hooked_transformer(CFG, tokenizer=None, seed=0)
+    g = torch.Generator().manual_seed(3)
+    tensors = {name: p.detach().clone() + (0 if zero else 0.2 * torch.randn(p.shape, generator=g))
+               for name, p in model.named_parameters() if name in ("blocks.1.attn.W_V", "blocks.2.attn.W_O")}
+    return RepTuneEditor(RepTuneConfig(layers=(1, 2)), tensors, 32, 3)
+
+
 # (factory, the same editor at zero strength or with an empty selection)
 EDITORS = {
     "hpr": (_hpr, lambda e: HPREditor(dataclasses.replace(e.config, layers=()), e.tensors, 32, 3)),
@@ -77,6 +102,8 @@ EDITORS = {
     "iti": (_iti, lambda e: e.with_alpha(0.0)),
     "caa": (_caa, lambda e: e.with_multiplier(0.0)),
     "diff": (_diff, lambda e: e.with_scale(0.0)),
+    "lora": (_lora, _lora_zero),
+    "reptune": (_reptune, lambda e: _reptune(zero=True)),
     "sea": (_sea, lambda e: SEAEditor(dataclasses.replace(e.config, layers=()), e.tensors, 32, 3)),
     "sadi_heads": (lambda: _sadi("heads"), lambda e: e.with_delta(0.0)),
     "sadi_hidden": (lambda: _sadi("hidden"), lambda e: e.with_delta(0.0)),
