@@ -28,7 +28,7 @@ import pandas as pd
 
 import hpr
 from hpr import activations, evaluate, metrics
-from hpr.data import PromptFormat, apply_split, load_dataset, split_ids
+from hpr.data import PromptFormat, apply_split, load_dataset, split_groups, split_ids
 from hpr.editors import load_editor
 from hpr.editors.additive import ITI_PRESETS, answer_head_activations, fit_caa, fit_iti
 from hpr.editors.diff import train_diff
@@ -261,7 +261,7 @@ def reproduce(cfg: RunConfig, out: Path, device=None, progress: bool = True) -> 
     if splits_path.exists():
         split = {k: tuple(v) for k, v in json.loads(splits_path.read_text()).items()}
     else:
-        split = split_ids([q.id for q in questions], cfg.fractions, cfg.seed)
+        split = split_ids([q.id for q in questions], cfg.fractions, cfg.seed, split_groups(questions))
         _write_json(splits_path, {k: list(v) for k, v in split.items()})
     parts = apply_split(questions, split)
 

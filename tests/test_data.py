@@ -330,6 +330,19 @@ def test_split_deterministic_per_seed():
     assert split_ids(IDS, seed=3)["train"] != split_ids(IDS, seed=4)["train"]
 
 
+def test_split_keeps_groups_together():
+    ids = [f"q{i}" for i in range(60)]
+    groups = [f"g{i // 6}" for i in range(60)]  # 10 groups of 6
+    s = split_ids(ids, seed=2, groups=groups)
+    assert [len(s[k]) for k in ("train", "val", "test")] == [24, 6, 30]  # 4, 1 and 5 groups
+    assert sorted(sum(s.values(), ())) == sorted(ids)
+    part_of = {i: k for k, v in s.items() for i in v}
+    for g in set(groups):
+        assert len({part_of[i] for i, gi in zip(ids, groups) if gi == g}) == 1
+    with pytest.raises(ValueError, match="groups must label every id"):
+        split_ids(ids, groups=groups[:-1])
+
+
 @pytest.mark.parametrize("fractions", [(0.5, 0.5), (0.5, 0.0, 0.5), (0.6, 0.2, 0.3), (-0.1, 0.6, 0.5)])
 def test_split_bad_fractions(fractions):
     with pytest.raises(ValueError, match="fractions|fraction"):

@@ -94,6 +94,18 @@ def test_mc_dataset_layout():
             assert q.mc1[1].text == f"{popular[0]} {popular[1]}"
 
 
+def test_splits_are_by_fact():
+    """No fact asked in a val or test question is the answer to a training question (splits by entity)."""
+    from hpr.data import apply_split, split_groups, split_ids
+
+    questions = mc_dataset(build_world(SMALL))
+    parts = apply_split(questions, split_ids([q.id for q in questions], (0.4, 0.1, 0.5), 0, split_groups(questions)))
+    entities = {name: {q.meta["entity"] for q in part} for name, part in parts.items()}
+    assert all(entities.values())
+    assert entities["train"].isdisjoint(entities["val"] | entities["test"])
+    assert entities["val"].isdisjoint(entities["test"])
+
+
 def test_toyworld_command_prints_and_writes_diagnostics(tiny_toy, tmp_path, capsys):
     from hpr.cli import main
 

@@ -10,7 +10,7 @@ import os
 
 from hpr.data.prompts import QA_PRIMER, PromptFormat
 from hpr.data.schema import Choice, DataError, MCQuestion
-from hpr.data.splits import apply_split, split_ids
+from hpr.data.splits import apply_split, split_groups, split_ids
 
 __all__ = [
     "DATASETS",
@@ -21,6 +21,7 @@ __all__ = [
     "QA_PRIMER",
     "apply_split",
     "load_dataset",
+    "split_groups",
     "split_ids",
 ]
 

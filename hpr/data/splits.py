@@ -17,9 +17,14 @@ SPLIT_NAMES = ("train", "val", "test")
 
 
 def split_ids(
-    ids: Iterable[str], fractions: Sequence[float] = (0.4, 0.1, 0.5), seed: int = 0
+    ids: Iterable[str], fractions: Sequence[float] = (0.4, 0.1, 0.5), seed: int = 0,
+    groups: Sequence[str] | None = None,
 ) -> dict[str, tuple[str, ...]]:
     """Shuffle ``ids`` with ``random.Random(seed)`` and cut it into train/val/test.
+
+    With ``groups`` (one label per id), whole groups are shuffled and cut instead, so ids that share a
+    group never straddle two parts: the toy world groups its questions by entity, so no fact asked in a
+    test question is ever the answer of a training question. The fractions then count groups.
 
     train and val get ``floor(f * n + 0.5)`` ids each and test the remainder, so the sizes always sum
     to ``n``. The permutation depends only on the seed and the input order (datasets load in file
@@ -36,6 +41,15 @@ def split_ids(
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise ValueError(f"question ids must be unique, {dup!r} appears more than once")
+    if groups is not None:
+        groups = [str(g) for g in groups]
+        if len(groups) != len(ids):
+            raise ValueError(f"groups must label every id: {len(groups)} groups for {len(ids)} ids")
+        members: dict[str, list[str]] = {}
+        for i, g in zip(ids, groups):
+            members.setdefault(g, []).append(i)
+        cut = split_ids(list(members), fractions, seed)
+        return {part: tuple(i for g in labels for i in members[g]) for part, labels in cut.items()}
     order = ids[:]
     random.Random(seed).shuffle(order)
     n = len(order)
@@ -46,6 +60,14 @@ def split_ids(
         "val": tuple(order[n_train : n_train + n_val]),
         "test": tuple(order[n_train + n_val :]),
     }
+
+
+def split_groups(questions: Iterable[MCQuestion]) -> list[str] | None:
+    """Split groups of questions (``meta["group"]``), or None when no question names one."""
+    questions = list(questions)
+    if not any("group" in q.meta for q in questions):
+        return None
+    return [str(q.meta.get("group", q.id)) for q in questions]
 
 
 def apply_split(

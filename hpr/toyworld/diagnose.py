@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from hpr import activations, evaluate, metrics
-from hpr.data import apply_split, split_ids
+from hpr.data import apply_split, split_groups, split_ids
 from hpr.toyworld.world import ToyWorldConfig, build_world, mc_dataset
 
 FRACTIONS = (0.4, 0.1, 0.5)
@@ -30,7 +30,7 @@ SPLIT_SEED = 0
 
 def toy_split(config: ToyWorldConfig, seed: int = SPLIT_SEED) -> dict:
     questions = mc_dataset(build_world(config))
-    return apply_split(questions, split_ids([q.id for q in questions], FRACTIONS, seed))
+    return apply_split(questions, split_ids([q.id for q in questions], FRACTIONS, seed, split_groups(questions)))
 
 
 def mc_breakdown(predictions: pd.DataFrame, questions) -> dict:

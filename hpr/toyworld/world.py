@@ -244,6 +244,7 @@ def mc_dataset(world: World, questions_per_entity: int | None = None) -> tuple[M
                 id=f"toy-{entity}-{relations[0]}-{relations[1]}",
                 question=question_text(entity, relations),
                 mc1=choices, mc2=choices,
-                meta={"entity": entity, "contested": entity in world.contested},
+                # "group": splits keep an entity's questions together, so facts never cross splits
+                meta={"entity": entity, "contested": entity in world.contested, "group": entity},
             ))
     return tuple(questions)
