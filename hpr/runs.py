@@ -6,7 +6,7 @@ Run folder::
     splits.json           question ids of train / val / test
     activations/<split>/  answer-token resid_post shards (hpr.activations)
     probes.json           per-layer probe accuracy (val, test) and the selected layers
-    editors/<method>/     config.json + state.safetensors
+    editors/<method>/     config.json + state.safetensors (hpr_all_layers: HPR fitted on every layer)
     iti_heads.json        ITI: per-head val probe accuracy and the selected heads
     <method>_sweep.json   CAA, SADI: val MC1/MC2 per candidate setting, and the one chosen
     predictions/<method>.parquet, predictions.parquet
@@ -274,13 +274,16 @@ def reproduce(cfg: RunConfig, out: Path, device=None, progress: bool = True) -> 
     done = step("hpr_training")
     probes_path = out / "probes.json"
     editors_dir = out / "editors"
-    if not (probes_path.exists() and (editors_dir / "hpr" / "config.json").exists()):
+    # hpr_all_layers: the probe and angle network of every layer, for the top-k sweep (analyses/topk_sweep.py)
+    if not all((editors_dir / name / "config.json").exists() for name in ("hpr", "hpr_all_layers")) \
+            or not probes_path.exists():
         pos, neg, _ = acts["train"].pairs()
         net = train_layerwise(pos, neg, cfg.hpr, progress=progress)
         acc = {name: probe_accuracy(net.probe.detach(), *acts[name].pairs()[:2]) for name in ("train", "val", "test")}
         layers = top_k_layers(acc["val"], cfg.hpr.top_k)
         HPREditor.from_layerwise(net, layers).save(editors_dir / "hpr")
         HPREditor.from_layerwise(net, layers, no_angle=True).save(editors_dir / "hpr_no_angle")
+        HPREditor.from_layerwise(net, tuple(range(model.cfg.n_layers))).save(editors_dir / "hpr_all_layers")
         _write_json(probes_path, {"accuracy": acc, "selected_layers": list(layers)})
     probes = json.loads(probes_path.read_text())
     done()

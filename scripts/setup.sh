@@ -9,3 +9,9 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install --quiet torch==2.13.0
 .venv/bin/python -m pip install --quiet -r requirements-dev.txt
 .venv/bin/python -m pip install --quiet --no-deps -e .
+# Figure export (PNG/SVG/PDF) drives a headless Chromium through kaleido. On Debian/Ubuntu as root, install
+# the distribution's; elsewhere, or if this fails, HTML export still works (see README, "Figures").
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+        || echo "setup: could not install chromium; static figure export will be unavailable" >&2
+fi

@@ -1,0 +1,27 @@
+"""Beyond the paper: what each edit does to direction and magnitude, at HPR's last edited layer.
+
+Per token: cos(h_edited, h_base) against ||h_edited|| / ||h_base|| for every method; and the histogram of HPR's
+predicted angle theta against the reflection angle gamma for the test tokens it edits.
+"""
+
+import torch
+
+from hpr import activations, analysis, figures
+
+
+def make(run: analysis.Run, args) -> dict:
+    layer = max(run.results["selected_layers"])
+    editors = run.editors(args.methods)
+    samples = analysis.direction_magnitude(run.model, run.questions("test"), run.fmt, editors, layer)
+    pos, neg, _ = activations.load(run.folder / "activations" / "test").pairs()
+    angles = analysis.hpr_angles(run.editor("hpr"), torch.cat([pos, neg]))
+    summary = samples.groupby("method", sort=False).agg(
+        cosine_mean=("cosine", "mean"), norm_ratio_mean=("norm_ratio", "mean"),
+        norm_ratio_max_dev=("norm_ratio", lambda r: float((r - 1).abs().max()))).reset_index()
+    return {"figures": {"direction_magnitude": figures.direction_magnitude(samples),
+                        "hpr_angles": figures.angle_histogram(angles)},
+            "tables": {"direction_magnitude": summary}}
+
+
+if __name__ == "__main__":
+    raise SystemExit(analysis.script_main(make, __doc__))

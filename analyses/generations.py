@@ -1,0 +1,17 @@
+"""Side-by-side greedy generations: the base model and each method on the first --prompts test questions."""
+
+from hpr import analysis
+
+
+def make(run: analysis.Run, args) -> dict:
+    questions = run.questions("test")[: args.prompts]
+    prompts = [run.fmt.context(q) for q in questions]
+    df = analysis.generations(run.model, prompts, run.editors(args.methods), args.max_new_tokens)
+    df["question"] = df["prompt"].map({p: q.question for p, q in zip(prompts, questions)})
+    table = df.pivot(index="question", columns="method", values="text").reset_index()
+    table = table[["question", *[m for m in (args.methods or run.methods) if m in table.columns]]]
+    return {"tables": {"generations": table}}
+
+
+if __name__ == "__main__":
+    raise SystemExit(analysis.script_main(make, __doc__))

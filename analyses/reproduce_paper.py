@@ -1,0 +1,40 @@
+"""Every figure and table of the HPR paper, and the analyses beyond it, from one run folder.
+
+    python analyses/reproduce_paper.py --run runs/toy            # figures/ and tables/ inside the run
+    python analyses/reproduce_paper.py --run runs/toy --formats  # HTML figures only (no browser needed)
+
+Each script here also runs alone with the same options. Figures are exported in one browser session.
+"""
+
+import sys
+import time
+from pathlib import Path
+
+from hpr import analysis
+
+import capability
+import direction_magnitude
+import flip_table
+import generations
+import mc_table
+import norms
+import probe_accuracy
+import topk_sweep
+
+SCRIPTS = (probe_accuracy, norms, mc_table, flip_table, topk_sweep, generations, direction_magnitude, capability)
+
+
+def make(run: analysis.Run, args) -> dict:
+    outputs = {"figures": {}, "tables": {}}
+    for script in SCRIPTS:
+        t0 = time.perf_counter()
+        made = script.make(run, args)
+        for kind in outputs:
+            outputs[kind].update(made.get(kind, {}))
+        print(f"{script.__name__:<20} {time.perf_counter() - t0:6.1f} s", file=sys.stderr)
+    return outputs
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    raise SystemExit(analysis.script_main(make, __doc__))

@@ -1,0 +1,349 @@
+"""Statistics behind the figures and tables, as tidy DataFrames (plotting lives in :mod:`hpr.figures`).
+
+Two kinds: frames read from a run folder's ``results.json`` (probe accuracy, MC table, flip rates), and
+measurements that need the model (norm quantiles, direction/magnitude samples, HPR angles, the top-k sweep,
+generations, capability retention). :class:`Run` opens a run folder and gives the model, the test questions
+and each method's editor, so every analysis script is a few lines.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from hpr import ops
+from hpr.activations import resid_names
+from hpr.data.prompts import PromptFormat
+from hpr.data.schema import MCQuestion
+from hpr.scoring import encode_all, encode_context, pad_batch, pad_token_id
+
+
+@dataclass
+class Run:
+    """A finished run folder (``hpr reproduce``), opened for analysis."""
+
+    folder: Path
+    device: str | None = None
+
+    def __post_init__(self):
+        self.folder = Path(self.folder)
+        path = self.folder / "results.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{self.folder} is not a finished run folder (no results.json); run "
+                                    f"`hpr reproduce --out {self.folder} ...` first")
+        self.results = json.loads(path.read_text())
+        self.config = json.loads((self.folder / "config.json").read_text())["run"]
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.results["methods"])
+
+    @cached_property
+    def model(self):
+        import hpr
+
+        return hpr.load_model(self.config["model"], device=self.device)
+
+    @cached_property
+    def fmt(self) -> PromptFormat:
+        from hpr.runs import prompt_format
+
+        return prompt_format(self.config["dataset"])
+
+    def questions(self, split: str = "test") -> list[MCQuestion]:
+        from hpr.data import load_dataset
+
+        questions = load_dataset(self.config["dataset"], self.config.get("data_path"))
+        if self.config.get("limit") is not None:
+            questions = questions[: self.config["limit"]]
+        ids = set(json.loads((self.folder / "splits.json").read_text())[split])
+        return [q for q in questions if q.id in ids]
+
+    def editor(self, method: str):
+        """The method's editor, or None for ``base``."""
+        from hpr.editors import load_editor
+
+        return None if method == "base" else load_editor(self.folder / "editors" / method, device=self.device)
+
+    def editors(self, methods: Sequence[str] | None = None) -> dict:
+        return {m: self.editor(m) for m in (methods or self.methods)}
+
+
+# ------------------------------------------------------------------------------------ frames from results
+
+
+def probe_frame(results: Mapping) -> pd.DataFrame:
+    """``layer, split, accuracy`` for every layer and split in ``results["probe_accuracy"]``."""
+    return pd.DataFrame([{"layer": layer, "split": split, "accuracy": acc}
+                         for split, accs in results["probe_accuracy"].items() for layer, acc in enumerate(accs)])
+
+
+def mc_frame(results: Mapping) -> pd.DataFrame:
+    """One row per method: ``method, mc1, mc1_stderr, mc2, mc2_stderr`` (paper Table 1)."""
+    return pd.DataFrame([{"method": m, **row} for m, row in results["methods"].items()])
+
+
+def flip_frame(results: Mapping) -> pd.DataFrame:
+    """One row per edited method: the four flip fractions against base and the method's MC1 (Table 3)."""
+    rows = []
+    for method, flips in results["flip_rates"].items():
+        if method == "base":
+            continue
+        rows.append({"method": method, **flips, "mc1": results["methods"][method]["mc1"]})
+    return pd.DataFrame(rows)
+
+
+def norm_change_frame(results: Mapping, key: str = "norm_change_vs_base") -> pd.DataFrame:
+    """``method, layer, relative_norm_change`` from ``results[key]``."""
+    return pd.DataFrame([{"method": m, "layer": layer, "relative_norm_change": v}
+                         for m, values in results[key].items() for layer, v in enumerate(values)])
+
+
+# ------------------------------------------------------------------------------------------ measurements
+
+
+def _applied(editor, model):
+    import contextlib
+
+    return editor.applied(model) if editor is not None else contextlib.nullcontext()
+
+
+@torch.inference_mode()
+def resid_tokens(model, questions: Sequence[MCQuestion], fmt: PromptFormat, editor=None,
+                 batch_size: int = 16) -> torch.Tensor:
+    """``hook_resid_post`` of every layer at every real token of prompt + true answer: ``[tokens, layers, d]``.
+
+    The editor's hooks attach first, so at a layer it edits these are the edited activations.
+    """
+    names = resid_names(model.cfg.n_layers)
+    encoded = encode_all(model, [(fmt.context(q), fmt.continuation(q.mc1[0].text)) for q in questions])
+    pad_id = pad_token_id(model)
+    out = []
+    for start in range(0, len(encoded), batch_size):
+        ids, lengths = pad_batch(encoded[start : start + batch_size], pad_id)
+        mask = torch.arange(ids.shape[1])[None] < lengths[:, None]
+        with _applied(editor, model):
+            _, cache = model.run_with_cache(ids.to(model.cfg.device), names_filter=lambda n: n in set(names))
+        stacked = torch.stack([cache[n] for n in names], dim=2).float().cpu()  # b pos L d
+        out.append(stacked[mask])
+    return torch.cat(out)
+
+
+def box_stats(values: torch.Tensor) -> dict:
+    """Exact Tukey box statistics: quartiles, mean, and whiskers at the furthest data within 1.5 IQR."""
+    v = values.double().flatten()
+    q1, median, q3 = torch.quantile(v, torch.tensor([0.25, 0.5, 0.75], dtype=v.dtype)).tolist()
+    iqr = q3 - q1
+    inside = v[(v >= q1 - 1.5 * iqr) & (v <= q3 + 1.5 * iqr)]
+    return {"q1": q1, "median": median, "q3": q3, "mean": float(v.mean()), "lowerfence": float(inside.min()),
+            "upperfence": float(inside.max()), "n": len(v)}
+
+
+def norm_quantiles(model, questions: Sequence[MCQuestion], fmt: PromptFormat, editors: Mapping[str, object],
+                   batch_size: int = 16) -> pd.DataFrame:
+    """Per method and layer, box statistics of the per-token ``||h||`` at ``hook_resid_post`` (Fig. 4).
+
+    Every token of prompt + true answer of every question counts (exact quantiles, no subsampling).
+    """
+    rows = []
+    for method, editor in editors.items():
+        norms = resid_tokens(model, questions, fmt, editor, batch_size).norm(dim=-1)  # [tokens, layers]
+        for layer in range(norms.shape[1]):
+            rows.append({"group": method, "layer": layer, **box_stats(norms[:, layer])})
+    return pd.DataFrame(rows)
+
+
+def pos_neg_norm_quantiles(pos: torch.Tensor, neg: torch.Tensor) -> pd.DataFrame:
+    """Box statistics of ``||h||`` of aligned positive and negative answer tokens ``[N, layers, d]`` (Fig. 3)."""
+    rows = []
+    for group, acts in (("positive", pos), ("negative", neg)):
+        norms = acts.float().norm(dim=-1)
+        for layer in range(norms.shape[1]):
+            rows.append({"group": group, "layer": layer, **box_stats(norms[:, layer])})
+    return pd.DataFrame(rows)
+
+
+def direction_magnitude(model, questions: Sequence[MCQuestion], fmt: PromptFormat, editors: Mapping[str, object],
+                        layer: int, max_tokens: int = 2000, batch_size: int = 16) -> pd.DataFrame:
+    """Per token at ``layer``: ``cos(h_edit, h_base)`` and ``||h_edit|| / ||h_base||`` for each method.
+
+    Tokens are the first ``max_tokens`` of prompt + true answer; tokens an edit leaves exactly unchanged are
+    kept (they sit at (1, 1)), so the picture shows how much of the stream each method touches.
+    """
+    base = resid_tokens(model, questions, fmt, None, batch_size)[:max_tokens, layer]
+    rows = []
+    for method, editor in editors.items():
+        if editor is None:
+            continue
+        edited = resid_tokens(model, questions, fmt, editor, batch_size)[:max_tokens, layer]
+        cos = torch.nn.functional.cosine_similarity(edited, base, dim=-1)
+        ratio = edited.norm(dim=-1) / base.norm(dim=-1).clamp_min(1e-12)
+        rows.append(pd.DataFrame({"method": method, "cosine": cos.numpy(), "norm_ratio": ratio.numpy()}))
+    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["method", "cosine", "norm_ratio"])
+
+
+@torch.no_grad()
+def hpr_angles(editor, acts: torch.Tensor) -> pd.DataFrame:
+    """For the tokens HPR edits (negative side of the probe): ``layer, theta`` (predicted) and ``gamma``.
+
+    ``acts``: ``[N, n_layers, d]`` activations (e.g. the test split's negative answer tokens).
+    """
+    rows = []
+    for layer in editor.config.layers:
+        h = acts[:, layer].float()
+        w = editor.tensors[f"layer{layer}.probe"].float()
+        edited = ops.negative_side(h, w)
+        if not edited.any():
+            continue
+        h = h[edited]
+        gamma = ops.reflection_angle(h, w)
+        theta = gamma if editor.config.no_angle else _hpr_theta(editor, layer, h)
+        rows.append(pd.DataFrame({"layer": layer, "theta": theta.numpy(), "gamma": gamma.numpy()}))
+    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["layer", "theta", "gamma"])
+
+
+def _hpr_theta(editor, layer: int, h: torch.Tensor) -> torch.Tensor:
+    """theta for ``h`` from the editor's angle network (read back from what the edit did)."""
+    edited = editor.edit(layer, h)
+    return ops.vector_angle(edited, h)
+
+
+@torch.inference_mode()
+def generations(model, prompts: Sequence[str], editors: Mapping[str, object], max_new_tokens: int = 24,
+                stop_at_newline: bool = True) -> pd.DataFrame:
+    """Greedy continuations of each prompt under each method: ``prompt, method, text``."""
+    from hpr.editors.sea import newline_ids
+
+    stops = newline_ids(model.tokenizer) if stop_at_newline else None
+    rows = []
+    for prompt in prompts:
+        ids = torch.tensor(encode_context(model, prompt, max_new_tokens), device=model.cfg.device)[None]
+        for method, editor in editors.items():
+            with _applied(editor, model):
+                out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, verbose=False,
+                                     stop_at_eos=stops is not None, eos_token_id=stops, use_past_kv_cache=True)
+            text = model.tokenizer.decode(out[0, ids.shape[1]:].tolist())
+            rows.append({"prompt": prompt, "method": method, "text": text.split("\n")[0] if stop_at_newline else text})
+    return pd.DataFrame(rows)
+
+
+@torch.inference_mode()
+def capability(model, texts: Sequence[str], editors: Mapping[str, object], batch_size: int = 8) -> pd.DataFrame:
+    """On neutral text, per method: mean KL(base || edited) of the next-token distribution and perplexity.
+
+    Every next-token prediction of every text counts (BOS by the model's default). ``ppl_change`` is relative
+    to the base model's perplexity.
+    """
+    tok = model.tokenizer
+    prefix = [tok.bos_token_id] if model.cfg.default_prepend_bos else []
+    encoded = [(prefix + tok(t, add_special_tokens=False)["input_ids"])[: model.cfg.n_ctx] for t in texts]
+    encoded = [e for e in encoded if len(e) >= 2]
+    if not encoded:
+        raise ValueError("capability needs neutral texts of at least two tokens")
+    pad_id = pad_token_id(model)
+    sums = {m: {"kl": 0.0, "nll": 0.0} for m in editors}
+    count = 0
+    for start in range(0, len(encoded), batch_size):
+        batch = encoded[start : start + batch_size]
+        ids = torch.full((len(batch), max(map(len, batch))), pad_id, dtype=torch.long)
+        for i, e in enumerate(batch):
+            ids[i, : len(e)] = torch.tensor(e)
+        lengths = torch.tensor([len(e) for e in batch])
+        mask = torch.arange(ids.shape[1] - 1)[None] < (lengths - 1)[:, None]  # positions with a next token
+        targets = ids[:, 1:]
+        base_logp = model(ids.to(model.cfg.device)).float().log_softmax(-1)[:, :-1].cpu()
+        for method, editor in editors.items():
+            with _applied(editor, model):
+                logp = model(ids.to(model.cfg.device)).float().log_softmax(-1)[:, :-1].cpu()
+            kl = (base_logp.exp() * (base_logp - logp)).sum(-1)
+            nll = -logp.gather(-1, targets[..., None]).squeeze(-1)
+            sums[method]["kl"] += float(kl[mask].sum())
+            sums[method]["nll"] += float(nll[mask].sum())
+        count += int(mask.sum())
+    base_ppl = None
+    rows = []
+    for method in editors:
+        ppl = float(torch.tensor(sums[method]["nll"] / count).exp())
+        rows.append({"method": method, "kl": sums[method]["kl"] / count, "perplexity": ppl})
+        if editors[method] is None:
+            base_ppl = ppl
+    df = pd.DataFrame(rows)
+    if base_ppl is not None:
+        df["ppl_change"] = df["perplexity"] / base_ppl - 1
+    return df
+
+
+def neutral_texts(dataset: str, n: int = 64, path: str | None = None) -> list[str]:
+    """Neutral text for :func:`capability`: a text file (one passage per blank-line-separated block), or,
+    for the toy world, ``n`` documents of the world's corpus drawn with a seed the model never trained on."""
+    if path:
+        blocks = [b.strip() for b in Path(path).read_text().split("\n\n") if b.strip()]
+        if not blocks:
+            raise ValueError(f"{path} holds no text")
+        return blocks[:n]
+    if dataset == "toy":
+        import hpr.toyworld
+        from hpr.toyworld.world import build_world, generate_corpus
+
+        world = build_world(hpr.toyworld.DEFAULT)
+        return list(generate_corpus(world, n_docs=n, seed_offset=10_007))
+    raise ValueError(f"no built-in neutral text for dataset {dataset!r}; pass a text file (--neutral-text)")
+
+
+# ------------------------------------------------------------------------------------- analysis scripts
+
+
+def script_parser(description: str):
+    """The options every script in ``analyses/`` understands (``reproduce_paper.py`` passes them all on)."""
+    import argparse
+
+    from hpr.figures import FIGURE_FORMATS
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--run", required=True, help="a finished run folder (hpr reproduce --out ...)")
+    parser.add_argument("--out", default=None, help="where figures/ and tables/ go (default: the run folder)")
+    parser.add_argument("--methods", nargs="+", default=None, help="methods to show (default: all in the run)")
+    parser.add_argument("--formats", nargs="*", default=list(FIGURE_FORMATS),
+                        help="figure formats besides HTML: png svg pdf (none: HTML only, no browser needed)")
+    parser.add_argument("--prompts", type=int, default=6, help="generations: first N test questions")
+    parser.add_argument("--max-new-tokens", type=int, default=16, help="generations: greedy tokens per prompt")
+    parser.add_argument("--neutral-text", default=None,
+                        help="capability: a text file of neutral passages (blank-line separated); the toy "
+                             "world has its own")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    return parser
+
+
+def write_outputs(outputs: Mapping[str, Mapping], folder: Path, formats: Sequence[str]) -> list[Path]:
+    """``outputs = {"figures": {name: Figure}, "tables": {name: DataFrame}}`` -> figures/ and tables/."""
+    from hpr import figures
+
+    folder = Path(folder)
+    written = []
+    for name, df in outputs.get("tables", {}).items():
+        written += figures.export_table(df, folder / "tables", name)
+    written += figures.export_figures(outputs.get("figures", {}), folder / "figures", formats)
+    return written
+
+
+def script_main(make, description: str, argv: Sequence[str] | None = None) -> int:
+    """Run one analysis script: parse the common options, ``make(run, args)``, write what it returns."""
+    import sys
+
+    args = script_parser(description).parse_args(argv)
+    try:
+        run = Run(args.run, device=args.device)
+        outputs = make(run, args)
+        written = write_outputs(outputs, Path(args.out or args.run), args.formats)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(path)
+    return 0

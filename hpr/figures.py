@@ -1,0 +1,211 @@
+"""Plotly figure builders and paper export. Builders take tidy DataFrames and compute nothing themselves
+(statistics come from :mod:`hpr.analysis`); each returns a ``plotly.graph_objects.Figure``.
+
+Every method has one colour in every figure (Okabe-Ito, a colour-blind-safe palette). Export writes PNG,
+SVG and PDF through one kaleido session for a whole batch; tables go to CSV, markdown and LaTeX (booktabs).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+
+# Okabe & Ito (2008), colour-blind safe; black is kept for the unedited model.
+OKABE_ITO = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#999999")
+METHOD_COLORS = {
+    "base": "#000000", "hpr": "#0072B2", "hpr_no_angle": "#56B4E9", "iti15": "#E69F00", "iti200": "#D55E00",
+    "caa": "#009E73", "diff": "#CC79A7", "sea": "#F0E442", "sadi": "#999999", "lora": "#8C564B",
+    "reptune": "#17BECF", "positive": "#009E73", "negative": "#D55E00",
+}
+FIGURE_FORMATS = ("png", "svg", "pdf")
+TABLE_FORMATS = ("csv", "md", "tex")
+_LAYOUT = dict(template="simple_white", font=dict(family="Arial", size=13), width=760, height=430,
+               legend=dict(title=None), margin=dict(l=70, r=20, t=50, b=60))
+
+
+def color(name: str) -> str:
+    """The colour of a method (or group) in every figure; unknown names get a stable palette colour."""
+    if name in METHOD_COLORS:
+        return METHOD_COLORS[name]
+    return OKABE_ITO[sum(map(ord, name)) % len(OKABE_ITO)]
+
+
+def _layout(fig: go.Figure, title: str, x: str, y: str, **extra) -> go.Figure:
+    fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, **_LAYOUT, **extra)
+    return fig
+
+
+def _require(df: pd.DataFrame, columns: Iterable[str], what: str) -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ValueError(f"{what} needs columns {missing}; got {list(df.columns)}")
+
+
+# ----------------------------------------------------------------------------------------------- figures
+
+
+def probe_accuracy(df: pd.DataFrame, selected_layers: Sequence[int] = ()) -> go.Figure:
+    """Per-layer probe accuracy (paper Fig. 2). ``df``: ``layer, split, accuracy``; selected layers starred."""
+    _require(df, ("layer", "split", "accuracy"), "probe_accuracy")
+    fig = go.Figure()
+    for i, (split, part) in enumerate(df.groupby("split", sort=False)):
+        part = part.sort_values("layer")
+        fig.add_trace(go.Scatter(x=part["layer"], y=part["accuracy"], mode="lines+markers", name=split,
+                                 line=dict(color=OKABE_ITO[(4, 5, 2)[i % 3]], dash=("solid", "dash", "dot")[i % 3])))
+    if len(selected_layers):
+        chosen = df[df["layer"].isin(selected_layers) & (df["split"] == df["split"].iloc[0])]
+        fig.add_trace(go.Scatter(x=chosen["layer"], y=chosen["accuracy"], mode="markers", name="selected",
+                                 marker=dict(symbol="star", size=14, color="#000000")))
+    fig.add_hline(y=0.5, line=dict(color="#999999", dash="dot"), annotation_text="chance")
+    return _layout(fig, "Probe accuracy per layer", "layer (0-based block)", "accuracy", yaxis_range=[0.4, 1.02],
+                   xaxis=dict(dtick=1))
+
+
+def norm_boxes(df: pd.DataFrame, title: str = "Activation norms per layer") -> go.Figure:
+    """Box plots of per-token ``||h||`` at ``hook_resid_post`` per layer and group (paper Figs. 3 and 4).
+
+    ``df``: ``layer, group, q1, median, q3, lowerfence, upperfence`` (exact quantiles from
+    :func:`hpr.analysis.norm_quantiles`, so every token counts and the figure stays small); one box per row.
+    """
+    _require(df, ("layer", "group", "q1", "median", "q3", "lowerfence", "upperfence"), "norm_boxes")
+    fig = go.Figure()
+    for group, part in df.groupby("group", sort=False):
+        part = part.sort_values("layer")
+        fig.add_trace(go.Box(name=str(group), x=[f"L{l}" for l in part["layer"]], q1=part["q1"],
+                             median=part["median"], q3=part["q3"], lowerfence=part["lowerfence"],
+                             upperfence=part["upperfence"], marker_color=color(str(group)),
+                             mean=part["mean"] if "mean" in part else None, boxpoints=False))
+    return _layout(fig, title, "layer", "‖h‖ at resid_post (L2 norm)", boxmode="group")
+
+
+def mc_bars(df: pd.DataFrame) -> go.Figure:
+    """MC1 and MC2 per method with ± 1 standard error (Table 1 as a chart). ``df``: one row per method."""
+    _require(df, ("method", "mc1", "mc1_stderr", "mc2", "mc2_stderr"), "mc_bars")
+    fig = go.Figure()
+    for metric, pattern in (("mc1", ""), ("mc2", "/")):
+        fig.add_trace(go.Bar(name=metric.upper(), x=df["method"], y=df[metric],
+                             error_y=dict(type="data", array=df[f"{metric}_stderr"]),
+                             marker=dict(color=[color(m) for m in df["method"]], pattern_shape=pattern,
+                                         line=dict(color="#000000", width=1))))
+    return _layout(fig, "TruthfulQA-style multiple choice (test split)", "method", "score (± 1 s.e.)",
+                   barmode="group", yaxis_range=[0, 1])
+
+
+def topk_sweep(df: pd.DataFrame, base: Mapping[str, float]) -> go.Figure:
+    """MC1/MC2 as the number of HPR-edited layers grows (paper Fig. 6). ``df``: ``k, mc1, mc2``."""
+    _require(df, ("k", "mc1", "mc2"), "topk_sweep")
+    df = df.sort_values("k")
+    fig = go.Figure()
+    for metric, dash in (("mc1", "solid"), ("mc2", "dash")):
+        fig.add_trace(go.Scatter(x=df["k"], y=df[metric], mode="lines+markers", name=f"HPR {metric.upper()}",
+                                 line=dict(color=color("hpr"), dash=dash)))
+        fig.add_hline(y=base[metric], line=dict(color=color("base"), dash=dash),
+                      annotation_text=f"base {metric.upper()}")
+    return _layout(fig, "HPR: edited layers (top-k by validation probe)", "k (edited layers)", "score",
+                   xaxis=dict(dtick=1))
+
+
+def direction_magnitude(df: pd.DataFrame) -> go.Figure:
+    """Per token, the cosine of edited and base activations against their norm ratio, one colour per method.
+
+    ``df``: ``method, cosine, norm_ratio`` (a sample of tokens at an edited layer). HPR stays on
+    ``norm_ratio = 1`` and moves in direction only; additive edits move along both axes.
+    """
+    _require(df, ("method", "cosine", "norm_ratio"), "direction_magnitude")
+    fig = go.Figure()
+    for method, part in df.groupby("method", sort=False):
+        fig.add_trace(go.Scattergl(x=part["cosine"], y=part["norm_ratio"], mode="markers", name=str(method),
+                                   marker=dict(color=color(str(method)), size=4, opacity=0.5)))
+    return _layout(fig, "Direction vs magnitude of each edit", "cos(h_edited, h_base)",
+                   "‖h_edited‖ / ‖h_base‖", yaxis_type="log")
+
+
+def angle_histogram(df: pd.DataFrame) -> go.Figure:
+    """HPR's predicted rotation angle theta against the reflection angle gamma, for edited tokens.
+
+    ``df``: ``theta, gamma`` in radians.
+    """
+    _require(df, ("theta", "gamma"), "angle_histogram")
+    fig = go.Figure()
+    for name, c in (("gamma", color("hpr_no_angle")), ("theta", color("hpr"))):
+        fig.add_trace(go.Histogram(x=df[name], name={"gamma": "γ (reflection)", "theta": "θ (predicted)"}[name],
+                                   marker_color=c, opacity=0.7, nbinsx=40))
+    return _layout(fig, "HPR angles of edited tokens", "angle (radians)", "tokens", barmode="overlay")
+
+
+def capability_bars(df: pd.DataFrame) -> go.Figure:
+    """KL from the base next-token distribution on neutral text, per method. ``df``: ``method, kl``."""
+    _require(df, ("method", "kl"), "capability_bars")
+    fig = go.Figure(go.Bar(x=df["method"], y=df["kl"], marker_color=[color(m) for m in df["method"]],
+                           showlegend=False))
+    return _layout(fig, "Capability retention on neutral text", "method", "mean KL(base ‖ edited) (nats/token)")
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+
+def browser_available() -> str | None:
+    """Path of a Chromium/Chrome kaleido can drive, or None."""
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+NO_BROWSER = ("static export (PNG/SVG/PDF) needs kaleido>=1 and a Chromium: on Debian/Ubuntu `apt-get install "
+              "chromium`, elsewhere `plotly_get_chrome` (needs network) or any Chrome on PATH. HTML export "
+              "works without one.")
+
+
+def export_figures(figures: Mapping[str, go.Figure], folder: Path, formats: Sequence[str] = FIGURE_FORMATS,
+                   html: bool = True) -> list[Path]:
+    """Write each figure as ``folder/<name>.<format>`` in one kaleido session; returns the paths written.
+
+    HTML (self-contained, plotly.js inlined) needs no browser; static formats raise a RuntimeError naming
+    the fix when no browser is found, after the HTML files are written.
+    """
+    import plotly.io as pio
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    if html:
+        for name, fig in figures.items():
+            path = folder / f"{name}.html"
+            fig.write_html(path, include_plotlyjs=True)
+            written.append(path)
+    static = [f for f in formats if f != "html"]
+    if static and figures:
+        if browser_available() is None:
+            raise RuntimeError(NO_BROWSER)
+        try:
+            import kaleido  # noqa: F401
+        except ImportError as e:
+            raise RuntimeError(NO_BROWSER) from e
+        names = [(name, fmt) for fmt in static for name in figures]
+        paths = [folder / f"{name}.{fmt}" for name, fmt in names]
+        pio.write_images([figures[name] for name, _ in names], paths)  # one browser for the batch
+        written += paths
+    return written
+
+
+def export_table(df: pd.DataFrame, folder: Path, name: str, caption: str = "",
+                 float_format: str = "{:.3f}") -> list[Path]:
+    """Write ``folder/<name>.csv``, ``.md`` and ``.tex`` (booktabs); returns the paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{name}.{fmt}" for fmt in TABLE_FORMATS]
+    df.to_csv(paths[0], index=False)
+    shown = df.copy()
+    for col in shown.columns:
+        if pd.api.types.is_float_dtype(shown[col]):
+            shown[col] = shown[col].map(float_format.format)
+    paths[1].write_text(shown.to_markdown(index=False) + "\n")
+    styler = shown.style.hide(axis="index").format(escape="latex").format_index(escape="latex", axis=1)
+    paths[2].write_text(styler.to_latex(hrules=True, caption=caption or None, label=f"tab:{name.replace('_', '-')}"))
+    return paths

@@ -1,0 +1,77 @@
+"""The analysis measurements, and every analyses/ script on a tiny toy run (HTML only, no browser)."""
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hpr import analysis
+from hpr.cli import main
+
+ANALYSES = Path(__file__).resolve().parent.parent / "analyses"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(toy_cache, tmp_path_factory):
+    """One tiny toy run for the whole module (the tiny_toy fixture's setup, module-scoped)."""
+    import hpr.toyworld
+    from conftest import TINY
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HPR_CACHE_DIR", str(toy_cache))
+        patch.setattr(hpr.toyworld, "DEFAULT", TINY)
+        out = tmp_path_factory.mktemp("analyses") / "run"
+        methods = "base,hpr,hpr_no_angle,iti15,iti200,caa,sea"
+        assert main(["reproduce", "--out", str(out), "--quiet", "--methods", methods]) == 0
+        yield out
+
+
+def test_measurements_on_a_tiny_run(tiny_run):
+    run = analysis.Run(tiny_run, device="cpu")
+    questions = run.questions("test")[:4]
+    editors = run.editors(["base", "hpr", "iti200"])
+    cap = analysis.capability(run.model, analysis.neutral_texts("toy", n=4), editors)
+    base = cap.set_index("method").loc["base"]
+    assert base["kl"] == pytest.approx(0.0, abs=1e-6) and base["ppl_change"] == pytest.approx(0.0, abs=1e-6)
+    assert (cap.set_index("method")["kl"].drop("base") > 0).all()
+    first = min(run.results["selected_layers"])  # HPR's input there is unedited: pure rotation, norm kept
+    dm = analysis.direction_magnitude(run.model, questions, run.fmt, {"hpr": editors["hpr"]}, first)
+    assert torch.allclose(torch.tensor(dm["norm_ratio"].values), torch.tensor(1.0), atol=1e-5)
+    assert (dm["cosine"] <= 1 + 1e-6).all()
+    norms = analysis.norm_quantiles(run.model, questions, run.fmt, {"base": None, "iti200": editors["iti200"]})
+    assert len(norms) == 2 * run.results["n_layers"]
+    by = norms.set_index(["group", "layer"])["median"]
+    assert by["iti200", run.results["n_layers"] - 1] > by["base", run.results["n_layers"] - 1]
+
+
+def test_every_analysis_script_writes_its_outputs(tiny_run, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ANALYSES))
+    reproduce_paper = importlib.import_module("reproduce_paper")
+    out = tmp_path / "paper"
+    argv = ["--run", str(tiny_run), "--out", str(out), "--formats", "--prompts", "2", "--max-new-tokens", "4"]
+    assert analysis.script_main(reproduce_paper.make, "test", argv) == 0
+    figures = {p.stem for p in (out / "figures").glob("*.html")}
+    assert {"probe_accuracy", "norms_true_vs_false", "norms_by_method", "mc_scores", "topk_sweep",
+            "direction_magnitude", "hpr_angles", "capability"} <= figures
+    tables = {p.name for p in (out / "tables").iterdir()}
+    for name in ("probe_accuracy", "mc_scores", "flip_rates", "topk_sweep", "generations", "capability",
+                 "norm_change_vs_base"):
+        assert {f"{name}.csv", f"{name}.md", f"{name}.tex"} <= tables
+    # each script also runs alone
+    alone = tmp_path / "alone"
+    assert analysis.script_main(importlib.import_module("flip_table").make, "t",
+                                ["--run", str(tiny_run), "--out", str(alone), "--formats"]) == 0
+    assert (alone / "tables" / "flip_rates.csv").exists()
+    sys.modules.pop("reproduce_paper", None)
+
+
+def test_scripts_refuse_a_folder_that_is_no_run(tmp_path, capsys):
+    sys.path.insert(0, str(ANALYSES))
+    try:
+        module = importlib.import_module("mc_table")
+    finally:
+        sys.path.remove(str(ANALYSES))
+    assert analysis.script_main(module.make, "t", ["--run", str(tmp_path), "--formats"]) == 2
+    assert "no results.json" in capsys.readouterr().err
