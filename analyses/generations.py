@@ -1,5 +1,7 @@
 """Side-by-side greedy generations: the base model and each method on the first --prompts test questions."""
 
+import pandas as pd
+
 from hpr import analysis
 
 
@@ -10,7 +12,10 @@ def make(run: analysis.Run, args) -> dict:
     df["question"] = df["prompt"].map({p: q.question for p, q in zip(prompts, questions)})
     table = df.pivot(index="question", columns="method", values="text").reset_index()
     table = table[["question", *[m for m in (args.methods or run.methods) if m in table.columns]]]
-    return {"tables": {"generations": table}}
+    settings = pd.DataFrame([{"decoding": "greedy", "max_new_tokens": args.max_new_tokens,
+                              "stop": "first newline", "kv_cache": True, "prompts": len(prompts),
+                              "prompt_format": "run's scoring prompt (test split)"}])
+    return {"tables": {"generations": table, "generations_settings": settings}}
 
 
 if __name__ == "__main__":

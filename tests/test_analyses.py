@@ -56,8 +56,8 @@ def test_every_analysis_script_writes_its_outputs(tiny_run, tmp_path, monkeypatc
     assert {"probe_accuracy", "norms_true_vs_false", "norms_by_method", "mc_scores", "topk_sweep",
             "direction_magnitude", "hpr_angles", "capability"} <= figures
     tables = {p.name for p in (out / "tables").iterdir()}
-    for name in ("probe_accuracy", "mc_scores", "flip_rates", "topk_sweep", "generations", "capability",
-                 "norm_change_vs_base"):
+    for name in ("probe_accuracy", "mc_scores", "flip_rates", "topk_sweep", "generations", "generations_settings",
+                 "capability", "norm_change_vs_base"):
         assert {f"{name}.csv", f"{name}.md", f"{name}.tex"} <= tables
     # each script also runs alone
     alone = tmp_path / "alone"
