@@ -122,6 +122,7 @@ def resid_tokens(model, questions: Sequence[MCQuestion], fmt: PromptFormat, edit
     The editor's hooks attach first, so at a layer it edits these are the edited activations.
     """
     names = resid_names(model.cfg.n_layers)
+    wanted = set(names)
     encoded = encode_all(model, [(fmt.context(q), fmt.continuation(q.mc1[0].text)) for q in questions])
     pad_id = pad_token_id(model)
     out = []
@@ -129,7 +130,7 @@ def resid_tokens(model, questions: Sequence[MCQuestion], fmt: PromptFormat, edit
         ids, lengths = pad_batch(encoded[start : start + batch_size], pad_id)
         mask = torch.arange(ids.shape[1])[None] < lengths[:, None]
         with _applied(editor, model):
-            _, cache = model.run_with_cache(ids.to(model.cfg.device), names_filter=lambda n: n in set(names))
+            _, cache = model.run_with_cache(ids.to(model.cfg.device), names_filter=lambda n: n in wanted)
         stacked = torch.stack([cache[n] for n in names], dim=2).float().cpu()  # b pos L d
         out.append(stacked[mask])
     return torch.cat(out)
