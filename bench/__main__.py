@@ -1,0 +1,382 @@
+"""``python -m bench [--smoke] [--out PATH] [--cache DIR] [--only NAME ...]``: performance ratios, one run.
+
+Every target is a ratio of two timings taken in the same process, interleaved round by round (the order
+rotates each round) after one untimed warm-up of each side; the value is the median of the per-round
+ratios, so slow drifts of a shared CPU cancel. Prints a table and writes ``results.json`` (default
+``bench/results.json``) with each measure's value, target and pass/fail.
+
+Models: random-init checkpoints of real shapes (GPT-2 small; a Llama-shaped 8-layer d_model 1024 GQA
+model), saved with transformers and loaded with ``hpr.load_model(dir)`` (see ``bench/models.py``).
+``--smoke`` runs every measure on 2-layer d_model 64 models at tiny sizes (seconds; values meaningless).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bench import models as M
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Sizes:
+    gpt2: M.Shape
+    llama: M.Shape
+    fwd_batch: int  # prompts per forward batch
+    fwd_rounds: int
+    gen_tokens: int
+    gen_rounds: int
+    cache_questions: int
+    cache_rounds: int
+    train_pairs: int
+    train_epochs: int
+    score_questions: int
+    mem_questions: int
+    mem_per_shard: int
+    mem_batch: int
+    llama_editors: tuple[str, ...]
+
+
+FULL = Sizes(M.GPT2_SMALL, M.LLAMA_SMALL, fwd_batch=2, fwd_rounds=4, gen_tokens=16, gen_rounds=2,
+             cache_questions=1, cache_rounds=2, train_pairs=1024, train_epochs=1, score_questions=1,
+             mem_questions=32, mem_per_shard=8, mem_batch=8, llama_editors=("hpr",))
+SMOKE = Sizes(M.GPT2_TINY, M.LLAMA_TINY, fwd_batch=2, fwd_rounds=2, gen_tokens=3, gen_rounds=1,
+              cache_questions=1, cache_rounds=1, train_pairs=64, train_epochs=1, score_questions=1,
+              mem_questions=4, mem_per_shard=2, mem_batch=4, llama_editors=("hpr",))
+
+Result = dict
+
+
+def measure(name: str, value: float, target: str, ok: bool, **details) -> Result:
+    r = {"measure": name, "value": float(value), "target": target, "pass": bool(ok), "details": details}
+    print(f"{'PASS' if ok else 'FAIL'}  {name}: {value:.3f} (target {target})", file=sys.stderr, flush=True)
+    return r
+
+
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int, warmup: bool = True) -> dict[str, list[float]]:
+    """Seconds per call of each fn, ``rounds`` rounds, the order rotated each round, after one warm-up each
+    (``warmup=False`` for the long measures, whose callers warm up with one small forward instead)."""
+    if warmup:
+        for fn in fns.values():
+            fn()
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for n in order:
+            t = time.perf_counter()
+            fns[n]()
+            times[n].append(time.perf_counter() - t)
+    return times
+
+
+def ratios(times: dict[str, list[float]], num: str, den: str) -> list[float]:
+    return [a / b for a, b in zip(times[num], times[den])]
+
+
+# ----------------------------------------------------------------------------------------------- editors
+
+
+def build_editors(model, names: tuple[str, ...], seed: int = 0) -> dict:
+    """Editors with random but well-formed parameters (the cost of an edit does not depend on the values,
+    except SEA's, whose cost follows the ranks of its projections: see its details)."""
+    from hpr.editors.additive import CAAEditor, ITIEditor
+    from hpr.editors.hpr import HPREditor, LayerwiseHPR
+    from hpr.editors.sadi import fit_sadi
+    from hpr.editors.sea import fit_sea, last_layers
+
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    top5 = tuple(sorted(torch.randperm(cfg.n_layers, generator=g)[: min(5, cfg.n_layers)].tolist()))
+    out = {}
+    for name in names:
+        if name == "hpr":
+            out[name] = HPREditor.from_layerwise(LayerwiseHPR(cfg.n_layers, cfg.d_model), top5)
+        elif name == "iti15":
+            flat = torch.randperm(cfg.n_layers * cfg.n_heads, generator=g)[:48].tolist()
+            heads = [(i // cfg.n_heads, i % cfg.n_heads) for i in flat]
+            out[name] = ITIEditor.from_heads({h: torch.randn(cfg.d_head, generator=g) for h in heads},
+                                             {h: 1.0 for h in heads}, 15.0, cfg.n_layers, cfg.n_heads, cfg.d_model)
+        elif name == "caa":
+            out[name] = CAAEditor.from_vectors({l: torch.randn(cfg.d_model, generator=g) for l in top5}, 1.0,
+                                               cfg.n_layers)
+        elif name == "sea":
+            # Activations with a decaying spectrum, as residual streams have: the projections keep a few
+            # directions rather than all of them (SEA's cost grows with their ranks).
+            n = 256
+            scale = torch.logspace(0, -3, cfg.d_model)
+            base = torch.randn(n, cfg.n_layers, cfg.d_model, generator=g) * scale
+            pos = base + 0.1 * torch.randn(base.shape, generator=g) * scale
+            neg = base + 0.1 * torch.randn(base.shape, generator=g) * scale
+            out[name] = fit_sea(base, pos, neg, last_layers(cfg.n_layers))
+        elif name == "sadi":
+            out[name] = fit_sadi(torch.randn(cfg.n_layers, cfg.n_heads, generator=g), 8, 1.0, "heads",
+                                 d_model=cfg.d_model)
+    return out
+
+
+def prompts(n: int, primer: bool = True) -> tuple[list, list[tuple[str, str]]]:
+    from hpr.data import QA_PRIMER, PromptFormat
+
+    fmt = PromptFormat(primer=QA_PRIMER if primer else "")
+    qs = list(M.questions()[:n])
+    return qs, [(fmt.context(q), fmt.continuation(q.mc2[0].text)) for q in qs]
+
+
+def batch_ids(model, pairs):
+    from hpr.scoring import encode_all, pad_batch, pad_token_id
+
+    ids, _ = pad_batch(encode_all(model, pairs), pad_token_id(model))
+    return ids
+
+
+# ----------------------------------------------------------------------------------------------- measures
+
+
+def forward_overhead(model, label: str, sizes: Sizes, editor_names: tuple[str, ...]) -> list[Result]:
+    editors = build_editors(model, editor_names)
+    ids = batch_ids(model, prompts(sizes.fwd_batch)[1])
+
+    def run(editor):
+        def fn():
+            with torch.inference_mode():
+                if editor is None:
+                    return model(ids)
+                with editor.applied(model):
+                    return model(ids)
+        return fn
+
+    times = interleaved({"base": run(None), **{n: run(e) for n, e in editors.items()}}, sizes.fwd_rounds)
+    out = []
+    for name in editors:
+        r = ratios(times, name, "base")
+        target, limit = ("<= 1.03", 1.03) if name == "hpr" else ("<= 1.05", 1.05)
+        details = {"model": label, "batch_shape": list(ids.shape), "ratios": [round(x, 4) for x in r],
+                   "base_s": [round(x, 3) for x in times["base"]], "edited_s": [round(x, 3) for x in times[name]]}
+        if name == "sea":
+            e = editors[name]
+            details["projection_ranks"] = {l: [e.tensors[f"layer{l}.keep"].shape[1], e.tensors[f"layer{l}.tail"].shape[1]]
+                                           for l in e.config.layers}
+        if name == "hpr":
+            details["layers"] = list(editors[name].config.layers)
+        out.append(measure(f"forward {name} / base [{label}]", statistics.median(r), target,
+                           statistics.median(r) <= limit, **details))
+    return out
+
+
+def generation(model, label: str, sizes: Sizes) -> Result:
+    editor = build_editors(model, ("hpr",))["hpr"]
+    from hpr.scoring import encode_context
+
+    from hpr.data import PromptFormat
+    qs, _ = prompts(1)
+    ids = torch.tensor(encode_context(model, PromptFormat().context(qs[0]), sizes.gen_tokens))[None]
+
+    def gen():
+        return model.generate(ids, max_new_tokens=sizes.gen_tokens, do_sample=False, stop_at_eos=False,
+                              verbose=False, use_past_kv_cache=True)
+
+    def gen_hpr():
+        with editor.applied(model):
+            return gen()
+
+    times = interleaved({"base": gen, "hpr": gen_hpr}, sizes.gen_rounds)
+    r = ratios(times, "base", "hpr")  # tokens/s with HPR over tokens/s without = t_base / t_hpr
+    v = statistics.median(r)
+    return measure(f"generation tok/s hpr / base [{label}]", v, ">= 0.97", v >= 0.97, model=label,
+                   prompt_tokens=ids.shape[1], new_tokens=sizes.gen_tokens, ratios=[round(x, 4) for x in r],
+                   base_tok_per_s=[round(sizes.gen_tokens / t, 2) for t in times["base"]],
+                   hpr_tok_per_s=[round(sizes.gen_tokens / t, 2) for t in times["hpr"]])
+
+
+def caching(model, label: str, sizes: Sizes, work: Path) -> Result:
+    from hpr import activations
+    from hpr.data import PromptFormat
+    from hpr.scoring import encode_all, pad_batch, pad_token_id
+
+    fmt = PromptFormat()
+    qs = list(M.questions()[: sizes.cache_questions])
+    pairs = [(fmt.context(q), fmt.continuation(c.text)) for q in qs for c in q.mc2]
+    batch = 16
+    enc = encode_all(model, pairs)
+    batches = [pad_batch(enc[i : i + batch], pad_token_id(model))[0] for i in range(0, len(enc), batch)]
+    n_tokens = sum(b.numel() for b in batches)
+    folder = work / "caching"
+
+    def plain():
+        with torch.inference_mode():
+            for ids in batches:
+                model(ids)
+
+    def cached():
+        shutil.rmtree(folder, ignore_errors=True)  # collect resumes: start empty every time
+        activations.collect(model, qs, fmt, folder, batch_size=batch)
+
+    with torch.inference_mode():
+        model(batches[-1])  # warm-up
+    times = interleaved({"forward": plain, "collect": cached}, sizes.cache_rounds, warmup=False)
+    r = ratios(times, "forward", "collect")  # throughput ratio = inverse time ratio
+    v = statistics.median(r)
+    return measure(f"caching throughput collect / forward [{label}]", v, ">= 0.90", v >= 0.90, model=label,
+                   sequences=len(pairs), padded_tokens=n_tokens, ratios=[round(x, 4) for x in r],
+                   forward_tok_per_s=[round(n_tokens / t, 1) for t in times["forward"]],
+                   collect_tok_per_s=[round(n_tokens / t, 1) for t in times["collect"]])
+
+
+def training(shape: M.Shape, sizes: Sizes) -> Result:
+    from bench.naive import layer_losses, train_per_layer
+    from hpr.editors.hpr import HPRTrainConfig, train_layerwise
+
+    g = torch.Generator().manual_seed(0)
+    n, L, d = sizes.train_pairs, shape.n_layers, shape.d_model
+    # Separable-ish random activations: positives shifted along a per-layer direction.
+    direction = torch.randn(L, d, generator=g)
+    neg = torch.randn(n, L, d, generator=g) * 2.0
+    pos = torch.randn(n, L, d, generator=g) * 2.0 + 0.5 * direction
+    cfg = HPRTrainConfig(epochs=sizes.train_epochs)
+    nets = {}
+
+    def batched():
+        nets["batched"] = train_layerwise(pos, neg, cfg)
+
+    def loop():
+        nets["loop"] = train_per_layer(pos, neg, cfg)
+
+    times = interleaved({"batched": batched, "loop": loop}, 1, warmup=False)
+    speedup = times["loop"][0] / times["batched"][0]
+    loss_b = float(layer_losses(nets["batched"], pos, neg).mean())
+    loss_l = float(torch.cat([layer_losses(net, pos[:, [l]], neg[:, [l]]) for l, net in enumerate(nets["loop"])]).mean())
+    rel = abs(loss_b - loss_l) / abs(loss_l)
+    steps = math.ceil(n / cfg.batch_size) * cfg.epochs
+    return measure(f"HPR training speedup batched / per-layer loop [{shape.name}]", speedup, ">= 5x, loss within 2%",
+                   speedup >= 5 and rel <= 0.02, layers=L, d_model=d, pairs=n, steps=steps,
+                   batched_s=round(times["batched"][0], 3), loop_s=round(times["loop"][0], 3),
+                   final_loss_batched=round(loss_b, 5), final_loss_loop=round(loss_l, 5), loss_rel_diff=round(rel, 5))
+
+
+def scoring(model, label: str, sizes: Sizes) -> Result:
+    from hpr.data import PromptFormat
+    from hpr.scoring import score
+
+    fmt = PromptFormat()
+    qs = list(M.questions()[: sizes.score_questions])
+    pairs = [(fmt.context(q), fmt.continuation(c.text)) for q in qs for c in q.mc1 + q.mc2]
+    got = {}
+
+    def batched():
+        got[16] = score(model, pairs, batch_size=16)
+
+    def single():
+        got[1] = score(model, pairs, batch_size=1)
+
+    with torch.inference_mode():
+        model(torch.zeros(1, 8, dtype=torch.long))  # warm-up
+    times = interleaved({"batched": batched, "single": single}, 1, warmup=False)
+    speedup = times["single"][0] / times["batched"][0]
+    diff = max(abs(a - b) for a, b in zip(got[16], got[1]))
+    return measure(f"MC scoring speedup batch 16 / batch 1 [{label}]", speedup, ">= 5x, |diff| <= 1e-4",
+                   speedup >= 5 and diff <= 1e-4, model=label, pairs=len(pairs), unique_pairs=len(set(pairs)),
+                   batched_s=round(times["batched"][0], 3), single_s=round(times["single"][0], 3), max_abs_diff=diff)
+
+
+def memory(shape: M.Shape, sizes: Sizes, cache: Path, work: Path) -> Result:
+    ckpt = M.checkpoint(shape, cache)
+    runs = {}
+    for store in ("fp32", "fp16"):
+        cmd = [sys.executable, "-m", "bench.memory_worker", str(ckpt), str(work / f"mem-{store}"), str(sizes.mem_questions),
+               str(sizes.mem_per_shard), str(sizes.mem_batch), store, "noprimer"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"memory worker failed:\n{proc.stderr[-3000:]}")
+        runs[store] = json.loads(proc.stdout.strip().splitlines()[-1])
+    disk = runs["fp16"]["disk_bytes"] / runs["fp32"]["disk_bytes"]
+    bounded = {}
+    for store, r in runs.items():
+        # One batch (its measured peak) + one shard (float32 per-answer tensors and their concatenation)
+        # + the float32 AnswerActivations that collect returns.
+        bound = r["batch_peak_bytes"] + 2 * r["largest_shard_f32_bytes"] + r["result_f32_bytes"]
+        bounded[store] = {"peak_mb": round(r["collect_peak_bytes"] / 2**20, 1), "bound_mb": round(bound / 2**20, 1),
+                          "ok": r["collect_peak_bytes"] <= bound}
+    ok = 0.45 <= disk <= 0.55 and all(b["ok"] for b in bounded.values())
+    return measure(f"activation store fp16 / fp32 disk [{shape.name}]", disk,
+                   "~0.5 disk; RSS <= batch + shard + result", ok, rss=bounded, runs=runs,
+                   note="train split questions, prompts without the primer (see README of bench)")
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> list[Result]:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="every measure at tiny sizes (seconds; values meaningless)")
+    ap.add_argument("--out", type=Path, default=HERE / "results.json", help="where to write results.json")
+    ap.add_argument("--cache", type=Path, default=Path(os.environ.get("HPR_BENCH_CACHE", HERE / ".cache")),
+                    help="random checkpoints are saved here (reused between runs)")
+    ap.add_argument("--only", nargs="*", default=None,
+                    help="subset of: forward llama generation caching training scoring memory")
+    args = ap.parse_args(argv)
+    sizes = SMOKE if args.smoke else FULL
+    groups = args.only or ["forward", "llama", "generation", "caching", "training", "scoring", "memory"]
+    torch.manual_seed(0)
+    results: list[Result] = []
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="hpr-bench-") as tmp:
+        work = Path(tmp)
+        gpt2 = M.load(sizes.gpt2, args.cache) if {"forward", "generation", "caching", "scoring"} & set(groups) else None
+        if "forward" in groups:
+            results += forward_overhead(gpt2, sizes.gpt2.name, sizes, ("hpr", "iti15", "caa", "sea", "sadi"))
+        if "generation" in groups:
+            results.append(generation(gpt2, sizes.gpt2.name, sizes))
+        if "caching" in groups:
+            results.append(caching(gpt2, sizes.gpt2.name, sizes, work))
+        if "scoring" in groups:
+            results.append(scoring(gpt2, sizes.gpt2.name, sizes))
+        del gpt2
+        if "llama" in groups:
+            llama = M.load(sizes.llama, args.cache)
+            results += forward_overhead(llama, sizes.llama.name, sizes, sizes.llama_editors)
+            results.append(generation(llama, sizes.llama.name, sizes))
+            del llama
+        if "training" in groups:
+            results.append(training(sizes.gpt2, sizes))
+        if "memory" in groups:
+            results.append(memory(sizes.gpt2, sizes, args.cache, work))
+    elapsed = time.perf_counter() - start
+    record = {"smoke": args.smoke, "elapsed_s": round(elapsed, 1), "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "machine": platform.platform(), "cpu_count": os.cpu_count(),
+              "results": results}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=2, default=str))
+    print(table(results))
+    print(f"{sum(r['pass'] for r in results)}/{len(results)} pass in {elapsed:.0f} s; wrote {args.out}")
+    return results
+
+
+def table(results: list[Result]) -> str:
+    rows = [("measure", "value", "target", "pass")] + [
+        (r["measure"], f"{r['value']:.3f}", r["target"], "PASS" if r["pass"] else "FAIL") for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""The benchmark harness runs end to end in smoke mode and writes a well-formed results.json.
+
+Only the harness is tested here, never a timing: smoke sizes are too small for the ratios to mean anything.
+"""
+
+import json
+import os
+
+import pytest
+
+from hpr.data import load_dataset
+
+TRUTHFULQA = os.environ.get("HPR_TRUTHFULQA_PATH", "/work/shared/data/truthfulqa")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    try:
+        load_dataset("truthfulqa", TRUTHFULQA)
+    except Exception as e:  # the bench needs the local TruthfulQA files (no network in tests)
+        pytest.skip(f"TruthfulQA not available at {TRUTHFULQA}: {e}")
+    from bench.__main__ import main
+
+    out = tmp_path_factory.mktemp("bench") / "results.json"
+    cache = tmp_path_factory.mktemp("bench-cache")
+    results = main(["--smoke", "--out", str(out), "--cache", str(cache)])
+    return out, results
+
+
+def test_smoke_writes_every_measure(smoke):
+    out, results = smoke
+    record = json.loads(out.read_text())
+    assert record["smoke"] is True
+    names = [r["measure"] for r in record["results"]]
+    assert names == [r["measure"] for r in results]
+    for prefix in ("forward hpr", "forward iti15", "forward caa", "forward sea", "forward sadi", "generation",
+                   "caching throughput", "HPR training", "MC scoring", "activation store"):
+        assert any(n.startswith(prefix) for n in names), prefix
+    for r in record["results"]:
+        assert {"measure", "value", "target", "pass"} <= set(r)
+        assert isinstance(r["value"], float) and r["value"] == r["value"]  # a number, not NaN
+        assert isinstance(r["pass"], bool)
+        assert r["target"]
+
+
+def test_smoke_scores_agree_and_memory_is_measured(smoke):
+    _, results = smoke
+    by = {r["measure"].split(" [")[0]: r for r in results}
+    assert by["MC scoring speedup batch 16 / batch 1"]["details"]["max_abs_diff"] <= 1e-4
+    mem = by["activation store fp16 / fp32 disk"]["details"]["runs"]
+    assert mem["fp16"]["disk_bytes"] < mem["fp32"]["disk_bytes"]
+    assert mem["fp32"]["shards"] >= 2
