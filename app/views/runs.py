@@ -1,0 +1,124 @@
+"""Runs: open a finished run folder (instant: results.json only) or start a new run with hpr.runs.reproduce."""
+
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+import workbench as wb
+from hpr import runs
+from hpr.data import load_dataset
+from hpr.editors.hpr import HPRTrainConfig
+
+MAX_UPLOAD_MB = 20
+
+st.title("Runs")
+ss = st.session_state
+
+def keep(name):  # widget state is dropped on pages that don't draw the widget; keep a copy that stays
+    ss[name] = ss[f"w_{name}"]
+
+
+devices = list(dict.fromkeys(["auto", "cpu", "cuda", ss.device]))
+ss.w_runs_root, ss.w_device = ss.runs_root, ss.device
+with st.sidebar:
+    st.text_input("Runs root", key="w_runs_root", on_change=keep, args=("runs_root",),
+                  help="folder whose run folders are listed below")
+    st.selectbox("Device", devices, key="w_device", on_change=keep, args=("device",),
+                 help="for new runs and the shared model (auto: cuda if available)")
+
+# ---------------------------------------------------------------------------------------------- open a run
+st.subheader("Open a run")
+root = Path(ss.runs_root).expanduser()
+found = sorted({p.parent for pattern in ("*/results.json", "*/*/results.json") for p in root.glob(pattern)})
+rows = []
+for folder in found:
+    with wb.shows_errors(f"{folder}"):
+        res = json.loads((folder / "results.json").read_text())
+        rows.append({"folder": str(folder), "model": res.get("model"), "dataset": res.get("dataset"),
+                     "methods": ", ".join(res.get("methods", {})), "test questions": res.get("splits", {}).get("test")})
+if rows:
+    st.dataframe(pd.DataFrame(rows), hide_index=True)
+    left, right = st.columns([4, 1], vertical_alignment="bottom")
+    listed = left.selectbox("Run under the root", [r["folder"] for r in rows])
+    if right.button("Open", key="open-listed"):
+        with wb.shows_errors("Cannot open the run"):
+            wb.open_run(listed)
+else:
+    st.caption(f"No finished runs under `{root}`." if root.is_dir() else f"`{root}` is not a folder (yet).")
+left, right = st.columns([4, 1], vertical_alignment="bottom")
+typed = left.text_input("Or any run folder", placeholder="/path/to/run")
+if right.button("Open", key="open-path"):
+    with wb.shows_errors("Cannot open the run"):
+        wb.open_run(typed.strip() or ".")
+if ss.run_folder:
+    st.success(f"Open: `{ss.run_folder}`")
+    with wb.shows_errors():
+        st.code(runs.format_results(wb.current_run().results), language=None)
+
+# --------------------------------------------------------------------------------------------- start a run
+st.subheader("Start a run")
+c1, c2 = st.columns(2)
+kind = c1.radio("Model", ["toy", "local checkpoint dir", "hub name"], horizontal=True)
+model = "toy" if kind == "toy" else c1.text_input("Checkpoint folder" if kind.startswith("local") else "Hub id")
+dataset = c2.radio("Dataset", ["toy", "truthfulqa (path)", "jsonl upload"], horizontal=True)
+data_path, upload = None, None
+if dataset.startswith("truthfulqa"):
+    data_path = c2.text_input("mc_task.json, TruthfulQA.csv or their folder")
+elif dataset == "jsonl upload":
+    upload = c2.file_uploader(f"JSON lines (≤ {MAX_UPLOAD_MB} MB; format: hpr.data.jsonl)", type=["jsonl", "json"])
+methods = st.multiselect("Methods", runs.METHODS, default=list(runs.METHODS))
+c1, c2, c3, c4 = st.columns(4)
+top_k = c1.number_input("HPR top-k layers", 1, 256, HPRTrainConfig().top_k)
+iti_k = c2.number_input("ITI K heads", 1, 4096, runs.RunConfig().iti_k)
+limit = c3.number_input("Question limit (0: all)", 0, 1_000_000, 0)
+seed = c4.number_input("Seed", 0, 2**31 - 1, 0)
+out = st.text_input("Run folder", str(root / time.strftime("run-%Y%m%d-%H%M%S")))
+
+if st.button("Start", type="primary", icon=":material/play_arrow:"):
+    with wb.shows_errors("The run failed"):
+        if not model.strip():
+            raise ValueError("name a model: a checkpoint folder or a hub id")
+        if not methods:
+            raise ValueError("pick at least one method")
+        if kind.startswith("local") and not (Path(model).expanduser() / "config.json").is_file():
+            raise FileNotFoundError(f"{model} is not a Hugging Face checkpoint folder (no config.json in it)")
+        out_dir = Path(out).expanduser()
+        name = {"toy": "toy", "jsonl upload": "jsonl"}.get(dataset, "truthfulqa")
+        if upload is not None:  # parsed as data by the library's loader (errors name line and field), then
+            if upload.size > MAX_UPLOAD_MB * 2**20:  # kept in the run folder, where the run's config points
+                raise ValueError(f"{upload.name} is {upload.size / 2**20:.1f} MB; the limit is {MAX_UPLOAD_MB} MB")
+            with tempfile.TemporaryDirectory() as tmp:
+                checked = Path(tmp) / Path(upload.name).name
+                checked.write_bytes(upload.getvalue())
+                load_dataset("jsonl", checked)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            data_path = str((out_dir / "dataset.jsonl").resolve())
+            Path(data_path).write_bytes(upload.getvalue())
+        elif name == "jsonl":
+            raise ValueError("upload a JSON-lines file first")
+        n = len(load_dataset(name, data_path or None))  # a wrong path or format fails here, before any work
+        cfg = runs.RunConfig(model=model.strip(), dataset=name, data_path=data_path or None, methods=tuple(methods),
+                             limit=int(limit) or None, seed=int(seed), hpr=HPRTrainConfig(top_k=int(top_k)),
+                             iti_k=int(iti_k))
+        with st.status(f"Running {len(methods)} methods on {n} questions into `{out_dir}`...", expanded=True) as status:
+            handler = logging.Handler(logging.INFO)
+            handler.emit = lambda record: st.write(record.getMessage())
+            logging.getLogger("hpr").addHandler(handler)
+            logging.getLogger("hpr").setLevel(logging.INFO)
+            t0 = time.perf_counter()
+            try:
+                results = runs.reproduce(cfg, out_dir, device=wb.device(), progress=False)
+            except Exception:
+                status.update(label="The run failed", state="error")
+                raise
+            finally:
+                logging.getLogger("hpr").removeHandler(handler)
+            st.dataframe(pd.Series(results["timings_s"], name="seconds"))
+            status.update(label=f"Finished in {time.perf_counter() - t0:.0f} s", state="complete")
+        wb.open_run(out_dir)
+        st.code(runs.format_results(results), language=None)

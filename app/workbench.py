@@ -1,0 +1,181 @@
+"""What every page of the Streamlit app shares: the open run, the one cached model, the lock, error display.
+
+The app is thin over :mod:`hpr`: pages call the library (or an ``analyses/`` script's ``make``) and show what
+comes back. One model is cached per process (``st.cache_resource``) and shared by every session, so every call
+that runs it, edited or not, holds :data:`MODEL_LOCK` (representation tuning swaps weights inside
+``editor.applied``, so even an unedited call must not overlap an edited one).
+
+Environment: ``HPR_APP_RUN`` (a run folder opened in every new session), ``HPR_APP_RUNS_ROOT`` (the folder
+listed on the Runs page; default ``runs``), ``HPR_APP_DEVICE`` (cpu, cuda; default: cuda if available).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import tempfile
+import threading
+import types
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from hpr import analysis, figures
+
+ROOT = Path(__file__).resolve().parent.parent
+ANALYSES = ROOT / "analyses"
+MODEL_LOCK = threading.Lock()  # module-level: one per process, shared by every session
+
+
+# ------------------------------------------------------------------------------------------- session state
+
+
+def init_state() -> None:
+    """Defaults of the per-session state; a run named by $HPR_APP_RUN is opened once per session."""
+    ss = st.session_state
+    ss.setdefault("runs_root", os.environ.get("HPR_APP_RUNS_ROOT", "runs"))
+    ss.setdefault("device", os.environ.get("HPR_APP_DEVICE") or "auto")
+    ss.setdefault("outputs", {"figures": {}, "tables": {}})
+    if "run_folder" not in ss:
+        ss.run_folder = None
+        if os.environ.get("HPR_APP_RUN"):
+            with shows_errors():
+                open_run(os.environ["HPR_APP_RUN"])
+
+
+def device() -> str:
+    from hpr.models import default_device
+
+    chosen = st.session_state.get("device", "auto")
+    return str(default_device()) if chosen == "auto" else chosen
+
+
+def open_run(folder: str | os.PathLike) -> analysis.Run:
+    """Open a finished run folder (reads its results.json and config.json only) and make it this session's."""
+    run = read_run(str(Path(folder).expanduser().resolve()))
+    st.session_state.run_folder = str(run.folder)
+    st.session_state.outputs = {"figures": {}, "tables": {}}
+    return run
+
+
+def read_run(folder: str) -> analysis.Run:
+    path = Path(folder)
+    if not path.exists():
+        raise FileNotFoundError(f"{folder} does not exist")
+    if not path.is_dir():
+        raise NotADirectoryError(f"{folder} is not a folder")
+    try:
+        return analysis.Run(path)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{folder} holds a damaged results.json or config.json ({e})") from e
+    except (KeyError, FileNotFoundError) as e:
+        if isinstance(e, FileNotFoundError) and "results.json" in str(e):
+            raise
+        raise ValueError(f"{folder} is not a complete run folder (missing {e})") from e
+
+
+def current_run() -> analysis.Run:
+    """The open run, or a pointer to the Runs page and the end of this page."""
+    folder = st.session_state.get("run_folder")
+    if not folder:
+        st.info("No run is open: open or start one on the **Runs** page.")
+        st.page_link("views/runs.py", label="Go to Runs", icon=":material/folder_open:")
+        st.stop()
+    try:
+        return read_run(folder)
+    except (OSError, ValueError) as e:
+        st.error(f"The open run can no longer be read: {e}")
+        st.stop()
+
+
+def stamp(run: analysis.Run) -> float:
+    """Changes when the run folder is rewritten: part of every cache key, with the folder."""
+    return (run.folder / "results.json").stat().st_mtime
+
+
+def remember(kind: str, name: str, obj) -> None:
+    """Offer a figure or table made on a page for export on the Export page."""
+    st.session_state.outputs[kind][name] = obj
+
+
+# ----------------------------------------------------------------------------------------------- the model
+
+
+@st.cache_resource(max_entries=1, show_spinner="Loading the model (shared by every session)...")
+def shared_model(name: str, device: str):
+    import hpr
+
+    return hpr.load_model(name, device=device)
+
+
+def with_model(run: analysis.Run) -> analysis.Run:
+    """``run`` with the shared model in place of its own (``Run.model`` is a cached property)."""
+    run.device = device()
+    run.__dict__["model"] = shared_model(run.config["model"], run.device)
+    return run
+
+
+def analysis_script(name: str):
+    """An ``analyses/<name>.py`` script as a module (loaded by path: analyses/ is no package)."""
+    spec = importlib.util.spec_from_file_location(f"hpr_analyses_{name}", ANALYSES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def script_args(**kw) -> types.SimpleNamespace:
+    """The options an analyses/ script's ``make(run, args)`` reads (script_parser's defaults)."""
+    defaults = dict(methods=None, prompts=6, max_new_tokens=16, neutral_text=None, device=None)
+    return types.SimpleNamespace(**{**defaults, **kw})
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def run_script(name: str, folder: str, stamp: float, device: str, methods: tuple[str, ...] | None) -> dict:
+    """``analyses/<name>.py``'s ``make`` on the run, with the shared model, under the lock; cached per
+    (script, folder, results.json time, device, methods)."""
+    run = with_model(read_run(folder))
+    with MODEL_LOCK:
+        return analysis_script(name).make(run, script_args(methods=list(methods) if methods else None))
+
+
+# ------------------------------------------------------------------------------------------ errors, output
+
+
+@contextlib.contextmanager
+def shows_errors(what: str = ""):
+    """Turn any error into ``st.error`` with its message (never a traceback); Streamlit's own control flow
+    (st.stop, reruns) derives from BaseException and passes through."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - the page shows every failure as a message
+        message = str(e) or type(e).__name__
+        st.error(f"{what}{': ' if what else ''}{message}", icon=":material/error:")
+
+
+def table_download(df: pd.DataFrame, name: str) -> None:
+    """The table as CSV, one click (markdown and LaTeX on the Export page)."""
+    st.download_button(f"Download {name}.csv", df.to_csv(index=False).encode(), f"{name}.csv", "text/csv",
+                       key=f"csv-{name}", icon=":material/download:")
+
+
+def figure_bytes(name: str, fig, fmt: str) -> bytes:
+    """One figure as PNG/SVG/PDF (kaleido, needs a Chromium) or self-contained HTML."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if fmt == "html":
+            paths = figures.export_figures({name: fig}, Path(tmp), formats=(), html=True)
+        else:
+            paths = figures.export_figures({name: fig}, Path(tmp), formats=(fmt,), html=False)
+        return paths[0].read_bytes()
+
+
+def table_bytes(name: str, df: pd.DataFrame, fmt: str) -> bytes:
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = figures.export_table(df, Path(tmp), name)
+        return next(p for p in paths if p.suffix == f".{fmt}").read_bytes()
+
+
+MIME = {"png": "image/png", "svg": "image/svg+xml", "pdf": "application/pdf", "html": "text/html",
+        "csv": "text/csv", "md": "text/markdown", "tex": "application/x-tex"}

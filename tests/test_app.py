@@ -1,0 +1,161 @@
+"""The Streamlit app (app/) on a tiny toy run, through streamlit.testing.v1.AppTest: every page renders with
+no exception, at least one widget per page is driven, and bad input shows st.error, never a traceback."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("streamlit")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+from hpr.cli import main  # noqa: E402
+
+APP = Path(__file__).resolve().parent.parent / "app" / "main.py"
+PAGES = ("views/probes.py", "views/norms.py", "views/results.py", "views/generations.py", "views/export.py")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(toy_cache, tmp_path_factory):
+    """One tiny toy run for the module; "toy" stays the tiny world (in-process app) while it lives."""
+    import streamlit as st
+
+    import hpr.toyworld
+    from conftest import TINY
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HPR_CACHE_DIR", str(toy_cache))
+        patch.setattr(hpr.toyworld, "DEFAULT", TINY)
+        out = tmp_path_factory.mktemp("app") / "run"
+        assert main(["reproduce", "--out", str(out), "--quiet", "--methods", "base,hpr,iti15,iti200"]) == 0
+        st.cache_resource.clear()
+        st.cache_data.clear()
+        yield out
+        st.cache_resource.clear()  # the shared model is the tiny world's: not for anyone after this module
+        st.cache_data.clear()
+
+
+@pytest.fixture
+def app(tiny_run, monkeypatch, tmp_path):
+    monkeypatch.setenv("HPR_APP_RUN", str(tiny_run))
+    monkeypatch.setenv("HPR_APP_RUNS_ROOT", str(tiny_run.parent))
+    monkeypatch.setenv("HPR_APP_DEVICE", "cpu")
+    at = AppTest.from_file(str(APP), default_timeout=120)
+    at.run()
+    assert not at.exception
+    return at
+
+
+def by_label(widgets, label):
+    return next(w for w in widgets if w.label.startswith(label))
+
+
+def ok(at):
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    return at
+
+
+def test_runs_page_lists_and_opens_runs_and_refuses_bad_folders(app, tiny_run, tmp_path):
+    ok(app)
+    assert app.session_state["run_folder"] == str(tiny_run.resolve())
+    assert str(tiny_run) in app.dataframe[0].value["folder"].tolist()  # listed under the runs root
+    for bad, message in ((tmp_path / "nowhere", "does not exist"), (tmp_path, "no results.json")):
+        by_label(app.text_input, "Or any run folder").set_value(str(bad))
+        app.button(key="open-path").click().run()
+        assert not app.exception and message in app.error[0].value
+    (tmp_path / "results.json").write_text("{not json")
+    app.button(key="open-path").click().run()
+    assert not app.exception and "damaged" in app.error[0].value
+    by_label(app.text_input, "Or any run folder").set_value(str(tiny_run))
+    app.button(key="open-path").click().run()
+    ok(app)
+    assert app.success and "HPR layers" in app.code[0].value
+    by_label(app.sidebar.text_input, "Runs root").set_value(str(tmp_path))  # kept across pages
+    app.run().switch_page(PAGES[0]).run().switch_page("views/runs.py").run()
+    assert by_label(ok(app).sidebar.text_input, "Runs root").value == str(tmp_path) and not app.dataframe
+
+
+def test_every_page_renders_and_reacts(app, tiny_run):
+    app.switch_page(PAGES[0]).run()  # probes: a figure and its table; drop the val split and the stars
+    assert len(ok(app).get("plotly_chart")) == 1 and len(app.dataframe) == 1
+    by_label(app.multiselect, "Splits").set_value(["test"])
+    by_label(app.checkbox, "Star").uncheck()
+    assert len(ok(app.run()).get("plotly_chart")) == 1
+
+    app.switch_page(PAGES[1]).run()  # norms: two box figures; another method set
+    assert len(ok(app).get("plotly_chart")) == 2
+    by_label(app.multiselect, "Methods").set_value(["base", "hpr"])
+    stats = ok(app.run()).dataframe[1].value
+    assert set(stats["group"]) == {"base", "hpr"}
+
+    app.switch_page(PAGES[2]).run()  # results: MC bars + tables; then the top-k sweep on request
+    assert len(ok(app).get("plotly_chart")) == 1 and len(app.dataframe) == 2
+    by_label(app.button, "Compute the sweep").click().run()
+    assert len(ok(app).get("plotly_chart")) == 2
+    sweep = app.dataframe[2].value
+    assert sorted(set(sweep["k"])) == list(range(1, json.loads((tiny_run / "results.json").read_text())["n_layers"] + 1))
+
+    app.switch_page(PAGES[3]).run()  # generations: a test question, then a typed prompt
+    assert [c.value for c in ok(app).markdown if c.value.startswith("**")] == ["**base**", "**hpr**", "**iti15**"]
+    by_label(app.radio, "Prompt").set_value("typed")
+    ok(app.run())
+    by_label(app.text_input, "Your text").set_value("Q: pet and city of Zorblat?")
+    by_label(app.multiselect, "Methods beside base").set_value(["iti200"])
+    by_label(app.slider, "Max new tokens").set_value(3)
+    texts = [c.value for c in ok(app.run()).code]
+    assert len(texts) == 3  # the prompt, base, iti200
+
+    app.switch_page(PAGES[4]).run()  # export: the sweep computed above is offered; a table as LaTeX; HTML
+    ok(app)
+    assert "topk_sweep" in by_label(app.selectbox, "Figure").options
+    by_label(app.selectbox, "Table").set_value("mc_scores")
+    app.selectbox[3].set_value("tex")
+    ok(app.run())
+    assert any(b.proto.label == "Download mc_scores.tex" for b in app.get("download_button"))
+    app.selectbox[1].set_value("html")
+    by_label(app.button, "Prepare").click().run()
+    assert any(b.proto.label == "Download probe_accuracy.html" for b in ok(app).get("download_button"))
+
+
+def test_export_without_a_browser_says_so_and_offers_html(app, monkeypatch):
+    from hpr import figures
+
+    monkeypatch.setattr(figures, "browser_available", lambda: None)
+    app.switch_page(PAGES[4]).run()
+    assert not app.exception and "static export" in app.error[0].value
+    assert app.selectbox[1].options == ["html"]
+
+
+def test_pages_without_a_run_point_to_the_runs_page(monkeypatch, tmp_path):
+    monkeypatch.setenv("HPR_APP_RUN", str(tmp_path / "missing"))
+    monkeypatch.setenv("HPR_APP_RUNS_ROOT", str(tmp_path))
+    at = AppTest.from_file(str(APP), default_timeout=60)
+    at.run()
+    assert not at.exception and "does not exist" in at.error[0].value
+    for page in PAGES:
+        at.switch_page(page).run()
+        assert not at.exception and "No run is open" in at.info[0].value
+
+
+def test_start_a_run_and_refuse_bad_input(app, tiny_run, tmp_path):
+    by_label(app.radio, "Dataset").set_value("jsonl upload")
+    ok(app.run())
+    app.file_uploader[0].set_value(("bad.jsonl", b'{"question": "no choices"}\n', "application/json"))
+    by_label(app.text_input, "Run folder").set_value(str(tmp_path / "bad"))
+    by_label(app.button, "Start").click().run()
+    assert not app.exception and "bad.jsonl, line 1, field 'choices'" in app.error[0].value
+    by_label(app.radio, "Dataset").set_value("toy")
+    by_label(app.radio, "Model").set_value("local checkpoint dir")
+    ok(app.run())
+    by_label(app.text_input, "Checkpoint folder").set_value(str(tmp_path / "no-model"))
+    by_label(app.button, "Start").click().run()
+    assert not app.exception and "no config.json" in app.error[0].value
+
+    by_label(app.radio, "Model").set_value("toy")
+    by_label(app.multiselect, "Methods").set_value(["base", "hpr"])
+    by_label(app.text_input, "Run folder").set_value(str(tmp_path / "new"))
+    by_label(app.button, "Start").click().run()
+    ok(app)
+    assert (tmp_path / "new" / "results.json").exists()
+    assert app.session_state["run_folder"] == str((tmp_path / "new").resolve())
