@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from hpr.editors.base import Editor, Hook, register
-from hpr.editors.hpr import HPRTrainConfig
+from hpr.editors.hpr import HPRTrainConfig, reference_optimizer
 from hpr.models import resid_post_hook
 
 
@@ -94,10 +94,7 @@ def train_diff(pos: Tensor, neg: Tensor, layers: Sequence[int], cfg: HPRTrainCon
     torch.manual_seed(cfg.seed)
     net = LayerwiseDiff(len(layers), d, cfg.angle_layers)
     total = math.ceil(n / cfg.batch_size) * cfg.epochs
-    warm = max(1, int(cfg.warmup * total))
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
+    opt, sched = reference_optimizer(net, cfg, total)
     bar = tqdm(total=total, desc="training Diff", disable=not progress, unit="step")
     for _ in range(cfg.epochs):
         for idx in torch.randperm(n, generator=gen).split(cfg.batch_size):

@@ -74,6 +74,15 @@ class LayerwiseHPR(nn.Module):
         return math.pi * torch.sigmoid(x.squeeze(-1))
 
 
+def reference_optimizer(net: nn.Module, cfg: HPRTrainConfig, total_steps: int):
+    """AdamW with linear warmup over ``cfg.warmup`` of the steps, then linear decay to 0 (the official schedule)."""
+    warm = max(1, int(cfg.warmup * total_steps))
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total_steps - s) / max(1, total_steps - warm)))
+    return opt, sched
+
+
 def train_layerwise(pos: Tensor, neg: Tensor, cfg: HPRTrainConfig, progress: bool = False) -> LayerwiseHPR:
     """Train probes + angle MLPs for every layer jointly on aligned token pairs ``[N, layers, d]``."""
     from tqdm.auto import tqdm
@@ -83,12 +92,8 @@ def train_layerwise(pos: Tensor, neg: Tensor, cfg: HPRTrainConfig, progress: boo
     n, n_layers, d = pos.shape
     net = LayerwiseHPR(n_layers, d, cfg.angle_layers)
     target = ops.vector_angle(neg, pos)  # [N, layers]
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
-    warm = max(1, int(cfg.warmup * total))
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
+    total = math.ceil(n / cfg.batch_size) * cfg.epochs
+    opt, sched = reference_optimizer(net, cfg, total)
     bar = tqdm(total=total, desc="training HPR", disable=not progress, unit="step")
     for _ in range(cfg.epochs):
         for idx in torch.randperm(n, generator=gen).split(cfg.batch_size):
