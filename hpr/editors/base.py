@@ -51,6 +51,22 @@ class Editor:
                 f"n_layers={model.cfg.n_layers}. Fit a new editor for this model."
             )
 
+    def resid_post_hooks(self, model, layers) -> list[Hook]:
+        """``self.edit(layer, h)`` at ``blocks.{layer}.hook_resid_post`` of each layer, after a range check.
+
+        For editors that rewrite the residual stream after chosen blocks (HPR, Diff, SEA).
+        """
+        bad = [layer for layer in layers if not 0 <= layer < model.cfg.n_layers]
+        if bad:
+            raise ValueError(f"{self.method} layers {bad} out of range for a {model.cfg.n_layers}-layer model")
+
+        def make(layer: int):
+            def hook(h, hook):
+                return self.edit(layer, h)
+            return hook
+
+        return [(f"blocks.{layer}.hook_resid_post", make(layer)) for layer in layers]
+
     @contextlib.contextmanager
     def applied(self, model) -> Iterator[None]:
         self.check_model(model)

@@ -27,8 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from hpr.editors.base import Editor, Hook, register
-from hpr.editors.hpr import HPRTrainConfig, reference_optimizer
-from hpr.models import resid_post_hook
+from hpr.editors.hpr import HPRTrainConfig, mlp, reference_optimizer, stacked_mlp
 
 
 @dataclass(frozen=True)
@@ -67,12 +66,7 @@ class LayerwiseDiff(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor:
         """``h [layers, n, d]`` -> predicted shifts ``[layers, n, d]``."""
-        x = h
-        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
-            x = torch.baddbmm(b, x, w)
-            if i < len(self.weights) - 1:
-                x = nn.functional.gelu(x)
-        return x
+        return stacked_mlp(h, self.weights, self.biases)
 
 
 def train_diff(pos: Tensor, neg: Tensor, layers: Sequence[int], cfg: HPRTrainConfig,
@@ -135,13 +129,7 @@ class DiffEditor(Editor):
 
     def shift(self, layer: int, h: Tensor) -> Tensor:
         """``f_layer(h)`` for ``h [..., d]`` (float32)."""
-        x = h.float()
-        params = self._params(layer)
-        for i, (w, b) in enumerate(params):
-            x = x @ w.to(x.device) + b.to(x.device)
-            if i < len(params) - 1:
-                x = nn.functional.gelu(x)
-        return x
+        return mlp(h.float(), self._params(layer))
 
     def edit(self, layer: int, h: Tensor) -> Tensor:
         """``h + scale * f_layer(h)``, in float32, cast back to ``h``'s dtype."""
@@ -150,15 +138,6 @@ class DiffEditor(Editor):
         return (h.float() + self.config.scale * self.shift(layer, h)).to(h.dtype)
 
     def hooks(self, model) -> list[Hook]:
-        bad = [layer for layer in self.config.layers if layer >= model.cfg.n_layers]
-        if bad:
-            raise ValueError(f"Diff layers {bad} out of range for a {model.cfg.n_layers}-layer model")
         for layer in self.config.layers:
             self._params(layer)  # fail before anything attaches
-
-        def make(layer: int):
-            def hook(h, hook):
-                return self.edit(layer, h)
-            return hook
-
-        return [(resid_post_hook(layer), make(layer)) for layer in self.config.layers]
+        return self.resid_post_hooks(model, self.config.layers)

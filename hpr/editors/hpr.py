@@ -43,6 +43,25 @@ class HPRTrainConfig:
     seed: int = field(default=0, metadata={"help": "initialisation and batch order"})
 
 
+def stacked_mlp(x: Tensor, weights, biases) -> Tensor:
+    """One MLP per layer at once: ``x [layers, n, d_in]``, weights ``[layers, d_in, d_out]``, biases
+    ``[layers, 1, d_out]``; GELU between the linear layers."""
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        x = torch.baddbmm(b, x, w)
+        if i < len(weights) - 1:
+            x = nn.functional.gelu(x)
+    return x
+
+
+def mlp(x: Tensor, params) -> Tensor:
+    """The same MLP for one layer: ``x [..., d_in]``, ``params`` a list of ``(weight [d_in, d_out], bias)``."""
+    for i, (w, b) in enumerate(params):
+        x = x @ w.to(x.device) + b.to(x.device)
+        if i < len(params) - 1:
+            x = nn.functional.gelu(x)
+    return x
+
+
 class LayerwiseHPR(nn.Module):
     """Probes and angle MLPs for ``n_layers`` layers at once: parameters are stacked on a layer axis."""
 
@@ -66,12 +85,7 @@ class LayerwiseHPR(nn.Module):
 
     def theta(self, h: Tensor) -> Tensor:
         """``h [layers, n, d]`` -> predicted angles ``[layers, n]`` in (0, pi)."""
-        x = h
-        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
-            x = torch.baddbmm(b, x, w)
-            if i < len(self.weights) - 1:
-                x = nn.functional.gelu(x)
-        return math.pi * torch.sigmoid(x.squeeze(-1))
+        return math.pi * torch.sigmoid(stacked_mlp(h, self.weights, self.biases).squeeze(-1))
 
 
 def reference_optimizer(net: nn.Module, cfg: HPRTrainConfig, total_steps: int):
@@ -157,25 +171,11 @@ class HPREditor(Editor):
         w = self.tensors[f"layer{layer}.probe"].to(x.device)
         theta = None
         if not self.config.no_angle:
-            z = x
-            params = self._angle_params(layer)
-            for i, (wt, b) in enumerate(params):
-                z = z @ wt.to(x.device) + b.to(x.device)
-                if i < len(params) - 1:
-                    z = nn.functional.gelu(z)
-            theta = math.pi * torch.sigmoid(z.squeeze(-1))
+            theta = math.pi * torch.sigmoid(mlp(x, self._angle_params(layer)).squeeze(-1))
         return ops.hpr_edit(x, w, theta).to(h.dtype)
 
     def hooks(self, model):
         missing = [l for l in self.config.layers if f"layer{l}.probe" not in self.tensors]
         if missing or not self.config.no_angle and any(not self._angle_params(l) for l in self.config.layers):
             raise ValueError(f"HPR editor state is missing tensors for layers {missing or self.config.layers}")
-        if any(not 0 <= l < model.cfg.n_layers for l in self.config.layers):
-            raise ValueError(f"layers {self.config.layers} out of range for a {model.cfg.n_layers}-layer model")
-
-        def make(layer):
-            def hook(act, hook):
-                return self.edit(layer, act)
-            return hook
-
-        return [(f"blocks.{l}.hook_resid_post", make(l)) for l in self.config.layers]
+        return self.resid_post_hooks(model, self.config.layers)

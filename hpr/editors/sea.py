@@ -42,7 +42,6 @@ from hpr.activations import last_token_activations, resid_names
 from hpr.data.prompts import PromptFormat
 from hpr.data.schema import MCQuestion
 from hpr.editors.base import Editor, Hook, register
-from hpr.models import resid_post_hook
 
 NORMALIZE = ("l2_norm", "average")
 
@@ -190,15 +189,6 @@ class SEAEditor(Editor):
         return edited.to(h.dtype)
 
     def hooks(self, model) -> list[Hook]:
-        bad = [layer for layer in self.config.layers if layer >= model.cfg.n_layers]
-        if bad:
-            raise ValueError(f"SEA layers {bad} out of range for a {model.cfg.n_layers}-layer model")
         for layer in self.config.layers:
             self.projections(layer)  # fail before anything attaches
-
-        def make(layer: int):
-            def hook(h, hook):
-                return self.edit(layer, h)
-            return hook
-
-        return [(resid_post_hook(layer), make(layer)) for layer in self.config.layers]
+        return self.resid_post_hooks(model, self.config.layers)
