@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 
 from hpr.toyworld import ToyWorldConfig
@@ -20,3 +22,16 @@ def tiny_toy(monkeypatch, toy_cache):
     monkeypatch.setenv("HPR_CACHE_DIR", str(toy_cache))
     monkeypatch.setattr(hpr.toyworld, "DEFAULT", TINY)
     return TINY
+
+
+@contextlib.contextmanager
+def tiny_run_folder(toy_cache, folder, methods: str):
+    """A finished ``hpr reproduce`` run of the tiny world in ``folder``; "toy" stays the tiny world inside."""
+    import hpr.toyworld
+    from hpr.cli import main
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HPR_CACHE_DIR", str(toy_cache))
+        patch.setattr(hpr.toyworld, "DEFAULT", TINY)
+        assert main(["reproduce", "--out", str(folder), "--quiet", "--methods", methods]) == 0
+        yield folder

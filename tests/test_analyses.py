@@ -8,23 +8,17 @@ import pytest
 import torch
 
 from hpr import analysis
-from hpr.cli import main
 
 ANALYSES = Path(__file__).resolve().parent.parent / "analyses"
 
 
 @pytest.fixture(scope="module")
 def tiny_run(toy_cache, tmp_path_factory):
-    """One tiny toy run for the whole module (the tiny_toy fixture's setup, module-scoped)."""
-    import hpr.toyworld
-    from conftest import TINY
+    """One tiny toy run for the whole module."""
+    from conftest import tiny_run_folder
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HPR_CACHE_DIR", str(toy_cache))
-        patch.setattr(hpr.toyworld, "DEFAULT", TINY)
-        out = tmp_path_factory.mktemp("analyses") / "run"
-        methods = "base,hpr,hpr_no_angle,iti15,iti200,caa,sea"
-        assert main(["reproduce", "--out", str(out), "--quiet", "--methods", methods]) == 0
+    folder = tmp_path_factory.mktemp("analyses") / "run"
+    with tiny_run_folder(toy_cache, folder, "base,hpr,hpr_no_angle,iti15,iti200,caa,sea") as out:
         yield out
 
 

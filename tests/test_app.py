@@ -20,14 +20,9 @@ def tiny_run(toy_cache, tmp_path_factory):
     """One tiny toy run for the module; "toy" stays the tiny world (in-process app) while it lives."""
     import streamlit as st
 
-    import hpr.toyworld
-    from conftest import TINY
+    from conftest import tiny_run_folder
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HPR_CACHE_DIR", str(toy_cache))
-        patch.setattr(hpr.toyworld, "DEFAULT", TINY)
-        out = tmp_path_factory.mktemp("app") / "run"
-        assert main(["reproduce", "--out", str(out), "--quiet", "--methods", "base,hpr,iti15,iti200"]) == 0
+    with tiny_run_folder(toy_cache, tmp_path_factory.mktemp("app") / "run", "base,hpr,iti15,iti200") as out:
         st.cache_resource.clear()
         st.cache_data.clear()
         yield out
