@@ -73,10 +73,10 @@ def main(argv: list[str]) -> dict:
     for p in shards:
         with safe_open(p, framework="pt") as f:
             tokens_per_shard.append(f.get_slice("acts").get_shape()[0])
-    row_bytes = model.cfg.n_layers * model.cfg.d_model * 4  # one answer token, float32, every layer
+    row_bytes = model.cfg.n_layers * model.cfg.d_model * (2 if store == "fp16" else 4)  # one answer token, every layer
     return {
         "store": store, "questions": len(qs), "answers": len(pairs), "shards": len(shards),
-        "disk_bytes": sum(sizes), "largest_shard_f32_bytes": max(tokens_per_shard) * row_bytes,
+        "disk_bytes": sum(sizes), "largest_shard_bytes": max(tokens_per_shard) * row_bytes,
         "result_f32_bytes": int(result.acts.numel() * 4), "batch_peak_bytes": int(batch_bytes),
         "collect_peak_bytes": int(collect_bytes), "batch_shape": list(ids.shape), "torch_threads": torch.get_num_threads(),
     }

@@ -1,4 +1,6 @@
-"""The honest naive baseline of HPR training: one ``LayerwiseHPR(n_layers=1)`` per layer, trained in a loop.
+"""Honest naive baselines: HPR training as a per-layer loop, MC scoring one sequence at a time.
+
+HPR training: one ``LayerwiseHPR(n_layers=1)`` per layer, trained in a loop.
 
 Same optimiser settings, schedule, clipping and batch order as :func:`hpr.editors.hpr.train_layerwise`,
 and the same initial parameters (each layer's net starts from that layer's slice of the batched net's
@@ -73,3 +75,17 @@ def layer_losses(net: LayerwiseHPR, pos: Tensor, neg: Tensor) -> Tensor:
     t = torch.cat([torch.zeros(n, n_layers), target]).T
     bce = nn.functional.binary_cross_entropy_with_logits(net.logits(x), y, reduction="none").mean(1)
     return bce + ((net.theta(x) - t) ** 2).mean(1)
+
+
+@torch.inference_mode()
+def score_one_at_a_time(model, pairs) -> list[float]:
+    """The textbook scorer: each ``(context, continuation)`` run whole, alone, logits at every position."""
+    from hpr.scoring import encode_all
+
+    out = []
+    for e in encode_all(model, pairs):
+        logprobs = model(torch.tensor([e.tokens], device=model.cfg.device)).log_softmax(-1)[0]
+        total = len(e.tokens)
+        targets = torch.tensor(e.tokens[total - e.n_cont :], device=logprobs.device)
+        out.append(float(logprobs[total - e.n_cont - 1 : total - 1].gather(-1, targets[:, None]).sum()))
+    return out

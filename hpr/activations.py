@@ -34,21 +34,41 @@ def resid_names(n_layers: int) -> list[str]:
 
 
 @torch.inference_mode()
-def answer_activations(model, pairs: Sequence[tuple[str, str]], batch_size: int = 16) -> list[Tensor]:
-    """For each ``(context, continuation)``: resid_post at its continuation tokens, ``[n_cont, layers, d]``."""
-    names = set(resid_names(model.cfg.n_layers))
+def answer_activations(model, pairs: Sequence[tuple[str, str]], batch_size: int = 16,
+                       out: Tensor | None = None) -> list[Tensor]:
+    """For each ``(context, continuation)``: resid_post at its continuation tokens, ``[n_cont, layers, d]``.
+
+    The answers' tokens are written, in order, into ``out`` (``[total answer tokens, layers, d]``, CPU, any
+    float dtype; float32 allocated here if not given) and views of it are returned. Hooks copy only the
+    answer positions of each layer as it is computed and the forward stops after the last block, so memory
+    is one batch's activations plus ``out``: no cache of every position, no logits.
+    """
+    n_layers, device = model.cfg.n_layers, model.cfg.device
     encoded = encode_all(model, pairs)
+    counts = [e.n_cont for e in encoded]
+    starts = [0]
+    for n in counts:
+        starts.append(starts[-1] + n)
+    if out is None:
+        out = torch.empty(starts[-1], n_layers, model.cfg.d_model)
+    if tuple(out.shape) != (starts[-1], n_layers, model.cfg.d_model):
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {(starts[-1], n_layers, model.cfg.d_model)}")
     pad_id = pad_token_id(model)
-    out: list[Tensor] = []
-    for start in range(0, len(encoded), batch_size):
-        batch = encoded[start : start + batch_size]
+    for first in range(0, len(encoded), batch_size):
+        batch = encoded[first : first + batch_size]
         ids, _ = pad_batch(batch, pad_id)
-        _, cache = model.run_with_cache(ids.to(model.cfg.device), names_filter=lambda n: n in names)
-        stacked = torch.stack([cache[n] for n in resid_names(model.cfg.n_layers)], dim=2)  # b pos L d
-        for i, e in enumerate(batch):
-            total = len(e.tokens)
-            out.append(stacked[i, total - e.n_cont : total].float().cpu())
-    return out
+        rows = torch.tensor([i for i, e in enumerate(batch) for _ in range(e.n_cont)], device=device)
+        cols = torch.tensor([t for e in batch for t in range(len(e.tokens) - e.n_cont, len(e.tokens))], device=device)
+        span = slice(starts[first], starts[first + len(batch)])
+
+        def keep(layer: int):
+            def hook(act, hook):
+                out[span, layer].copy_(act[rows, cols])
+            return hook
+
+        with model.hooks(fwd_hooks=[(name, keep(layer)) for layer, name in enumerate(resid_names(n_layers))]):
+            model(ids.to(device), stop_at_layer=n_layers)
+    return [out[a:b] for a, b in zip(starts[:-1], starts[1:])]
 
 
 @torch.inference_mode()
@@ -123,11 +143,13 @@ def collect(model, questions: Sequence[MCQuestion], fmt: PromptFormat, folder: P
         if path.exists() and _shard_meta(path)["question_ids"] == expected:
             continue
         pairs = [(fmt.context(q), fmt.continuation(c.text)) for q in block for c in q.mc2]
-        acts = answer_activations(model, pairs, batch_size)
-        lengths = torch.tensor([0] + [len(a) for a in acts])
+        counts = [e.n_cont for e in encode_all(model, pairs)]
+        # Written straight into the stored dtype: no float32 copy of the shard on the way.
+        acts = torch.empty(sum(counts), model.cfg.n_layers, model.cfg.d_model,
+                           dtype=torch.float16 if fp16 else torch.float32)
+        answer_activations(model, pairs, batch_size, out=acts)
         meta = {"question_ids": expected, "is_true": [c.is_true for q in block for c in q.mc2]}
-        tensors = {"acts": torch.cat(acts).to(torch.float16 if fp16 else torch.float32).contiguous(),
-                   "offsets": lengths.cumsum(0)}
+        tensors = {"acts": acts, "offsets": torch.tensor([0] + counts).cumsum(0)}
         tmp = path.with_suffix(".tmp")
         save_file(tensors, tmp, metadata={"answers": json.dumps(meta)})
         os.replace(tmp, path)
@@ -144,21 +166,26 @@ def _shard_meta(path: Path) -> dict:
 
 
 def load(folder: Path) -> AnswerActivations:
-    acts, offsets, qids, truths = [], [], [], []
+    """Every shard of ``folder`` in one float32 tensor, allocated once (memory: the result + one shard)."""
+    paths = []
+    while _shard_path(folder, len(paths)).exists():
+        paths.append(_shard_path(folder, len(paths)))
+    if not paths:
+        raise FileNotFoundError(f"no activation shards in {folder}")
+    shapes = []
+    for path in paths:
+        with safe_open(path, framework="pt") as f:
+            shapes.append(f.get_slice("acts").get_shape())
+    acts = torch.empty(sum(s[0] for s in shapes), *shapes[0][1:])
+    offsets, qids, truths = [], [], []
     base = 0
-    k = 0
-    while _shard_path(folder, k).exists():
-        with safe_open(_shard_path(folder, k), framework="pt") as f:
+    for path, shape in zip(paths, shapes):
+        with safe_open(path, framework="pt") as f:
             meta = json.loads(f.metadata()["answers"])
-            a = f.get_tensor("acts").float()
-            o = f.get_tensor("offsets")
-        acts.append(a)
-        offsets.append(o[:-1] + base)
-        base += len(a)
+            acts[base : base + shape[0]].copy_(f.get_tensor("acts"))
+            offsets.append(f.get_tensor("offsets")[:-1] + base)
+        base += shape[0]
         qids += meta["question_ids"]
         truths += meta["is_true"]
-        k += 1
-    if not acts:
-        raise FileNotFoundError(f"no activation shards in {folder}")
     offsets.append(torch.tensor([base]))
-    return AnswerActivations(torch.cat(acts), torch.cat(offsets), qids, truths)
+    return AnswerActivations(acts, torch.cat(offsets), qids, truths)

@@ -16,6 +16,8 @@ cancellation-prone numbers. We instead rotate in an explicit orthonormal basis
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -103,20 +105,63 @@ def negative_side(h: Tensor, normal: Tensor) -> Tensor:
     The official code edits iff ``round(sigmoid(w.h)) == 0``; torch rounds 0.5 to even,
     so a point exactly on the hyperplane is edited too.
     """
-    return (h * normal).sum(-1) <= 0
+    return (h @ unit(normal.to(h.dtype))) <= 0
 
 
-def hpr_edit(h: Tensor, normal: Tensor, theta: Tensor | None) -> Tensor:
+# Below this |sin(h, normal)| the fast rotation defers to :func:`pseudo_rotate`: its coefficients grow
+# like 1/sin, and so does their rounding error (here at most ~40 ulp, well inside the 1e-5 norm budget).
+_FAST_MIN_SIN = 0.05
+
+
+def rotate_negatives(h: Tensor, normal: Tensor, theta: Tensor, *, unit_normal: bool = False,
+                     projection: Tensor | None = None) -> Tensor:
+    """:func:`pseudo_rotate` for activations with ``normal . h <= 0``, in a handful of passes over ``h``.
+
+    For those, the plane's second basis vector is ``v = (n - c u) / s`` (``n`` the unit normal,
+    ``c``/``s`` the cosine/sine of the angle of ``h`` and ``n``), so the rotation is a combination of
+    ``h`` and the normal with per-row coefficients:
+    ``|h| (cos t u + sin t v) = (cos t - c sin t / s) h + (|h| sin t / s) n``.
+    No ``[..., d]`` temporaries besides the output; rows too close to the normal (``s`` below
+    ``_FAST_MIN_SIN``) make the whole call fall back to the basis construction. Callers that already
+    have them pass the unit normal (``unit_normal=True``) and ``projection = h @ n``.
+    """
+    n = normal.to(h.dtype) if unit_normal else unit(normal.to(h.dtype))
+    norm = torch.linalg.vector_norm(h, dim=-1)
+    c = (h @ n if projection is None else projection) / norm.clamp_min(1e-12)
+    s = (1 - c * c).clamp_min(0).sqrt()
+    if bool((s < _FAST_MIN_SIN).any()):
+        return pseudo_rotate(h, n, theta)
+    theta = theta.to(h.dtype)
+    k = torch.sin(theta) / s
+    a = torch.cos(theta) - k * c
+    return torch.addcmul(h * a.unsqueeze(-1), (k * norm).unsqueeze(-1), n)
+
+
+def hpr_edit(h: Tensor, normal: Tensor, theta: Tensor | Callable[[Tensor], Tensor] | None, *,
+             unit_normal: bool = False) -> Tensor:
     """The HPR edit: activations on the negative side of the probe are pseudo-rotated.
 
-    ``theta=None`` is the "no angle" ablation: a plain Householder reflection.
-    Positive-side activations are returned unchanged (bit for bit).
+    ``theta`` is the angle of every activation (shape ``h.shape[:-1]``), or a function from the
+    negative-side rows ``[m, d]`` to their angles ``[m]``, so that an angle network runs only where its
+    output is used. ``theta=None`` is the "no angle" ablation: a plain Householder reflection.
+    Positive-side activations are returned unchanged (bit for bit). ``unit_normal=True`` says that
+    ``normal`` is already unit length (editors normalise once, not on every call).
     """
+    n = normal.to(h.dtype) if unit_normal else unit(normal.to(h.dtype))
+    projection = h @ n
+    negative = projection <= 0  # the gate of negative_side, on the unit normal
     if theta is None:
-        edited = householder_reflect(h, normal)
-    else:
-        edited = pseudo_rotate(h, normal, theta)
-    return torch.where(negative_side(h, normal).unsqueeze(-1), edited, h)
+        return torch.where(negative.unsqueeze(-1), torch.addcmul(h, projection.unsqueeze(-1), n, value=-2.0), h)
+    if not callable(theta):
+        edited = rotate_negatives(h, n, theta, unit_normal=True, projection=projection)
+        return torch.where(negative.unsqueeze(-1), edited, h)
+    flat, rows = h.reshape(-1, h.shape[-1]), negative.reshape(-1).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return h.clone()
+    picked = flat.index_select(0, rows)
+    edited = rotate_negatives(picked, n, theta(picked), unit_normal=True,
+                              projection=projection.reshape(-1).index_select(0, rows))
+    return flat.index_copy(0, rows, edited).reshape(h.shape)
 
 
 def relative_norm_change(edited: Tensor, base: Tensor, eps: float = 1e-12) -> Tensor:

@@ -81,26 +81,115 @@ def continuation_logliks(logits: Tensor, batch: Sequence[Encoded]) -> list[float
     return out
 
 
+def final_logits(model, resid: Tensor) -> Tensor:
+    """The model's logits from final-block residuals ``[batch, pos, d_model]``: what ``model(...)`` does
+    after its last block (final norm, unembedding, logit soft-cap), run on chosen positions only."""
+    from transformer_lens.utilities import apply_softcap
+
+    if model.cfg.normalization_type is not None:
+        resid = model.ln_final(resid)
+    return apply_softcap(model.unembed(resid), model.cfg.output_logits_soft_cap)
+
+
+def _summed_logprobs(model, resid: Tensor, rows: list[int], positions: list[int], targets: list[int],
+                     counts: list[int]) -> list[float]:
+    """Gather ``resid[rows, positions]``, score ``targets`` and sum them in runs of ``counts``."""
+    device = resid.device
+    picked = resid[torch.tensor(rows, device=device), torch.tensor(positions, device=device)]
+    logprobs = torch.log_softmax(final_logits(model, picked[None])[0].float(), dim=-1)
+    chosen = logprobs.gather(-1, torch.tensor(targets, device=device)[:, None])[:, 0]
+    return [float(part.sum()) for part in torch.split(chosen, counts)]
+
+
+def _with_batch(cache, k: int):
+    """A frozen view of a batch-1 KV cache for ``k`` continuations (expand: no copy until attention)."""
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+    entries = [TransformerLensKeyValueCacheEntry(e.past_keys.expand(k, -1, -1, -1), e.past_values.expand(k, -1, -1, -1),
+                                                 frozen=True) for e in cache.entries]
+    return TransformerLensKeyValueCache(entries, cache.previous_attention_mask.expand(k, -1), frozen=True)
+
+
+def _score_whole(model, batch: Sequence[Encoded], pad_id: int) -> list[float]:
+    """Each sequence in full, right-padded; logits only where a continuation token is predicted."""
+    ids, _ = pad_batch(batch, pad_id)
+    resid = model(ids.to(model.cfg.device), stop_at_layer=model.cfg.n_layers)
+    rows, positions, targets = [], [], []
+    for i, e in enumerate(batch):
+        total = len(e.tokens)
+        for t in range(total - e.n_cont, total):  # logits at t-1 predict token t
+            rows.append(i), positions.append(t - 1), targets.append(e.tokens[t])
+    return _summed_logprobs(model, resid, rows, positions, targets, [e.n_cont for e in batch])
+
+
+def _score_shared_context(model, context: tuple[int, ...], items: Sequence[Encoded], pad_id: int,
+                          batch_size: int) -> list[float]:
+    """Continuations of one context: the context runs once into a KV cache, each continuation only over its
+    own tokens. Every hook sees each position once, with the same causal past, as in a whole-sequence pass,
+    so position-wise edits (all of hpr's editors) give the same scores up to float rounding."""
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+    device, n_layers = model.cfg.device, model.cfg.n_layers
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, 1)
+    ctx = torch.tensor([context], device=device)
+    resid = model(ctx, past_kv_cache=cache, attention_mask=torch.ones_like(ctx), stop_at_layer=n_layers)
+    first = torch.log_softmax(final_logits(model, resid[:, -1:])[0, 0].float(), dim=-1)  # predicts token 1
+    cache.freeze()
+    out = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        conts = [e.tokens[len(e.tokens) - e.n_cont :] for e in chunk]
+        scores = [float(first[c[0]]) for c in conts]
+        longer = [i for i, c in enumerate(conts) if len(c) > 1]
+        if longer:  # inputs are the continuation minus its last token; right-padded, pads never read
+            width = max(len(conts[i]) - 1 for i in longer)
+            ids = torch.full((len(longer), width), pad_id, dtype=torch.long)
+            for row, i in enumerate(longer):
+                ids[row, : len(conts[i]) - 1] = torch.tensor(conts[i][:-1])
+            ids = ids.to(device)
+            resid = model(ids, past_kv_cache=_with_batch(cache, len(longer)), attention_mask=torch.ones_like(ids),
+                          stop_at_layer=n_layers)
+            rows, positions, targets = [], [], []
+            for row, i in enumerate(longer):
+                for t in range(1, len(conts[i])):
+                    rows.append(row), positions.append(t - 1), targets.append(conts[i][t])
+            rest = _summed_logprobs(model, resid, rows, positions, targets, [len(conts[i]) - 1 for i in longer])
+            for i, r in zip(longer, rest):
+                scores[i] += r
+        out += scores
+    return out
+
+
 @torch.inference_mode()
-def score(model, pairs: Sequence[tuple[str, str]], batch_size: int = 16, progress: bool = False) -> list[float]:
+def score(model, pairs: Sequence[tuple[str, str]], batch_size: int = 16, progress: bool = False,
+          share_prefix: bool = True) -> list[float]:
     """Summed log-likelihood of each ``(context, continuation)`` under ``model`` (with whatever hooks are on it).
 
-    Identical pairs are scored once. Batches are sorted by length to waste little padding.
+    Identical pairs are scored once. Continuations that share their context token for token (the choices
+    of one question) run the context once, through a KV cache (``share_prefix``; turn it off for hooks that
+    look at a whole sequence at once). The rest run whole, batched by length to waste little padding.
     """
     from tqdm.auto import tqdm
 
     unique = list(dict.fromkeys(pairs))
     encoded = encode_all(model, unique)
-    order = sorted(range(len(unique)), key=lambda i: -len(encoded[i].tokens))
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, e in enumerate(encoded):
+        groups.setdefault(e.tokens[: len(e.tokens) - e.n_cont], []).append(i)
+    shared = {c: ix for c, ix in groups.items() if share_prefix and len(ix) > 1}
+    whole = sorted((i for c, ix in groups.items() if c not in shared for i in ix),
+                   key=lambda i: -len(encoded[i].tokens))
     pad_id = pad_token_id(model)
     results: dict[int, float] = {}
-    device = model.cfg.device
-    for start in tqdm(range(0, len(order), batch_size), desc="scoring", disable=not progress, unit="batch"):
-        idx = order[start : start + batch_size]
-        batch = [encoded[i] for i in idx]
-        ids, _ = pad_batch(batch, pad_id)
-        logits = model(ids.to(device), return_type="logits")
-        for i, ll in zip(idx, continuation_logliks(logits, batch)):
-            results[i] = ll
+    bar = tqdm(total=len(unique), desc="scoring", disable=not progress, unit="answer")
+    for start in range(0, len(whole), batch_size):
+        idx = whole[start : start + batch_size]
+        results.update(zip(idx, _score_whole(model, [encoded[i] for i in idx], pad_id)))
+        bar.update(len(idx))
+    for context, idx in shared.items():
+        results.update(zip(idx, _score_shared_context(model, context, [encoded[i] for i in idx], pad_id, batch_size)))
+        bar.update(len(idx))
+    bar.close()
     lookup = {p: results[i] for i, p in enumerate(unique)}
     return [lookup[p] for p in pairs]

@@ -35,3 +35,40 @@ def tiny_run_folder(toy_cache, folder, methods: str):
         patch.setattr(hpr.toyworld, "DEFAULT", TINY)
         assert main(["reproduce", "--out", str(folder), "--quiet", "--methods", methods]) == 0
         yield folder
+
+
+# Tiny random language models of both families, with a word-level tokenizer over "w0".."w39".
+LM_WORDS = ["<unk>", "<s>", "</s>", "<pad>"] + [f"w{i}" for i in range(40)]
+LM_FAMILIES = {
+    "gpt2-like": dict(normalization_type="LN", act_fn="gelu"),
+    "llama-like": dict(normalization_type="RMS", act_fn="silu", positional_embedding_type="rotary", rotary_dim=8,
+                       gated_mlp=True, n_key_value_heads=2),
+}
+
+
+@pytest.fixture(scope="session")
+def word_tokenizer(tmp_path_factory):
+    """Saved and reloaded, as TransformerLens wants a tokenizer with a name_or_path."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(LM_WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    folder = tmp_path_factory.mktemp("word-tokenizer")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                            pad_token="<pad>").save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.fixture
+def tiny_lm(word_tokenizer):
+    """``tiny_lm(family, n_ctx=32)``: a 2-layer d_model-32 HookedTransformer that prepends BOS."""
+    from hpr.models import new_hooked_transformer
+
+    def make(family: str, n_ctx: int = 32):
+        cfg = dict(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=n_ctx, d_vocab=len(LM_WORDS),
+                   **LM_FAMILIES[family])
+        model = new_hooked_transformer(cfg, word_tokenizer, seed=0).eval()
+        model.cfg.default_prepend_bos = True
+        return model
+    return make

@@ -104,6 +104,31 @@ def test_logprobs_match_hf(ckpt, request):
     assert model.to_tokens("w0 w1").tolist() == [[4, 5]]
 
 
+@pytest.mark.parametrize("ckpt", ["gpt2_ckpt", "llama_ckpt"])
+def test_matmul_layout_saves_the_per_call_weight_copies_and_changes_nothing(ckpt, request):
+    """load_model stores W_U, W_Q/K/V/O (and gated-MLP weights) in the order TL permutes them into."""
+    from hpr.models import use_matmul_layout
+
+    path, _ = request.getfixturevalue(ckpt)
+    model = load_model(str(path), device="cpu")
+    attn, unembed = model.blocks[0].attn, model.unembed
+    assert unembed.W_U.T.is_contiguous() and not unembed.W_U.is_contiguous()
+    assert attn.W_Q.permute(0, 2, 1).is_contiguous() and attn.W_O.permute(2, 0, 1).is_contiguous()
+    if hasattr(model.blocks[0].mlp, "W_gate"):
+        assert model.blocks[0].mlp.W_gate.T.is_contiguous()
+    tokens = _tokens()
+    with torch.no_grad():
+        fast = model(tokens)
+        for p in model.parameters():  # back to the default (contiguous) layout
+            p.data = p.data.contiguous()
+        assert unembed.W_U.is_contiguous()
+        default = model(tokens)
+        use_matmul_layout(model)
+        again = model(tokens)
+    assert torch.equal(fast, default) and torch.equal(fast, again)  # the same matmuls on the same values
+    assert isinstance(unembed.W_U, torch.nn.Parameter)
+
+
 def test_gpt2_weights_unprocessed(gpt2_ckpt):
     path, hf = gpt2_ckpt
     model = load_model(str(path), device="cpu")

@@ -141,6 +141,45 @@ def test_hpr_edit_gates_on_probe_side():
     assert ops.negative_side(torch.zeros(1, 16), w).item()  # on the plane counts as negative
 
 
+@pytest.mark.parametrize("cos", [-0.9995, -0.9, -0.3, -0.05, -0.006, -1e-4, 0.0])
+def test_fast_rotation_of_negatives_matches_oracle(cos):
+    """rotate_negatives (coefficient form; falls back near the normal) against the float64 oracle."""
+    h64, w64 = _batch(cos, d=1024)
+    theta64 = torch.rand(h64.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * math.pi
+    expected = _oracle_rotation(h64, w64, theta64) if cos != 0.0 else None
+    h, w, theta = h64.float(), w64.float(), theta64.float()
+    out = ops.rotate_negatives(h, w, theta)
+    assert ops.relative_norm_change(out, h).max() < 1e-5
+    if expected is not None:
+        reference = ops.pseudo_rotate(h, w, theta)
+        assert ((out - reference).norm(dim=-1) / h.norm(dim=-1)).max() < 1e-5
+        assert ((out.double() - expected).norm(dim=-1) / h64.norm(dim=-1)).max() < 1e-4
+    else:  # on the hyperplane: rotated by theta towards the positive side
+        assert torch.allclose(ops.vector_angle(out, h), theta, atol=1e-4)
+        assert (out @ w > 0).all()
+
+
+def test_angle_function_runs_on_negative_rows_only_and_matches_tensor_theta():
+    neg, w = _batch(-0.2, d=64, n=6)
+    pos, _ = _batch(0.2, d=64, n=5, seed=3)
+    h = torch.cat([pos[:2], neg[:3], pos[2:], neg[3:]]).float().reshape(1, 11, 64)
+    w = w.float()
+    theta = torch.linspace(0.1, 2.0, 11).reshape(1, 11)
+    seen = []
+
+    def angle_of(rows):
+        seen.append(rows.shape[0])
+        return (rows @ w).abs() / (rows @ w).abs().max()  # any per-row function
+
+    out = ops.hpr_edit(h, w, angle_of)
+    assert seen == [6]  # called once, on the six negatives
+    negative = ops.negative_side(h, w)
+    expected = ops.hpr_edit(h, w, torch.where(negative, (h @ w).abs() / (h[negative] @ w).abs().max(), theta))
+    torch.testing.assert_close(out, expected)
+    assert torch.equal(out[~negative], h[~negative])
+    assert torch.equal(ops.hpr_edit(pos.float(), w, angle_of), pos.float()) and seen == [6]  # none negative: no call
+
+
 def test_vector_angle_is_accurate_for_tiny_angles():
     a = torch.tensor([1.0, 0.0])
     b = torch.tensor([1.0, 1e-4])

@@ -61,11 +61,18 @@ class Editor:
             raise ValueError(f"{self.method} layers {bad} out of range for a {model.cfg.n_layers}-layer model")
 
         def make(layer: int):
+            edit = self.edit_fn(layer, model.cfg.device)
+
             def hook(h, hook):
-                return self.edit(layer, h)
+                return edit(h)
             return hook
 
         return [(f"blocks.{layer}.hook_resid_post", make(layer)) for layer in layers]
+
+    def edit_fn(self, layer: int, device) -> Callable[[Tensor], Tensor]:
+        """``self.edit`` of one layer, with whatever it can precompute for ``device`` done once, at hook
+        construction (a hook runs once per forward pass: per token in generation)."""
+        return lambda h: self.edit(layer, h)
 
     @contextlib.contextmanager
     def applied(self, model) -> Iterator[None]:

@@ -55,11 +55,13 @@ def stacked_mlp(x: Tensor, weights, biases) -> Tensor:
 
 def mlp(x: Tensor, params) -> Tensor:
     """The same MLP for one layer: ``x [..., d_in]``, ``params`` a list of ``(weight [d_in, d_out], bias)``."""
+    shape = x.shape[:-1]
+    x = x.reshape(-1, x.shape[-1])
     for i, (w, b) in enumerate(params):
-        x = x @ w.to(x.device) + b.to(x.device)
+        x = torch.addmm(b.to(x.device), x, w.to(x.device))
         if i < len(params) - 1:
             x = nn.functional.gelu(x)
-    return x
+    return x.reshape(*shape, -1)
 
 
 class LayerwiseHPR(nn.Module):
@@ -167,12 +169,19 @@ class HPREditor(Editor):
 
     def edit(self, layer: int, h: Tensor) -> Tensor:
         """The HPR edit of activations ``h [..., d]`` at ``layer`` (float32 math, input dtype out)."""
-        x = h.float()
-        w = self.tensors[f"layer{layer}.probe"].to(x.device)
-        theta = None
-        if not self.config.no_angle:
-            theta = math.pi * torch.sigmoid(mlp(x, self._angle_params(layer)).squeeze(-1))
-        return ops.hpr_edit(x, w, theta).to(h.dtype)
+        return self.edit_fn(layer, h.device)(h)
+
+    def edit_fn(self, layer: int, device):
+        normal = ops.unit(self.tensors[f"layer{layer}.probe"].to(device, torch.float32))
+        params = [(w.to(device, torch.float32), b.to(device, torch.float32)) for w, b in self._angle_params(layer)]
+
+        def theta(rows: Tensor) -> Tensor:  # evaluated on the negative-side rows only
+            return math.pi * torch.sigmoid(mlp(rows, params).squeeze(-1))
+
+        def edit(h: Tensor) -> Tensor:
+            x = h.float()
+            return ops.hpr_edit(x, normal, None if self.config.no_angle else theta, unit_normal=True).to(h.dtype)
+        return edit
 
     def hooks(self, model):
         missing = [l for l in self.config.layers if f"layer{l}.probe" not in self.tensors]

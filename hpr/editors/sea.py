@@ -179,14 +179,32 @@ class SEAEditor(Editor):
 
     def edit(self, layer: int, h: Tensor) -> Tensor:
         """``h [..., d]`` after the spectral edit (float32 math, input dtype out)."""
-        keep, tail = (t.to(h.device).float() for t in self.projections(layer))
-        x = h.float()
-        edited = (x @ keep) @ keep.T + (x @ tail) @ tail.T
-        if self.config.normalize == "l2_norm":
-            edited = edited * (x.norm(dim=-1, keepdim=True) / edited.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+        return self.edit_fn(layer, h.device)(h)
+
+    def edit_fn(self, layer: int, device):
+        keep, tail = (t.to(device, torch.float32) for t in self.projections(layer))
+        d = keep.shape[0]
+        if keep.shape[1] + tail.shape[1] > d // 2:
+            # Ranks past d/2: one d x d matmul with the summed projection costs less than four thin ones.
+            dense = keep @ keep.T + tail @ tail.T
+
+            def project(x):
+                return x @ dense
         else:
-            edited = edited / 2
-        return edited.to(h.dtype)
+            def project(x):
+                return (x @ keep) @ keep.T + (x @ tail) @ tail.T
+
+        l2 = self.config.normalize == "l2_norm"
+
+        def edit(h: Tensor) -> Tensor:
+            x = h.float()
+            edited = project(x)
+            if l2:
+                edited = edited * (x.norm(dim=-1, keepdim=True) / edited.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+            else:
+                edited = edited / 2
+            return edited.to(h.dtype)
+        return edit
 
     def hooks(self, model) -> list[Hook]:
         for layer in self.config.layers:

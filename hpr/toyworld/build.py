@@ -135,7 +135,7 @@ def load_built(folder: Path, device=None, dtype=None):
     """Load a built toy model (a ``HookedTransformer`` with its tokenizer) from ``folder``."""
     from transformers import AutoTokenizer
 
-    from hpr.models import new_hooked_transformer
+    from hpr.models import new_hooked_transformer, use_matmul_layout
 
     record = json.loads((folder / "build.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
@@ -143,5 +143,7 @@ def load_built(folder: Path, device=None, dtype=None):
     model.load_state_dict(load_file(folder / "model.safetensors"), strict=True)
     model.eval()
     model.to(dtype or torch.float32)
-    return model.to(device or "cpu")
+    model.to(device or "cpu")
+    use_matmul_layout(model)
+    return model
 
