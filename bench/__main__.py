@@ -34,6 +34,11 @@ from bench import models as M
 
 HERE = Path(__file__).resolve().parent
 
+# glibc returns large freed blocks to the OS, so every forward pass page-faults its activations back in;
+# on this VM that made a GPT-2 forward 25 % slower and twice as noisy. Keeping the heap is set before the
+# interpreter starts (the variables are read once, at start-up), hence the re-exec.
+STEADY_HEAP = {"MALLOC_MMAP_THRESHOLD_": str(2**34), "MALLOC_TRIM_THRESHOLD_": str(2**36), "MALLOC_TOP_PAD_": str(2**30)}
+
 
 @dataclass(frozen=True)
 class Sizes:
@@ -54,7 +59,7 @@ class Sizes:
     llama_editors: tuple[str, ...]
 
 
-FULL = Sizes(M.GPT2_SMALL, M.LLAMA_SMALL, fwd_batch=2, fwd_rounds=6, gen_tokens=24, gen_rounds=4,
+FULL = Sizes(M.GPT2_SMALL, M.LLAMA_SMALL, fwd_batch=2, fwd_rounds=4, gen_tokens=24, gen_rounds=3,
              cache_questions=1, cache_rounds=2, train_pairs=1024, train_epochs=1, score_questions=3,
              mem_questions=32, mem_per_shard=8, mem_batch=8, llama_editors=("hpr",))
 SMOKE = Sizes(M.GPT2_TINY, M.LLAMA_TINY, fwd_batch=2, fwd_rounds=2, gen_tokens=3, gen_rounds=1,
@@ -274,17 +279,23 @@ def caching(model, label: str, sizes: Sizes, work: Path) -> Result:
             for ids in batches:
                 model(ids)
 
+    def blocks():  # the forward without its unembedding, which collect does not need
+        with torch.inference_mode():
+            for ids in batches:
+                model(ids, stop_at_layer=model.cfg.n_layers)
+
     def cached():
         shutil.rmtree(folder, ignore_errors=True)  # collect resumes: start empty every time
         activations.collect(model, qs, fmt, folder, batch_size=batch)
 
     with torch.inference_mode():
         model(batches[-1])  # warm-up
-    times = interleaved({"forward": plain, "collect": cached}, sizes.cache_rounds, warmup=False)
+    times = interleaved({"forward": plain, "blocks": blocks, "collect": cached}, sizes.cache_rounds, warmup=False)
     r = ratios(times, "forward", "collect")  # throughput ratio = inverse time ratio
     v = statistics.median(r)
     return measure(f"caching throughput collect / forward [{label}]", v, ">= 0.90", v >= 0.90, model=label,
                    sequences=len(pairs), padded_tokens=n_tokens, ratios=[round(x, 4) for x in r],
+                   vs_forward_without_unembed=round(statistics.median(ratios(times, "blocks", "collect")), 4),
                    forward_tok_per_s=[round(n_tokens / t, 1) for t in times["forward"]],
                    collect_tok_per_s=[round(n_tokens / t, 1) for t in times["collect"]])
 
@@ -308,15 +319,25 @@ def training(shape: M.Shape, sizes: Sizes) -> Result:
     def loop():
         nets["loop"] = train_per_layer(pos, neg, cfg)
 
+    small = (pos[: 4 * cfg.batch_size], neg[: 4 * cfg.batch_size])
+    train_layerwise(*small, cfg), train_per_layer(*small, cfg)  # warm-up: first fused-optimiser call etc.
     times = interleaved({"batched": batched, "loop": loop}, 1, warmup=False)
     speedup = times["loop"][0] / times["batched"][0]
+    threads = torch.get_num_threads()
+    all_cores = {}
+    if threads != (cores := len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()):
+        torch.set_num_threads(cores)  # the same, on every core: what a user's default session gets
+        t = interleaved({"batched": batched, "loop": loop}, 1, warmup=False)
+        torch.set_num_threads(threads)
+        all_cores = {"threads": cores, "speedup": round(t["loop"][0] / t["batched"][0], 3),
+                     "batched_s": round(t["batched"][0], 3), "loop_s": round(t["loop"][0], 3)}
     loss_b = float(layer_losses(nets["batched"], pos, neg).mean())
     loss_l = float(torch.cat([layer_losses(net, pos[:, [l]], neg[:, [l]]) for l, net in enumerate(nets["loop"])]).mean())
     rel = abs(loss_b - loss_l) / abs(loss_l)
     steps = math.ceil(n / cfg.batch_size) * cfg.epochs
     return measure(f"HPR training speedup batched / per-layer loop [{shape.name}]", speedup, ">= 5x, loss within 2%",
-                   speedup >= 5 and rel <= 0.02, layers=L, d_model=d, pairs=n, steps=steps,
-                   batched_s=round(times["batched"][0], 3), loop_s=round(times["loop"][0], 3),
+                   speedup >= 5 and rel <= 0.02, layers=L, d_model=d, pairs=n, steps=steps, threads=threads,
+                   batched_s=round(times["batched"][0], 3), loop_s=round(times["loop"][0], 3), all_cores=all_cores,
                    final_loss_batched=round(loss_b, 5), final_loss_loop=round(loss_l, 5), loss_rel_diff=round(rel, 5))
 
 
@@ -350,19 +371,24 @@ def scoring(model, label: str, sizes: Sizes) -> Result:
 
 def memory(shape: M.Shape, sizes: Sizes, cache: Path, work: Path) -> Result:
     ckpt = M.checkpoint(shape, cache)
-    runs = {}
-    for store in ("fp32", "fp16"):
-        cmd = [sys.executable, "-m", "bench.memory_worker", str(ckpt), str(work / f"mem-{store}"), str(sizes.mem_questions),
-               str(sizes.mem_per_shard), str(sizes.mem_batch), store, "noprimer"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent, check=False)
+    # The default allocator in the workers: a heap that keeps freed memory would hide RSS growth.
+    env = {k: v for k, v in os.environ.items() if k not in STEADY_HEAP}
+
+    def worker(mode: str, store: str) -> dict:
+        cmd = [sys.executable, "-m", "bench.memory_worker", mode, str(ckpt), str(work / f"mem-{store}"),
+               str(sizes.mem_questions), str(sizes.mem_per_shard), str(sizes.mem_batch), store, "noprimer"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent, check=False, env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"memory worker failed:\n{proc.stderr[-3000:]}")
-        runs[store] = json.loads(proc.stdout.strip().splitlines()[-1])
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    runs = {store: {**worker("collect", store), "batch_peak_bytes": worker("batch", store)["batch_peak_bytes"]}
+            for store in ("fp32", "fp16")}
     disk = runs["fp16"]["disk_bytes"] / runs["fp32"]["disk_bytes"]
     bounded = {}
     for store, r in runs.items():
-        # One batch (its measured peak) + one shard (in its stored dtype) + the float32 AnswerActivations
-        # that collect returns (collect writes each shard in place; load fills the result shard by shard).
+        # One batch (its peak, measured alone in a fresh process) + one shard (in its stored dtype) + the
+        # float32 AnswerActivations that collect returns (shards are written in place, loaded slice by slice).
         bound = r["batch_peak_bytes"] + r["largest_shard_bytes"] + r["result_f32_bytes"]
         bounded[store] = {"peak_mb": round(r["collect_peak_bytes"] / 2**20, 1), "bound_mb": round(bound / 2**20, 1),
                           "ok": r["collect_peak_bytes"] <= bound}
@@ -439,11 +465,6 @@ def table(results: list[Result]) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
-
-# glibc returns large freed blocks to the OS, so every forward pass page-faults its activations back in;
-# on this VM that made a GPT-2 forward 25 % slower and twice as noisy. Keeping the heap is set before the
-# interpreter starts (the variables are read once, at start-up), hence the re-exec.
-STEADY_HEAP = {"MALLOC_MMAP_THRESHOLD_": str(2**34), "MALLOC_TRIM_THRESHOLD_": str(2**36), "MALLOC_TOP_PAD_": str(2**30)}
 
 if __name__ == "__main__":
     if any(os.environ.get(k) != v for k, v in STEADY_HEAP.items()) and platform.system() == "Linux":

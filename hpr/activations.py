@@ -137,6 +137,7 @@ def collect(model, questions: Sequence[MCQuestion], fmt: PromptFormat, folder: P
 
     folder.mkdir(parents=True, exist_ok=True)
     blocks = [questions[i : i + questions_per_shard] for i in range(0, len(questions), questions_per_shard)]
+    buffer = acts = tensors = None
     for k, block in enumerate(tqdm(blocks, desc="activations", disable=not progress, unit="shard")):
         path = _shard_path(folder, k)
         expected = [q.id for q in block for _ in q.mc2]
@@ -144,15 +145,20 @@ def collect(model, questions: Sequence[MCQuestion], fmt: PromptFormat, folder: P
             continue
         pairs = [(fmt.context(q), fmt.continuation(c.text)) for q in block for c in q.mc2]
         counts = [e.n_cont for e in encode_all(model, pairs)]
-        # Written straight into the stored dtype: no float32 copy of the shard on the way.
-        acts = torch.empty(sum(counts), model.cfg.n_layers, model.cfg.d_model,
-                           dtype=torch.float16 if fp16 else torch.float32)
+        # Written straight into the stored dtype (no float32 copy on the way), in one buffer reused by every
+        # shard (a fresh shard-sized allocation each time fragments the heap and holds on to its memory).
+        if buffer is None or len(buffer) < sum(counts):
+            buffer = None
+            buffer = torch.empty(sum(counts), model.cfg.n_layers, model.cfg.d_model,
+                                 dtype=torch.float16 if fp16 else torch.float32)
+        acts = buffer[: sum(counts)]
         answer_activations(model, pairs, batch_size, out=acts)
         meta = {"question_ids": expected, "is_true": [c.is_true for q in block for c in q.mc2]}
         tensors = {"acts": acts, "offsets": torch.tensor([0] + counts).cumsum(0)}
         tmp = path.with_suffix(".tmp")
         save_file(tensors, tmp, metadata={"answers": json.dumps(meta)})
         os.replace(tmp, path)
+    buffer = acts = tensors = None  # freed before load allocates the result
     for stale in range(len(blocks), 1 << 30):  # shards of a longer earlier run
         if not _shard_path(folder, stale).exists():
             break
@@ -165,8 +171,11 @@ def _shard_meta(path: Path) -> dict:
         return json.loads(f.metadata()["answers"])
 
 
+_READ_BYTES = 16 << 20  # per read when loading a shard
+
+
 def load(folder: Path) -> AnswerActivations:
-    """Every shard of ``folder`` in one float32 tensor, allocated once (memory: the result + one shard)."""
+    """Every shard of ``folder`` in one float32 tensor, allocated once (memory: the result + one shard's pages)."""
     paths = []
     while _shard_path(folder, len(paths)).exists():
         paths.append(_shard_path(folder, len(paths)))
@@ -180,9 +189,14 @@ def load(folder: Path) -> AnswerActivations:
     offsets, qids, truths = [], [], []
     base = 0
     for path, shape in zip(paths, shapes):
+        step = max(1, _READ_BYTES // (acts[0].numel() * acts.element_size()))
+        for a in range(0, shape[0], step):
+            # The file is memory-mapped while open and the pages read count as ours until it closes: one
+            # open per slice keeps that to a slice, not a shard.
+            with safe_open(path, framework="pt") as f:
+                acts[base + a : base + min(shape[0], a + step)].copy_(f.get_slice("acts")[a : a + step])
         with safe_open(path, framework="pt") as f:
             meta = json.loads(f.metadata()["answers"])
-            acts[base : base + shape[0]].copy_(f.get_tensor("acts"))
             offsets.append(f.get_tensor("offsets")[:-1] + base)
         base += shape[0]
         qids += meta["question_ids"]

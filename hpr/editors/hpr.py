@@ -93,7 +93,9 @@ class LayerwiseHPR(nn.Module):
 def reference_optimizer(net: nn.Module, cfg: HPRTrainConfig, total_steps: int):
     """AdamW with linear warmup over ``cfg.warmup`` of the steps, then linear decay to 0 (the official schedule)."""
     warm = max(1, int(cfg.warmup * total_steps))
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # Fused: one kernel per step over all parameters instead of ~10 passes each (the same update).
+    fused = all(p.device.type in ("cpu", "cuda") for p in net.parameters()) or None
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total_steps - s) / max(1, total_steps - warm)))
     return opt, sched
