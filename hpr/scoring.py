@@ -69,18 +69,6 @@ def pad_batch(batch: Sequence[Encoded], pad_id: int) -> tuple[Tensor, Tensor]:
     return ids, lengths
 
 
-def continuation_logliks(logits: Tensor, batch: Sequence[Encoded]) -> list[float]:
-    """Sum of log-probabilities of each row's continuation tokens, from ``[batch, pos, vocab]`` logits."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    out = []
-    for i, e in enumerate(batch):
-        n, total = e.n_cont, len(e.tokens)
-        targets = torch.tensor(e.tokens[total - n :], device=logits.device)
-        # logits at position t predict token t+1
-        out.append(logprobs[i, total - n - 1 : total - 1].gather(-1, targets[:, None]).sum().item())
-    return out
-
-
 def final_logits(model, resid: Tensor) -> Tensor:
     """The model's logits from final-block residuals ``[batch, pos, d_model]``: what ``model(...)`` does
     after its last block (final norm, unembedding, logit soft-cap), run on chosen positions only."""

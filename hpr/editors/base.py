@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import ClassVar
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -61,7 +62,7 @@ class Editor:
             raise ValueError(f"{self.method} layers {bad} out of range for a {model.cfg.n_layers}-layer model")
 
         def make(layer: int):
-            edit = self.edit_fn(layer, model.cfg.device)
+            edit = self.prepared_edit(layer, model.cfg.device)
 
             def hook(h, hook):
                 return edit(h)
@@ -70,9 +71,18 @@ class Editor:
         return [(f"blocks.{layer}.hook_resid_post", make(layer)) for layer in layers]
 
     def edit_fn(self, layer: int, device) -> Callable[[Tensor], Tensor]:
-        """``self.edit`` of one layer, with whatever it can precompute for ``device`` done once, at hook
-        construction (a hook runs once per forward pass: per token in generation)."""
+        """``self.edit`` of one layer, with whatever it can precompute for ``device`` done up front (a hook
+        runs once per forward pass: per token in generation). Subclasses override it to precompute."""
         return lambda h: self.edit(layer, h)
+
+    def prepared_edit(self, layer: int, device) -> Callable[[Tensor], Tensor]:
+        """:meth:`edit_fn`, built once per (layer, device) and kept: entering ``applied()`` again (once per
+        evaluation, generation or, in the bench, per forward pass) reuses it. Editors are not mutated."""
+        key = (layer, str(torch.device(device)))
+        prepared = self.__dict__.setdefault("_prepared_edits", {})
+        if key not in prepared:
+            prepared[key] = self.edit_fn(layer, device)
+        return prepared[key]
 
     @contextlib.contextmanager
     def applied(self, model) -> Iterator[None]:

@@ -171,7 +171,7 @@ class HPREditor(Editor):
 
     def edit(self, layer: int, h: Tensor) -> Tensor:
         """The HPR edit of activations ``h [..., d]`` at ``layer`` (float32 math, input dtype out)."""
-        return self.edit_fn(layer, h.device)(h)
+        return self.prepared_edit(layer, h.device)(h)
 
     def edit_fn(self, layer: int, device):
         normal = ops.unit(self.tensors[f"layer{layer}.probe"].to(device, torch.float32))

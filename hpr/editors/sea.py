@@ -179,7 +179,7 @@ class SEAEditor(Editor):
 
     def edit(self, layer: int, h: Tensor) -> Tensor:
         """``h [..., d]`` after the spectral edit (float32 math, input dtype out)."""
-        return self.edit_fn(layer, h.device)(h)
+        return self.prepared_edit(layer, h.device)(h)
 
     def edit_fn(self, layer: int, device):
         keep, tail = (t.to(device, torch.float32) for t in self.projections(layer))
