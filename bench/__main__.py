@@ -1,9 +1,16 @@
-"""``python -m bench [--smoke] [--out PATH] [--cache DIR] [--only NAME ...]``: performance ratios, one run.
+"""``python -m bench [--smoke] [--out PATH] [--cache DIR] [--threads N] [--only NAME ...]``: performance ratios.
 
 Every target is a ratio of two timings taken in the same process, interleaved round by round (the order
-rotates each round) after one untimed warm-up of each side; the value is the median of the per-round
-ratios, so slow drifts of a shared CPU cancel. Prints a table and writes ``results.json`` (default
-``bench/results.json``) with each measure's value, target and pass/fail.
+alternates) after one untimed warm-up of each side. Prints a table and writes ``results.json`` (default
+``bench/results.json``) with each measure's value, target, pass/fail and raw timings.
+
+Edit overheads (forward, generation) are measured inside the edited call: the time spent building and
+running the edit's hooks against the rest of that same call (``HookClock``), so the machine's noise hits
+both sides alike. On this shared 2-core VM one forward pass varies by 5-15 % from call to call, more
+than the 1-5 % being measured; the end-to-end median of paired edited/base calls is printed next to it as
+a cross-check, with its quartiles. The other ratios are end to end. One torch thread by default and a
+heap that keeps freed memory (``STEADY_HEAP``, set by re-executing) make timings steadier; the memory
+measure runs its steps in fresh processes with the default allocator.
 
 Models: random-init checkpoints of real shapes (GPT-2 small; a Llama-shaped 8-layer d_model 1024 GQA
 model), saved with transformers and loaded with ``hpr.load_model(dir)`` (see ``bench/models.py``).
