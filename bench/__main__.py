@@ -308,6 +308,16 @@ def caching(model, label: str, sizes: Sizes, work: Path) -> Result:
 
 
 def training(shape: M.Shape, sizes: Sizes) -> Result:
+    """Batched HPR training against the per-layer loop (``bench/naive.py``), same data, steps and init.
+
+    Why this misses 5x on a CPU (torch profiler, 1 thread, GPT-2 small shape, batch 16 pairs): a batched
+    step takes ~33 ms, of which the matmuls are ~18 ms and the fused AdamW ~5 ms; a loop step costs ~7.5 ms
+    per layer, of which ~3 ms are the same matmuls and optimiser work and ~4.5 ms Python and dispatch.
+    Batching removes only the latter, so ~2.7x is the ceiling here. The work per step is memory-bound
+    (rank-32 weight gradients of d x d/2 first layers, AdamW over 4.7M parameters); on a GPU the loop's
+    ~100 kernel launches per layer-step dominate instead, which is where batching pays (not measured: no
+    GPU was lent to this task).
+    """
     from bench.naive import layer_losses, train_per_layer
     from hpr.editors.hpr import HPRTrainConfig, train_layerwise
 
