@@ -89,14 +89,14 @@ def _summed_logprobs(model, resid: Tensor, rows: list[int], positions: list[int]
     return [float(part.sum()) for part in torch.split(chosen, counts)]
 
 
-def _with_batch(cache, k: int):
-    """A frozen view of a batch-1 KV cache for ``k`` continuations (expand: no copy until attention)."""
+def _rows_of(cache, rows: Tensor):
+    """A frozen KV cache whose row ``i`` is row ``rows[i]`` of ``cache``."""
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
     from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
-    entries = [TransformerLensKeyValueCacheEntry(e.past_keys.expand(k, -1, -1, -1), e.past_values.expand(k, -1, -1, -1),
-                                                 frozen=True) for e in cache.entries]
-    return TransformerLensKeyValueCache(entries, cache.previous_attention_mask.expand(k, -1), frozen=True)
+    entries = [TransformerLensKeyValueCacheEntry(e.past_keys[rows], e.past_values[rows], frozen=True)
+               for e in cache.entries]
+    return TransformerLensKeyValueCache(entries, cache.previous_attention_mask[rows], frozen=True)
 
 
 def _score_whole(model, batch: Sequence[Encoded], pad_id: int) -> list[float]:
@@ -111,42 +111,44 @@ def _score_whole(model, batch: Sequence[Encoded], pad_id: int) -> list[float]:
     return _summed_logprobs(model, resid, rows, positions, targets, [e.n_cont for e in batch])
 
 
-def _score_shared_context(model, context: tuple[int, ...], items: Sequence[Encoded], pad_id: int,
-                          batch_size: int) -> list[float]:
-    """Continuations of one context: the context runs once into a KV cache, each continuation only over its
-    own tokens. Every hook sees each position once, with the same causal past, as in a whole-sequence pass,
-    so position-wise edits (all of hpr's editors) give the same scores up to float rounding."""
+def _score_shared_contexts(model, groups: Sequence[tuple[tuple[int, ...], list[Encoded]]], pad_id: int) -> list[float]:
+    """Continuations grouped by their context: the contexts run once, left-padded in one batch, into a KV
+    cache; then every continuation runs only over its own tokens against its context's cache rows. Every
+    hook sees each real position once, with the same causal past and the same positions (TransformerLens
+    derives positions from the attention mask), as in a whole-sequence pass, so position-wise edits (all of
+    hpr's editors) give the same scores up to float rounding. Scores in group order."""
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
     device, n_layers = model.cfg.device, model.cfg.n_layers
-    cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, 1)
-    ctx = torch.tensor([context], device=device)
-    resid = model(ctx, past_kv_cache=cache, attention_mask=torch.ones_like(ctx), stop_at_layer=n_layers)
-    first = torch.log_softmax(final_logits(model, resid[:, -1:])[0, 0].float(), dim=-1)  # predicts token 1
-    cache.freeze()
-    out = []
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        conts = [e.tokens[len(e.tokens) - e.n_cont :] for e in chunk]
-        scores = [float(first[c[0]]) for c in conts]
-        longer = [i for i, c in enumerate(conts) if len(c) > 1]
-        if longer:  # inputs are the continuation minus its last token; right-padded, pads never read
-            width = max(len(conts[i]) - 1 for i in longer)
-            ids = torch.full((len(longer), width), pad_id, dtype=torch.long)
-            for row, i in enumerate(longer):
-                ids[row, : len(conts[i]) - 1] = torch.tensor(conts[i][:-1])
-            ids = ids.to(device)
-            resid = model(ids, past_kv_cache=_with_batch(cache, len(longer)), attention_mask=torch.ones_like(ids),
-                          stop_at_layer=n_layers)
-            rows, positions, targets = [], [], []
-            for row, i in enumerate(longer):
-                for t in range(1, len(conts[i])):
-                    rows.append(row), positions.append(t - 1), targets.append(conts[i][t])
-            rest = _summed_logprobs(model, resid, rows, positions, targets, [len(conts[i]) - 1 for i in longer])
-            for i, r in zip(longer, rest):
-                scores[i] += r
-        out += scores
-    return out
+    width = max(len(c) for c, _ in groups)
+    ctx = torch.full((len(groups), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(groups), width), dtype=torch.long)
+    for g, (context, _) in enumerate(groups):
+        ctx[g, width - len(context) :] = torch.tensor(context)
+        mask[g, width - len(context) :] = 1
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, len(groups))
+    resid = model(ctx.to(device), past_kv_cache=cache, attention_mask=mask.to(device), stop_at_layer=n_layers)
+    first = torch.log_softmax(final_logits(model, resid[:, -1:])[:, 0].float(), dim=-1)  # predicts token 1
+
+    conts = [(g, e.tokens[len(e.tokens) - e.n_cont :]) for g, (_, items) in enumerate(groups) for e in items]
+    scores = [float(first[g, c[0]]) for g, c in conts]
+    longer = [i for i, (_, c) in enumerate(conts) if len(c) > 1]
+    if longer:  # inputs are each continuation minus its last token; right-padded, pads never read
+        width = max(len(conts[i][1]) - 1 for i in longer)
+        ids = torch.full((len(longer), width), pad_id, dtype=torch.long)
+        for row, i in enumerate(longer):
+            ids[row, : len(conts[i][1]) - 1] = torch.tensor(conts[i][1][:-1])
+        ids = ids.to(device)
+        rows_cache = _rows_of(cache, torch.tensor([conts[i][0] for i in longer], device=device))
+        resid = model(ids, past_kv_cache=rows_cache, attention_mask=torch.ones_like(ids), stop_at_layer=n_layers)
+        rows, positions, targets = [], [], []
+        for row, i in enumerate(longer):
+            for t in range(1, len(conts[i][1])):
+                rows.append(row), positions.append(t - 1), targets.append(conts[i][1][t])
+        rest = _summed_logprobs(model, resid, rows, positions, targets, [len(conts[i][1]) - 1 for i in longer])
+        for i, r in zip(longer, rest):
+            scores[i] += r
+    return scores
 
 
 @torch.inference_mode()
@@ -175,9 +177,21 @@ def score(model, pairs: Sequence[tuple[str, str]], batch_size: int = 16, progres
         idx = whole[start : start + batch_size]
         results.update(zip(idx, _score_whole(model, [encoded[i] for i in idx], pad_id)))
         bar.update(len(idx))
-    for context, idx in shared.items():
-        results.update(zip(idx, _score_shared_context(model, context, [encoded[i] for i in idx], pad_id, batch_size)))
-        bar.update(len(idx))
+    # Contexts of similar length together (little left padding), up to batch_size continuations a batch
+    # (a question with more choices than that goes alone).
+    chunks: list[list[tuple[tuple[int, ...], list[int]]]] = []
+    size = 0
+    for context, idx in sorted(shared.items(), key=lambda kv: -len(kv[0])):
+        if not chunks or size + len(idx) > batch_size:
+            chunks.append([])
+            size = 0
+        chunks[-1].append((context, idx))
+        size += len(idx)
+    for chunk in chunks:
+        flat = [i for _, ix in chunk for i in ix]
+        groups_in = [(c, [encoded[i] for i in ix]) for c, ix in chunk]
+        results.update(zip(flat, _score_shared_contexts(model, groups_in, pad_id)))
+        bar.update(len(flat))
     bar.close()
     lookup = {p: results[i] for i, p in enumerate(unique)}
     return [lookup[p] for p in pairs]

@@ -46,7 +46,7 @@ def test_scores_match_whole_sequence_definition(family, edited, tiny_lm):
     editor = HPREditor.from_layerwise(LayerwiseHPR(2, 32), (0, 1)) if edited else None
     with editor.applied(model) if editor else torch.inference_mode():
         expected = _reference(model, pairs)
-        shared = score(model, pairs, batch_size=3)
+        shared = score(model, pairs, batch_size=16)  # several contexts per batch: left padding
         whole = score(model, pairs, batch_size=4, share_prefix=False)
     torch.testing.assert_close(torch.tensor(shared), torch.tensor(expected), rtol=0, atol=1e-4)
     torch.testing.assert_close(torch.tensor(whole), torch.tensor(expected), rtol=0, atol=1e-4)
