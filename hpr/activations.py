@@ -26,7 +26,7 @@ from torch import Tensor
 
 from hpr.data.prompts import PromptFormat
 from hpr.data.schema import MCQuestion
-from hpr.scoring import encode_all, pad_batch, pad_token_id
+from hpr.scoring import Encoded, encode_all, pad_batch, pad_token_id
 
 
 def resid_names(n_layers: int) -> list[str]:
@@ -43,8 +43,11 @@ def answer_activations(model, pairs: Sequence[tuple[str, str]], batch_size: int 
     answer positions of each layer as it is computed and the forward stops after the last block, so memory
     is one batch's activations plus ``out``: no cache of every position, no logits.
     """
+    return _answer_activations(model, encode_all(model, pairs), batch_size, out)
+
+
+def _answer_activations(model, encoded: Sequence[Encoded], batch_size: int, out: Tensor | None) -> list[Tensor]:
     n_layers, device = model.cfg.n_layers, model.cfg.device
-    encoded = encode_all(model, pairs)
     counts = [e.n_cont for e in encoded]
     starts = [0]
     for n in counts:
@@ -144,7 +147,8 @@ def collect(model, questions: Sequence[MCQuestion], fmt: PromptFormat, folder: P
         if path.exists() and _shard_meta(path)["question_ids"] == expected:
             continue
         pairs = [(fmt.context(q), fmt.continuation(c.text)) for q in block for c in q.mc2]
-        counts = [e.n_cont for e in encode_all(model, pairs)]
+        encoded = encode_all(model, pairs)
+        counts = [e.n_cont for e in encoded]
         # Written straight into the stored dtype (no float32 copy on the way), in one buffer reused by every
         # shard (a fresh shard-sized allocation each time fragments the heap and holds on to its memory).
         if buffer is None or len(buffer) < sum(counts):
@@ -152,7 +156,7 @@ def collect(model, questions: Sequence[MCQuestion], fmt: PromptFormat, folder: P
             buffer = torch.empty(sum(counts), model.cfg.n_layers, model.cfg.d_model,
                                  dtype=torch.float16 if fp16 else torch.float32)
         acts = buffer[: sum(counts)]
-        answer_activations(model, pairs, batch_size, out=acts)
+        _answer_activations(model, encoded, batch_size, out=acts)
         meta = {"question_ids": expected, "is_true": [c.is_true for q in block for c in q.mc2]}
         tensors = {"acts": acts, "offsets": torch.tensor([0] + counts).cumsum(0)}
         tmp = path.with_suffix(".tmp")

@@ -55,7 +55,7 @@ def test_collect_shards_load_back_and_resume(tiny_lm, tmp_path, monkeypatch, fp1
     def fail(*args, **kwargs):
         raise AssertionError("finished shards must not be recomputed")
 
-    monkeypatch.setattr(activations, "answer_activations", fail)
+    monkeypatch.setattr(activations, "_answer_activations", fail)
     again = activations.collect(model, qs, FMT, tmp_path, questions_per_shard=3, batch_size=4, fp16=fp16)
     assert torch.equal(again.acts, got.acts)
     monkeypatch.undo()
