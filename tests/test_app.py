@@ -154,3 +154,14 @@ def test_start_a_run_and_refuse_bad_input(app, tiny_run, tmp_path):
     ok(app)
     assert (tmp_path / "new" / "results.json").exists()
     assert app.session_state["run_folder"] == str((tmp_path / "new").resolve())
+
+
+def test_typed_run_folder_survives_reruns_a_second_apart(app, tmp_path):
+    """The run folder's default is a timestamp; it must not turn the field into a new widget every second."""
+    import time
+
+    by_label(app.text_input, "Run folder").set_value(str(tmp_path / "mine"))
+    ok(app.run())
+    time.sleep(1.1)
+    ok(app.run())
+    assert by_label(app.text_input, "Run folder").value == str(tmp_path / "mine")

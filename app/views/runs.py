@@ -77,7 +77,11 @@ top_k = c1.number_input("HPR top-k layers", 1, 256, HPRTrainConfig().top_k)
 iti_k = c2.number_input("ITI K heads", 1, 4096, runs.RunConfig().iti_k)
 limit = c3.number_input("Question limit (0: all)", 0, 1_000_000, 0)
 seed = c4.number_input("Seed", 0, 2**31 - 1, 0)
-out = st.text_input("Run folder", str(root / time.strftime("run-%Y%m%d-%H%M%S")))
+# A fixed key and a default set once: a default in the widget's signature (a timestamp) would make every
+# rerun a new widget a second later, dropping what the user typed. Renewed after each finished run.
+if "w_out" not in ss or ss.pop("renew_out", False):
+    ss.w_out = str(root / time.strftime("run-%Y%m%d-%H%M%S"))
+out = st.text_input("Run folder", key="w_out")
 
 if st.button("Start", type="primary", icon=":material/play_arrow:"):
     with wb.shows_errors("The run failed"):
@@ -121,4 +125,5 @@ if st.button("Start", type="primary", icon=":material/play_arrow:"):
             st.dataframe(pd.Series(results["timings_s"], name="seconds"))
             status.update(label=f"Finished in {time.perf_counter() - t0:.0f} s", state="complete")
         wb.open_run(out_dir)
+        ss.renew_out = True  # the next run gets a new folder by default
         st.code(runs.format_results(results), language=None)
