@@ -26,7 +26,8 @@ from torch import Tensor
 
 from hpr.data.prompts import PromptFormat
 from hpr.data.schema import MCQuestion
-from hpr.scoring import Encoded, encode_all, pad_batch, pad_token_id
+from hpr.continuations import continuation_batches
+from hpr.encoding import Encoded, encode_all
 
 
 def resid_names(n_layers: int) -> list[str]:
@@ -41,37 +42,66 @@ def answer_activations(model, pairs: Sequence[tuple[str, str]], batch_size: int 
     The answers' tokens are written, in order, into ``out`` (``[total answer tokens, layers, d]``, CPU, any
     float dtype; float32 allocated here if not given) and views of it are returned. Hooks copy only the
     answer positions of each layer as it is computed and the forward stops after the last block, so memory
-    is one batch's activations plus ``out``: no cache of every position, no logits.
+    is one batch's activations plus ``out``: no cache of every position, no logits. Shared contexts run once
+    (:mod:`hpr.continuations`).
     """
-    return _answer_activations(model, encode_all(model, pairs), batch_size, out)
-
-
-def _answer_activations(model, encoded: Sequence[Encoded], batch_size: int, out: Tensor | None) -> list[Tensor]:
-    n_layers, device = model.cfg.n_layers, model.cfg.device
+    encoded = encode_all(model, pairs)
     counts = [e.n_cont for e in encoded]
-    starts = [0]
-    for n in counts:
-        starts.append(starts[-1] + n)
+    starts = torch.tensor([0] + counts).cumsum(0).tolist()
+    shape = (starts[-1], model.cfg.n_layers, model.cfg.d_model)
     if out is None:
-        out = torch.empty(starts[-1], n_layers, model.cfg.d_model)
-    if tuple(out.shape) != (starts[-1], n_layers, model.cfg.d_model):
-        raise ValueError(f"out has shape {tuple(out.shape)}, expected {(starts[-1], n_layers, model.cfg.d_model)}")
-    pad_id = pad_token_id(model)
-    for first in range(0, len(encoded), batch_size):
-        batch = encoded[first : first + batch_size]
-        ids, _ = pad_batch(batch, pad_id)
-        rows = torch.tensor([i for i, e in enumerate(batch) for _ in range(e.n_cont)], device=device)
-        cols = torch.tensor([t for e in batch for t in range(len(e.tokens) - e.n_cont, len(e.tokens))], device=device)
-        span = slice(starts[first], starts[first + len(batch)])
+        out = torch.empty(shape)
+    if tuple(out.shape) != shape:
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {shape}")
+    gather_continuations(model, encoded, resid_names(model.cfg.n_layers), out, batch_size)
+    return [out[a:b] for a, b in zip(starts[:-1], starts[1:])]
 
-        def keep(layer: int):
+
+def gather_continuations(model, encoded: Sequence[Encoded], names: Sequence[str], out: Tensor,
+                         batch_size: int = 16, last_only: bool = False, progress: bool = False) -> Tensor:
+    """Write hook ``names[k]``'s activations at the continuation tokens of ``encoded`` into ``out[:, k]``.
+
+    ``out`` is ``[total continuation tokens, len(names), *act_shape]`` (every token of every continuation,
+    in order) or, with ``last_only``, ``[len(encoded), len(names), *act_shape]`` (each continuation's last
+    token). Values are copied out of the hooks (``index_copy_``), so nothing keeps a batch alive; ``out`` may
+    be any float dtype and lives on the CPU. Stops after the last hooked block: no logits.
+    """
+    from tqdm.auto import tqdm
+
+    if not torch.is_inference_mode_enabled() and torch.is_grad_enabled():
+        raise RuntimeError("gather_continuations must run under torch.inference_mode() or torch.no_grad()")
+    counts = [e.n_cont for e in encoded]
+    starts = torch.tensor([0] + counts).cumsum(0)
+    expected = len(encoded) if last_only else int(starts[-1])
+    if len(out) != expected or out.shape[1] != len(names):
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected ({expected}, {len(names)}, ...)")
+    stop = 1 + max(_block_of(name) for name in names)
+    bar = tqdm(total=len(encoded), disable=not progress, desc="activations", unit="answer", leave=False)
+    for batch in continuation_batches(model, encoded, batch_size, progress=bar):
+        if last_only:
+            rows, cols = batch.last_cells()
+            targets = torch.tensor(batch.index)
+        else:
+            rows, cols = batch.continuation_cells(predicting=False)
+            targets = torch.cat([torch.arange(int(starts[i]), int(starts[i + 1])) for i in batch.index])
+
+        def keep(k: int):
             def hook(act, hook):
-                out[span, layer].copy_(act[rows, cols])
+                out[:, k].index_copy_(0, targets, act[rows, cols].to("cpu", out.dtype))
             return hook
 
-        with model.hooks(fwd_hooks=[(name, keep(layer)) for layer, name in enumerate(resid_names(n_layers))]):
-            model(ids.to(device), stop_at_layer=n_layers)
-    return [out[a:b] for a, b in zip(starts[:-1], starts[1:])]
+        with model.hooks(fwd_hooks=[(name, keep(k)) for k, name in enumerate(names)]):
+            batch.run(model, stop_at_layer=stop)
+    bar.close()
+    return out
+
+
+def _block_of(hook_name: str) -> int:
+    """``blocks.3.hook_resid_post`` -> 3: hooks beyond the last block are not supported here."""
+    parts = hook_name.split(".")
+    if len(parts) < 3 or parts[0] != "blocks" or not parts[1].isdigit():
+        raise ValueError(f"{hook_name!r} is not a hook inside a transformer block")
+    return int(parts[1])
 
 
 @torch.inference_mode()
@@ -80,21 +110,32 @@ def last_token_activations(model, pairs: Sequence[tuple[str, str]], names: Seque
     """For each ``(context, continuation)``, every hook in ``names`` at the last continuation token.
 
     Returns ``{name: [len(pairs), *act_shape]}`` (float32, CPU). SEA and SADI fit on these, as their
-    reference code does (the last token of prompt + answer).
+    reference code does (the last token of prompt + answer). Identical pairs run once.
     """
-    wanted = set(names)
-    encoded = encode_all(model, pairs)
-    pad_id = pad_token_id(model)
-    out: dict[str, list[Tensor]] = {n: [] for n in names}
-    for start in range(0, len(encoded), batch_size):
-        batch = encoded[start : start + batch_size]
-        ids, lengths = pad_batch(batch, pad_id)
-        _, cache = model.run_with_cache(ids.to(model.cfg.device), names_filter=lambda n: n in wanted)
-        last = (lengths - 1).to(model.cfg.device)
-        rows = torch.arange(len(batch), device=model.cfg.device)
-        for n in names:
-            out[n].append(cache[n][rows, last].float().cpu())
-    return {n: torch.cat(v) for n, v in out.items()}
+    unique = list(dict.fromkeys(pairs))
+    encoded = encode_all(model, unique)
+    by_shape: dict[tuple[int, ...], list[str]] = {}
+    for name in names:  # hooks of one shape are gathered in one pass
+        by_shape.setdefault(_act_shape(model, name), []).append(name)
+    where = {p: i for i, p in enumerate(unique)}
+    rows = torch.tensor([where[p] for p in pairs])
+    result = {}
+    for shape, group in by_shape.items():
+        stacked = gather_continuations(model, encoded, group, torch.empty(len(unique), len(group), *shape),
+                                       batch_size, last_only=True)
+        result.update({name: stacked[rows, k] for k, name in enumerate(group)})  # copies: no view of stacked
+    return {name: result[name] for name in names}
+
+
+def _act_shape(model, name: str) -> tuple[int, ...]:
+    """Per-token shape of a hook's activation (``d_model``, ``(n_heads, d_head)``, ``d_mlp``)."""
+    cfg = model.cfg
+    leaf = name.split(".", 2)[2]
+    if leaf in ("attn.hook_z", "attn.hook_result"):
+        return (cfg.n_heads, cfg.d_head)
+    if leaf.startswith("mlp.hook_"):
+        return (cfg.d_mlp,)
+    return (cfg.d_model,)
 
 
 @dataclass
@@ -156,7 +197,8 @@ def collect(model, questions: Sequence[MCQuestion], fmt: PromptFormat, folder: P
             buffer = torch.empty(sum(counts), model.cfg.n_layers, model.cfg.d_model,
                                  dtype=torch.float16 if fp16 else torch.float32)
         acts = buffer[: sum(counts)]
-        _answer_activations(model, encoded, batch_size, out=acts)
+        with torch.inference_mode():  # no graph: collection only reads the model
+            gather_continuations(model, encoded, resid_names(model.cfg.n_layers), acts, batch_size)
         meta = {"question_ids": expected, "is_true": [c.is_true for q in block for c in q.mc2]}
         tensors = {"acts": acts, "offsets": torch.tensor([0] + counts).cumsum(0)}
         tmp = path.with_suffix(".tmp")

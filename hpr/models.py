@@ -223,6 +223,8 @@ def _load_hf(
     # cfg.device, which is where it later puts tokens.
     model.to(str(device), print_details=False)
     model.eval()
+    # Inference only: no parameter records a graph unless a training step asks for it (LoRA, reptune do).
+    model.requires_grad_(False)
     use_matmul_layout(model)
     # MC scoring follows lm-evaluation-harness, which adds no BOS token (hpr.scoring reads this flag).
     model.cfg.default_prepend_bos = False

@@ -148,7 +148,8 @@ def _fit_iti(fit: FitContext) -> None:
     if fit.done("iti15"):
         iti = load_editor(fit.editors_dir / "iti15")
     else:
-        heads = {name: answer_head_activations(fit.model, fit.parts[name], fit.fmt, fit.cfg.batch_size)
+        heads = {name: answer_head_activations(fit.model, fit.parts[name], fit.fmt, fit.cfg.batch_size,
+                                               fit.progress)
                  for name in ("train", "val")}
         iti, head_acc = fit_iti(heads["train"], heads["val"], ITI_PRESETS["iti15"], k=fit.cfg.iti_k,
                                 d_model=fit.model.cfg.d_model)

@@ -25,11 +25,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from hpr.activations import gather_continuations
 from hpr.data.prompts import PromptFormat
 from hpr.data.schema import MCQuestion
 from hpr.editors.base import Editor, Hook, register
+from hpr.encoding import encode_all
 from hpr.models import head_z_hook, resid_post_hook
-from hpr.scoring import encode_all, pad_batch, pad_token_id
 
 Head = tuple[int, int]
 HeadActs = tuple[Tensor, Tensor]  # z [N, n_layers, n_heads, d_head], is_true [N]
@@ -61,32 +62,24 @@ class ITIConfig:
 
 @torch.inference_mode()
 def answer_head_activations(model, questions: Sequence[MCQuestion], fmt: PromptFormat,
-                            batch_size: int = 16) -> HeadActs:
+                            batch_size: int = 16, progress: bool = False) -> HeadActs:
     """Head outputs at the answer tokens of every MC2 choice of every question.
 
     Returns ``z [N_tokens, n_layers, n_heads, d_head]`` (float32, CPU) from ``blocks.{l}.attn.hook_z`` and
-    ``is_true [N_tokens]`` (bool, the token's choice label). Encoding, right padding and the continuation
-    span (the last ``n_cont`` tokens) are those of :func:`hpr.activations.answer_activations`.
+    ``is_true [N_tokens]`` (bool, the token's choice label). Tokens are those of
+    :func:`hpr.activations.answer_activations`; the result is allocated once and filled from the hooks, so
+    memory is the result plus one batch, whatever the number of questions.
     """
     choices = [c for q in questions for c in q.mc2]
     pairs = [(fmt.context(q), fmt.continuation(c.text)) for q in questions for c in q.mc2]
     if not pairs:
         raise ValueError("no MC2 choices to collect head activations from")
     names = [head_z_hook(layer) for layer in range(model.cfg.n_layers)]
-    wanted = set(names)
     encoded = encode_all(model, pairs)
-    pad_id = pad_token_id(model)
-    zs, labels = [], []
-    for start in range(0, len(encoded), batch_size):
-        batch = encoded[start : start + batch_size]
-        ids, _ = pad_batch(batch, pad_id)
-        _, cache = model.run_with_cache(ids.to(model.cfg.device), names_filter=lambda n: n in wanted)
-        stacked = torch.stack([cache[n] for n in names], dim=2)  # [b, pos, layers, heads, d_head]
-        for i, (e, choice) in enumerate(zip(batch, choices[start : start + batch_size])):
-            total = len(e.tokens)
-            zs.append(stacked[i, total - e.n_cont : total].float().cpu())
-            labels.append(torch.full((e.n_cont,), choice.is_true, dtype=torch.bool))
-    return torch.cat(zs), torch.cat(labels)
+    z = torch.empty(sum(e.n_cont for e in encoded), len(names), model.cfg.n_heads, model.cfg.d_head)
+    gather_continuations(model, encoded, names, z, batch_size, progress=progress)
+    labels = torch.cat([torch.full((e.n_cont,), c.is_true, dtype=torch.bool) for e, c in zip(encoded, choices)])
+    return z, labels
 
 
 def _check_head_acts(acts: HeadActs, name: str, both_classes: bool) -> tuple[Tensor, Tensor]:

@@ -142,6 +142,7 @@ def load_built(folder: Path, device=None, dtype=None):
     model = new_hooked_transformer(record["model_cfg"], tokenizer)
     model.load_state_dict(load_file(folder / "model.safetensors"), strict=True)
     model.eval()
+    model.requires_grad_(False)  # inference only, as hpr.models.load_model
     model.to(dtype or torch.float32)
     model.to(device or "cpu")
     use_matmul_layout(model)
