@@ -18,10 +18,11 @@ import pandas as pd
 import torch
 
 from hpr import ops
-from hpr.activations import resid_names
+from hpr.activations import gather_continuations, resid_names
 from hpr.data.prompts import PromptFormat
 from hpr.data.schema import MCQuestion
-from hpr.scoring import encode_all, encode_context, pad_batch, pad_token_id
+from hpr.encoding import encode_all, encode_context, pad_token_id
+from hpr.evaluate import true_answer_pairs
 
 
 @dataclass
@@ -117,23 +118,15 @@ def _applied(editor, model):
 @torch.inference_mode()
 def resid_tokens(model, questions: Sequence[MCQuestion], fmt: PromptFormat, editor=None,
                  batch_size: int = 16) -> torch.Tensor:
-    """``hook_resid_post`` of every layer at every real token of prompt + true answer: ``[tokens, layers, d]``.
+    """``hook_resid_post`` of every layer at every token of each question's true answer: ``[tokens, layers, d]``.
 
-    The editor's hooks attach first, so at a layer it edits these are the edited activations.
+    The editor's hooks attach first, so at a layer it edits these are the edited activations. Contexts run
+    once each (:mod:`hpr.continuations`); only the answer tokens are kept, so memory is the result.
     """
-    names = resid_names(model.cfg.n_layers)
-    wanted = set(names)
-    encoded = encode_all(model, [(fmt.context(q), fmt.continuation(q.mc1[0].text)) for q in questions])
-    pad_id = pad_token_id(model)
-    out = []
-    for start in range(0, len(encoded), batch_size):
-        ids, lengths = pad_batch(encoded[start : start + batch_size], pad_id)
-        mask = torch.arange(ids.shape[1])[None] < lengths[:, None]
-        with _applied(editor, model):
-            _, cache = model.run_with_cache(ids.to(model.cfg.device), names_filter=lambda n: n in wanted)
-        stacked = torch.stack([cache[n] for n in names], dim=2).float().cpu()  # b pos L d
-        out.append(stacked[mask])
-    return torch.cat(out)
+    encoded = encode_all(model, true_answer_pairs(questions, fmt))
+    out = torch.empty(sum(e.n_cont for e in encoded), model.cfg.n_layers, model.cfg.d_model)
+    with _applied(editor, model):
+        return gather_continuations(model, encoded, resid_names(model.cfg.n_layers), out, batch_size)
 
 
 def box_stats(values: torch.Tensor) -> dict:
@@ -150,7 +143,7 @@ def norm_quantiles(model, questions: Sequence[MCQuestion], fmt: PromptFormat, ed
                    batch_size: int = 16) -> pd.DataFrame:
     """Per method and layer, box statistics of the per-token ``||h||`` at ``hook_resid_post`` (Fig. 4).
 
-    Every token of prompt + true answer of every question counts (exact quantiles, no subsampling).
+    Every token of every true answer counts (exact quantiles, no subsampling).
     """
     rows = []
     for method, editor in editors.items():
@@ -174,7 +167,7 @@ def direction_magnitude(model, questions: Sequence[MCQuestion], fmt: PromptForma
                         layer: int, max_tokens: int = 2000, batch_size: int = 16) -> pd.DataFrame:
     """Per token at ``layer``: ``cos(h_edit, h_base)`` and ``||h_edit|| / ||h_base||`` for each method.
 
-    Tokens are the first ``max_tokens`` of prompt + true answer; tokens an edit leaves exactly unchanged are
+    Tokens are the first ``max_tokens`` true-answer tokens; tokens an edit leaves exactly unchanged are
     kept (they sit at (1, 1)), so the picture shows how much of the stream each method touches.
     """
     base = resid_tokens(model, questions, fmt, None, batch_size)[:max_tokens, layer]

@@ -11,7 +11,9 @@ import torch
 from hpr.activations import resid_names
 from hpr.data.prompts import PromptFormat
 from hpr.data.schema import MCQuestion
-from hpr.scoring import encode_all, pad_batch, pad_token_id, score
+from hpr.continuations import continuation_batches
+from hpr.encoding import encode_all
+from hpr.scoring import score
 
 
 def _applied(editor, model):
@@ -34,79 +36,76 @@ def predictions(model, questions: Sequence[MCQuestion], fmt: PromptFormat, metho
     })
 
 
+def true_answer_pairs(questions: Sequence[MCQuestion], fmt: PromptFormat) -> list[tuple[str, str]]:
+    """``(context, continuation)`` of each question's true MC1 answer: the tokens the norm measures read."""
+    return [(fmt.context(q), fmt.continuation(q.mc1[0].text)) for q in questions]
+
+
 @torch.inference_mode()
+def answer_norms(model, questions: Sequence[MCQuestion], fmt: PromptFormat, editor=None,
+                 batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """``||h||`` at ``hook_resid_post`` of every layer at each true answer's tokens, ``(before, after)``.
+
+    Both ``[tokens, layers]`` from one pass with ``editor`` applied: ``before`` is what the block computed at
+    the hook, ``after`` what leaves it after the editor's own hook there (equal where the editor does not
+    act at ``hook_resid_post``). Contexts run once each (:mod:`hpr.continuations`) and the norms are taken
+    at the answer tokens only: the tokens that are scored, and the ones every editor edits.
+    """
+    names = resid_names(model.cfg.n_layers)
+    encoded = encode_all(model, true_answer_pairs(questions, fmt))
+    starts = torch.tensor([0] + [e.n_cont for e in encoded]).cumsum(0)
+    before = torch.empty(int(starts[-1]), len(names))
+    after = torch.empty_like(before)
+    reading: dict = {}  # the continuation pass's cells while it runs; empty during context passes
+
+    def recorder(store: torch.Tensor, k: int):
+        def hook(act, hook):
+            if reading:
+                norms = act[reading["rows"], reading["cols"]].float().norm(dim=-1)
+                store[:, k].index_copy_(0, reading["targets"], norms.cpu())
+        return hook
+
+    # The editor's hooks attach between the two recorders, so they see its input and its output.
+    with model.hooks(fwd_hooks=[(n, recorder(before, k)) for k, n in enumerate(names)]):
+        with _applied(editor, model):
+            with model.hooks(fwd_hooks=[(n, recorder(after, k)) for k, n in enumerate(names)]):
+                for batch in continuation_batches(model, encoded, batch_size):
+                    rows, cols = batch.continuation_cells(predicting=False)
+                    targets = torch.cat([torch.arange(int(starts[i]), int(starts[i + 1])) for i in batch.index])
+                    reading.update(rows=rows, cols=cols, targets=targets)
+                    batch.run(model, stop_at_layer=model.cfg.n_layers)
+                    reading.clear()
+    return before, after
+
+
+def _mean_relative_change(new: torch.Tensor, old: torch.Tensor) -> list[float]:
+    """Per layer: mean over tokens of ``|new - old| / old`` (norms ``[tokens, layers]``)."""
+    return ((new.double() - old.double()).abs() / old.double().clamp_min(1e-12)).mean(0).tolist()
+
+
 def edit_norm_change(model, questions: Sequence[MCQuestion], fmt: PromptFormat, editor,
                      batch_size: int = 16) -> list[float]:
-    """Per layer: mean over tokens of ``| ||h_out|| - ||h_in|| | / ||h_in||`` at ``hook_resid_post``.
+    """Per layer: mean over true-answer tokens of ``| ||h_out|| - ||h_in|| | / ||h_in||`` at ``hook_resid_post``.
 
     ``h_in`` is what the block computed at that hook in the edited forward pass, ``h_out`` what leaves the
     hook after the editor's own hook there: the norm change *caused by the edit at that layer*. Layers the
-    editor does not touch at ``hook_resid_post`` read 0. Tokens: every position of prompt + true answer.
+    editor does not touch at ``hook_resid_post`` read 0.
     """
-    names = resid_names(model.cfg.n_layers)
-    encoded = encode_all(model, [(fmt.context(q), fmt.continuation(q.mc1[0].text)) for q in questions])
-    pad_id = pad_token_id(model)
-    sums = torch.zeros(len(names), dtype=torch.float64)
-    count = 0
-    for start in range(0, len(encoded), batch_size):
-        batch = encoded[start : start + batch_size]
-        ids, lengths = pad_batch(batch, pad_id)
-        mask = torch.arange(ids.shape[1])[None] < lengths[:, None]
-        norms_in: dict[str, torch.Tensor] = {}
-        change: dict[str, torch.Tensor] = {}
-
-        def before(act, hook):
-            norms_in[hook.name] = act.float().norm(dim=-1)
-
-        def after(act, hook):
-            n_in = norms_in[hook.name]
-            change[hook.name] = (act.float().norm(dim=-1) - n_in).abs() / n_in.clamp_min(1e-12)
-
-        with model.hooks(fwd_hooks=[(n, before) for n in names]):
-            with _applied(editor, model):
-                with model.hooks(fwd_hooks=[(n, after) for n in names]):
-                    model(ids.to(model.cfg.device), return_type=None)
-        for i, n in enumerate(names):
-            sums[i] += change[n].cpu()[mask].double().sum()
-        count += int(mask.sum())
-    return (sums / count).tolist()
+    before, after = answer_norms(model, questions, fmt, editor, batch_size)
+    return _mean_relative_change(after, before)
 
 
-@torch.inference_mode()
 def norm_change_vs_base(model, questions: Sequence[MCQuestion], fmt: PromptFormat, editor,
-                        batch_size: int = 16) -> list[float]:
-    """Per layer: mean over tokens of ``| ||h_edit|| - ||h_base|| | / ||h_base||`` at ``hook_resid_post``.
+                        batch_size: int = 16, base_norms: torch.Tensor | None = None) -> list[float]:
+    """Per layer: mean over true-answer tokens of ``| ||h_edit|| - ||h_base|| | / ||h_base||`` at ``hook_resid_post``.
 
-    ``h_base`` comes from an unedited pass, ``h_edit`` from the edited pass on the same tokens (every
-    position of prompt + true answer), so this counts everything the edit does to the residual norm at that
-    layer, including edits made inside attention (ITI) and the downstream effect of earlier edited layers.
-    The base itself reads 0.
+    ``h_base`` comes from an unedited pass (``base_norms``: its ``answer_norms(...)[1]``, computed here if not
+    given), ``h_edit`` from the edited pass on the same tokens, so this counts everything the edit does to the
+    residual norm at that layer, including edits made inside attention (ITI) and the downstream effect of
+    earlier edited layers. The base itself reads 0.
     """
     if editor is None:
         return [0.0] * model.cfg.n_layers
-    names = resid_names(model.cfg.n_layers)
-    encoded = encode_all(model, [(fmt.context(q), fmt.continuation(q.mc1[0].text)) for q in questions])
-    pad_id = pad_token_id(model)
-    sums = torch.zeros(len(names), dtype=torch.float64)
-    count = 0
-    for start in range(0, len(encoded), batch_size):
-        ids, lengths = pad_batch(encoded[start : start + batch_size], pad_id)
-        mask = torch.arange(ids.shape[1])[None] < lengths[:, None]
-        norms: dict[str, dict[str, torch.Tensor]] = {"base": {}, "edit": {}}
-
-        def recorder(kind):
-            def hook(act, hook):
-                norms[kind][hook.name] = act.float().norm(dim=-1).cpu()
-            return hook
-
-        for kind in ("base", "edit"):
-            # The editor's hooks attach first, so at a layer it edits the recorder sees the edited value.
-            with _applied(editor if kind == "edit" else None, model):
-                with model.hooks(fwd_hooks=[(n, recorder(kind)) for n in names]):
-                    model(ids.to(model.cfg.device), return_type=None)
-        for i, n in enumerate(names):
-            base = norms["base"][n]
-            rel = (norms["edit"][n] - base).abs() / base.clamp_min(1e-12)
-            sums[i] += rel[mask].double().sum()
-        count += int(mask.sum())
-    return (sums / count).tolist()
+    if base_norms is None:
+        base_norms = answer_norms(model, questions, fmt, None, batch_size)[1]
+    return _mean_relative_change(answer_norms(model, questions, fmt, editor, batch_size)[1], base_norms)

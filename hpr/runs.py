@@ -298,6 +298,7 @@ def reproduce(cfg: RunConfig, out: Path, device=None, progress: bool = True) -> 
     done = step("evaluation")
     frames = []
     norm_change, norm_vs_base = {}, {}
+    base_norms = None  # resid_post norms of the unedited pass at the test answers, computed once
     for method in cfg.methods:
         editor = None if method == "base" else load_editor(editors_dir / method)
         path = out / "predictions" / f"{method}.parquet"
@@ -308,8 +309,12 @@ def reproduce(cfg: RunConfig, out: Path, device=None, progress: bool = True) -> 
             df.to_parquet(tmp, index=False)
             os.replace(tmp, path)
         frames.append(pd.read_parquet(path))
-        norm_change[method] = evaluate.edit_norm_change(model, parts["test"], fmt, editor, cfg.batch_size)
-        norm_vs_base[method] = evaluate.norm_change_vs_base(model, parts["test"], fmt, editor, cfg.batch_size)
+        before, after = evaluate.answer_norms(model, parts["test"], fmt, editor, cfg.batch_size)
+        base_norms = after if editor is None else base_norms
+        if base_norms is None:
+            base_norms = evaluate.answer_norms(model, parts["test"], fmt, None, cfg.batch_size)[1]
+        norm_change[method] = evaluate._mean_relative_change(after, before)
+        norm_vs_base[method] = evaluate._mean_relative_change(after, base_norms)
     preds = pd.concat(frames, ignore_index=True)
     tmp = out / "predictions.parquet.tmp"
     preds.to_parquet(tmp, index=False)

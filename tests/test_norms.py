@@ -7,19 +7,19 @@ import hpr
 from hpr.data.prompts import PromptFormat
 from hpr.editors.additive import CAAEditor
 from hpr.editors.hpr import HPREditor, LayerwiseHPR
-from hpr.evaluate import norm_change_vs_base
+from hpr.encoding import encode_all
+from hpr.evaluate import edit_norm_change, norm_change_vs_base
 from hpr.toyworld import toy_dataset
 
 FMT = PromptFormat(primer="", separator="\n")
 
 
 def _resid(model, questions, layer):
-    """resid_post at ``layer`` for prompt + true answer of each question, one sequence at a time."""
+    """resid_post at ``layer`` at the true answer's tokens of each question, one whole sequence at a time."""
     out = []
-    for q in questions:
-        text = FMT.context(q) + FMT.continuation(q.mc1[0].text)
-        _, cache = model.run_with_cache(text, names_filter=f"blocks.{layer}.hook_resid_post")
-        out.append(cache[f"blocks.{layer}.hook_resid_post"][0])
+    for e in encode_all(model, [(FMT.context(q), FMT.continuation(q.mc1[0].text)) for q in questions]):
+        _, cache = model.run_with_cache(torch.tensor([e.tokens]), names_filter=f"blocks.{layer}.hook_resid_post")
+        out.append(cache[f"blocks.{layer}.hook_resid_post"][0, -e.n_cont :])
     return out
 
 
@@ -35,6 +35,8 @@ def test_caa_norm_change_matches_a_hand_computation(tiny_toy):
     expected = ((base + 0.5 * vector).norm(dim=-1) - base.norm(dim=-1)).abs() / base.norm(dim=-1)
     assert change[1] == pytest.approx(expected.mean().item(), rel=1e-4)
     assert norm_change_vs_base(model, questions, FMT, None) == [0.0, 0.0]
+    at_hook = edit_norm_change(model, questions, FMT, editor, batch_size=4)  # the edit's own hook: same here
+    assert at_hook[0] == 0.0 and at_hook[1] == pytest.approx(expected.mean().item(), rel=1e-4)
 
 
 def test_hpr_alone_preserves_the_norm_at_its_layer(tiny_toy):
