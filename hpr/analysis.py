@@ -49,7 +49,7 @@ class Run:
     def model(self):
         import hpr
 
-        return hpr.load_model(self.config["model"], device=self.device)
+        return hpr.load_model(self.config["model"], device=self.device, dtype=self.config.get("dtype"))
 
     @cached_property
     def fmt(self) -> PromptFormat:

@@ -15,7 +15,7 @@ def _reproduce(args) -> int:
 
     # "--methods base hpr" and "--methods base,hpr" both work
     methods = tuple(m for arg in args.methods or () for m in arg.split(",") if m) or METHODS
-    cfg = RunConfig(model=args.model, dataset=args.dataset, data_path=args.data_path,
+    cfg = RunConfig(model=args.model, dtype=args.dtype, dataset=args.dataset, data_path=args.data_path,
                     methods=methods, limit=args.limit, seed=args.seed,
                     batch_size=args.batch_size, fp16_activations=args.fp16_activations,
                     hpr=HPRTrainConfig(top_k=args.top_k), iti_k=args.iti_k,
@@ -55,13 +55,15 @@ def _toyworld(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hpr.runs import METHODS
+    from hpr.runs import METHODS, RunConfig
 
     parser = argparse.ArgumentParser(prog="hpr", description="Activation editing workbench (HPR and baselines)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     rep = sub.add_parser("reproduce", help="run the whole pipeline into a run folder (resumes)")
     rep.add_argument("--model", default="toy", help='"toy", a local HF checkpoint dir, or a hub id')
+    rep.add_argument("--dtype", default=RunConfig.dtype,
+                     help="model dtype: float32 (CPU default) | bfloat16 | float16 (GPU)")
     rep.add_argument("--dataset", default="toy", choices=["toy", "truthfulqa", "jsonl"])
     rep.add_argument("--data-path", default=None, help="file or folder for truthfulqa / jsonl")
     rep.add_argument("--out", required=True, help="run folder")

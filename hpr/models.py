@@ -25,6 +25,21 @@ TransformerLens 3.9 + transformers 5 traps, and how they are avoided:
   no longer has (it is ``n_positions``); it also ignores ``n_inner``. We add
   ``n_ctx`` to the temporary config and fix ``d_mlp`` afterwards. This breaks TL's
   own hub route for ``"gpt2"`` too, so hub ids take the same route as directories.
+* TL 3.9 knows Gemma 2 only as the fixed configs of Google's released sizes, chosen by hub name
+  (``google/gemma-2-2b`` ...); for any other name its table raises "not currently supported". We
+  build the same HookedTransformerConfig from the checkpoint's HF config (:func:`_gemma2_cfg_dict`):
+  attention scaled by ``query_pre_attn_scalar`` (not ``head_dim``), soft-capping, sliding/global
+  layers from ``layer_types``. TL's weight conversion for it is used as is (it scales the embedding by
+  sqrt(d_model), adds Gemma's 1 to the RMSNorm weights and reads the unembedding through ``lm_head``,
+  which is the embedding for tied checkpoints).
+* TL's GPT-NeoX branch ignores the rotary base (``rope_theta``, in ``rope_parameters`` in
+  transformers 5) and keeps TL's default 10000; we set it from the config. TL's Mistral branch caps
+  ``n_ctx`` at 2048 (TL allocates ``n_ctx``-sized masks and rotary tables per layer); left as is.
+* TL ignores sliding-window attention where HF applies it (e.g. Qwen2 with ``use_sliding_window``).
+  Rather than return a model whose attention differs beyond the window, we compare the per-layer
+  windows of both configs and refuse a mismatch (:func:`_check_attention_windows`).
+* Model types outside :data:`SUPPORTED_MODEL_TYPES` are refused before anything is converted: TL may
+  well convert more, but nothing here checks that their activations are the HF model's.
 * ``HF_HUB_OFFLINE`` is read by huggingface_hub once, at import; we re-read it per
   call so that setting it later (tests, notebooks) still prevents network access.
 """
@@ -47,9 +62,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# model_type values whose TL conversion is tested (tests/test_models.py). Others are
-# attempted through TL's generic conversion and fail with a ValueError naming these.
-SUPPORTED_MODEL_TYPES = ("gpt2", "llama")
+# model_type values whose TL conversion is tested against HF (tests/test_models.py); load_model
+# refuses every other one with a ValueError naming these.
+SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "gemma2", "gpt_neox")
 
 _DTYPES = {
     "float32": torch.float32,
@@ -94,6 +109,20 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     raise ValueError(f"Unsupported dtype {dtype!r}; use one of {sorted(_DTYPES)} or a torch.dtype")
 
 
+def model_dtype(dtype: torch.dtype | str | None, device: torch.device | str) -> torch.dtype:
+    """:func:`_resolve_dtype`, refusing float16 on a CPU.
+
+    CPU float16 kernels are slow or missing for some ops, and float16's range (max 65504) is easily
+    exceeded by the residual streams of unnormalised models; bfloat16 takes the same memory and has
+    float32's range and proper CPU kernels. Callers that can fail early (``hpr reproduce``) call this
+    before doing any work.
+    """
+    resolved = _resolve_dtype(dtype)
+    if resolved == torch.float16 and torch.device(device).type == "cpu":
+        raise ValueError("dtype float16 needs a GPU; on a CPU use bfloat16 (same memory) or float32")
+    return resolved
+
+
 def load_model(
     name_or_path: str,
     device: torch.device | str | None = None,
@@ -106,7 +135,7 @@ def load_model(
     a Hugging Face hub id (needs network or the hub cache).
     """
     device = torch.device(device) if device is not None else default_device()
-    dtype = _resolve_dtype(dtype)
+    dtype = model_dtype(dtype, device)
 
     if name_or_path == "toy":
         from hpr.toyworld import load_toy_model
@@ -163,6 +192,16 @@ def _fetching(src: str, hub: bool, offline: bool):
         ) from e
 
 
+def _check_supported(model_type: str) -> None:
+    """Refuse model types whose conversion nothing here has compared with HF."""
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"model_type {model_type!r} is not supported: hpr loads only architectures whose "
+            f"TransformerLens conversion it checks against Hugging Face, which are "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}."
+        )
+
+
 @contextlib.contextmanager
 def _converting(model_type: str):
     """Turn TL's assorted conversion failures into one ValueError."""
@@ -185,8 +224,7 @@ def _load_hf(
     with _fetching(src, hub, offline=local_files_only):
         hf_config = AutoConfig.from_pretrained(src, local_files_only=local_files_only)
     model_type = getattr(hf_config, "model_type", "?")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        log.warning("model_type %r is untested here; trying TL's generic conversion", model_type)
+    _check_supported(model_type)
 
     with tempfile.TemporaryDirectory(prefix="hpr_tl_") as tl_dir:
         if any(m in tl_dir.lower() for m in _TL_NAME_MARKERS):
@@ -194,6 +232,7 @@ def _load_hf(
         # Convert the config before loading weights, so unsupported models fail fast.
         with _converting(model_type):
             cfg = _hooked_config(loading, hf_config, tl_dir, src, device, dtype)
+        _check_attention_windows(hf_config, cfg)
         with _fetching(src, hub, offline=local_files_only):
             tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=local_files_only)
             hf_model = AutoModelForCausalLM.from_pretrained(
@@ -235,21 +274,13 @@ def _load_hf(
 def _hooked_config(
     loading, hf_config, tl_dir: str, src: str, device: torch.device, dtype: torch.dtype
 ) -> "HookedTransformerConfig":
-    """HookedTransformerConfig from an HF config, via TL's own conversion table."""
+    """HookedTransformerConfig from an HF config, via TL's own conversion table where it has one."""
     from transformer_lens import HookedTransformerConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    tl_hf_config = copy.deepcopy(hf_config)
-    if not tl_hf_config.architectures:  # TL dispatches on architectures[0]; bare configs lack it
-        arch = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(hf_config.model_type)
-        tl_hf_config.architectures = [arch] if arch else None
-    if hf_config.model_type == "gpt2" and not hasattr(hf_config, "n_ctx"):
-        tl_hf_config.n_ctx = hf_config.n_positions  # TL reads n_ctx (gone in transformers 5)
-    tl_hf_config.save_pretrained(tl_dir)
-
-    cfg_dict = loading.convert_hf_model_config(tl_dir, local_files_only=True)
-    if hf_config.model_type == "gpt2" and getattr(hf_config, "n_inner", None):
-        cfg_dict["d_mlp"] = hf_config.n_inner  # TL assumes 4 * d_model
+    if hf_config.model_type == "gemma2":
+        cfg_dict = _gemma2_cfg_dict(hf_config)
+    else:
+        cfg_dict = _tl_cfg_dict(loading, hf_config, tl_dir)
     # What TL's get_pretrained_model_config adds on top (no LN folding, so the norm
     # type stays "LN"/"RMS"), with the real name instead of the temporary directory's.
     cfg_dict.update(
@@ -264,6 +295,105 @@ def _hooked_config(
     )
     cfg_dict.setdefault("default_prepend_bos", True)
     return HookedTransformerConfig.from_dict(cfg_dict)
+
+
+def _tl_cfg_dict(loading, hf_config, tl_dir: str) -> dict:
+    """TL's ``convert_hf_model_config`` of ``hf_config`` (written to ``tl_dir``), with its gaps filled."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = hf_config.model_type
+    tl_hf_config = copy.deepcopy(hf_config)
+    if not tl_hf_config.architectures:  # TL dispatches on architectures[0]; bare configs lack it
+        arch = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+        tl_hf_config.architectures = [arch] if arch else None
+    if model_type == "gpt2" and not hasattr(hf_config, "n_ctx"):
+        tl_hf_config.n_ctx = hf_config.n_positions  # TL reads n_ctx (gone in transformers 5)
+    tl_hf_config.save_pretrained(tl_dir)
+
+    cfg_dict = loading.convert_hf_model_config(tl_dir, local_files_only=True)
+    if model_type == "gpt2" and getattr(hf_config, "n_inner", None):
+        cfg_dict["d_mlp"] = hf_config.n_inner  # TL assumes 4 * d_model
+    if model_type == "gpt_neox":
+        cfg_dict["rotary_base"] = _rope_theta(hf_config)  # TL keeps its default 10000
+    return cfg_dict
+
+
+def _rope_theta(hf_config) -> float:
+    """The rotary base: in ``rope_parameters`` since transformers 5, a top-level attribute before."""
+    params = getattr(hf_config, "rope_parameters", None) or {}
+    return params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+
+
+# HF's layer_types entries -> TL's attn_types entries.
+_TL_ATTN_TYPES = {"sliding_attention": "local", "full_attention": "global"}
+
+
+def _gemma2_cfg_dict(hf_config) -> dict:
+    """Gemma 2's HookedTransformerConfig fields, read from its HF config.
+
+    TL 3.9 has only fixed dicts for the released sizes, picked by hub name; these are the same
+    fields, plus the ``original_architecture`` that TL's weight conversion dispatches on.
+    """
+    from transformer_lens.config.hooked_transformer_config import SOFTCAP_DISABLED
+
+    layer_types = list(hf_config.layer_types)
+    use_local_attn = hf_config.sliding_window is not None and "sliding_attention" in layer_types
+    return {
+        "d_model": hf_config.hidden_size,
+        "d_head": hf_config.head_dim,  # not necessarily hidden_size / num_attention_heads
+        "n_heads": hf_config.num_attention_heads,
+        "n_key_value_heads": hf_config.num_key_value_heads,
+        "d_mlp": hf_config.intermediate_size,
+        "n_layers": hf_config.num_hidden_layers,
+        "n_ctx": hf_config.max_position_embeddings,
+        "eps": hf_config.rms_norm_eps,
+        "d_vocab": hf_config.vocab_size,
+        "act_fn": hf_config.hidden_activation,
+        "initializer_range": hf_config.initializer_range,
+        "normalization_type": "RMS",
+        "final_rms": True,
+        "gated_mlp": True,
+        "use_normalization_before_and_after": True,  # pre/post attention and feedforward norms
+        "positional_embedding_type": "rotary",
+        "rotary_base": _rope_theta(hf_config),
+        "use_attn_scale": True,
+        # HF scales attention scores by query_pre_attn_scalar ** -0.5; TL divides them by attn_scale.
+        "attn_scale": hf_config.query_pre_attn_scalar**0.5,
+        "use_local_attn": use_local_attn,
+        "window_size": hf_config.sliding_window if use_local_attn else None,
+        "attn_types": [_TL_ATTN_TYPES[t] for t in layer_types] if use_local_attn else None,
+        "attn_scores_soft_cap": hf_config.attn_logit_softcapping or SOFTCAP_DISABLED,
+        "output_logits_soft_cap": hf_config.final_logit_softcapping or SOFTCAP_DISABLED,
+        "original_architecture": "Gemma2ForCausalLM",
+    }
+
+
+def _hf_windows(hf_config) -> list[int | None]:
+    """Per layer, the sliding window HF attends over (None: full causal attention)."""
+    window = getattr(hf_config, "sliding_window", None)
+    layer_types = getattr(hf_config, "layer_types", None)
+    if layer_types is None:  # Mistral: every layer slides when sliding_window is set
+        return [window] * hf_config.num_hidden_layers
+    return [window if t == "sliding_attention" else None for t in layer_types]
+
+
+def _tl_windows(cfg: "HookedTransformerConfig") -> list[int | None]:
+    """Per layer, the sliding window the converted HookedTransformer attends over."""
+    if not cfg.use_local_attn:
+        return [None] * cfg.n_layers
+    return [cfg.window_size if t == "local" else None for t in cfg.attn_types]
+
+
+def _check_attention_windows(hf_config, cfg: "HookedTransformerConfig") -> None:
+    """Refuse a conversion that drops (or invents) sliding-window attention: its outputs would match
+    HF's only on sequences shorter than the window, so a short test would not catch it."""
+    hf, tl = _hf_windows(hf_config), _tl_windows(cfg)
+    if hf != tl:
+        raise ValueError(
+            f"This {hf_config.model_type} checkpoint attends over sliding windows (per layer: {hf}) "
+            f"that TransformerLens's conversion does not reproduce ({tl}); hpr does not load a model "
+            f"whose attention differs from the checkpoint's."
+        )
 
 
 # The order TransformerLens permutes each weight into before F.linear, on every forward pass: the unembed

@@ -37,6 +37,7 @@ from hpr.editors.lora import LoRATrainConfig, fit_lora
 from hpr.editors.reptune import RepTuneTrainConfig, fit_reptune
 from hpr.editors.sadi import fit_sadi, mean_differences
 from hpr.editors.sea import fit_sea, last_layers, sea_activations
+from hpr.models import default_device, model_dtype
 
 log = logging.getLogger(__name__)
 METHODS = ("base", "hpr", "hpr_no_angle", "iti15", "iti200", "caa", "diff", "sea", "sadi", "lora", "reptune")
@@ -45,6 +46,8 @@ METHODS = ("base", "hpr", "hpr_no_angle", "iti15", "iti200", "caa", "diff", "sea
 @dataclass(frozen=True)
 class RunConfig:
     model: str = field(default="toy", metadata={"help": '"toy", a local HF checkpoint dir, or a hub id'})
+    dtype: str = field(default="float32",
+                       metadata={"help": "model dtype: float32 (CPU default) | bfloat16 | float16 (GPU)"})
     dataset: str = field(default="toy", metadata={"help": "toy | truthfulqa | jsonl"})
     data_path: str | None = field(default=None, metadata={"help": "file or folder for truthfulqa / jsonl"})
     methods: tuple[str, ...] = field(default=METHODS, metadata={"help": "methods to evaluate"})
@@ -73,6 +76,7 @@ class RunConfig:
 
     @classmethod
     def from_json(cls, d: dict) -> RunConfig:
+        """Fields missing from ``d`` (run folders written before they existed) take their defaults."""
         d = dict(d)
         d["hpr"] = HPRTrainConfig(**d.get("hpr", {}))
         d["lora"] = LoRATrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.get("lora", {}).items()})
@@ -81,6 +85,16 @@ class RunConfig:
             if k in d:
                 d[k] = tuple(d[k])
         return cls(**d)
+
+
+def same_settings(recorded: dict | None, cfg: RunConfig) -> bool:
+    """Whether a run folder's recorded settings are ``cfg``'s. Compared after a round trip through
+    :meth:`RunConfig.from_json`, so that a folder written before a setting existed (``dtype``) still
+    resumes when the new setting has its default."""
+    try:
+        return RunConfig.from_json(recorded).to_json() == cfg.to_json()
+    except TypeError:  # not a dict, or fields this version does not know
+        return False
 
 
 def _write_json(path: Path, obj) -> None:
@@ -235,12 +249,13 @@ def reproduce(cfg: RunConfig, out: Path, device=None, progress: bool = True) -> 
     if unknown:
         raise ValueError(f"unknown methods {sorted(unknown)}; available: {list(METHODS)}, or iti<alpha> "
                          "(e.g. iti50) for ITI at any alpha")
+    dtype = model_dtype(cfg.dtype, device or default_device())  # a bad --dtype fails before any work
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "config.json"
     if cfg_path.exists():
         old = json.loads(cfg_path.read_text())
-        if old.get("run") != cfg.to_json():
+        if not same_settings(old.get("run"), cfg):
             raise ValueError(f"{out} holds a run with other settings ({cfg_path}); pick another --out or rerun "
                              "with the same settings to resume")
     _write_json(cfg_path, {"run": cfg.to_json(), "hpr_version": hpr.__version__})
@@ -251,7 +266,7 @@ def reproduce(cfg: RunConfig, out: Path, device=None, progress: bool = True) -> 
         return lambda: timings.__setitem__(name, round(time.perf_counter() - t0, 2))
 
     done = step("load_model")
-    model = hpr.load_model(cfg.model, device=device)
+    model = hpr.load_model(cfg.model, device=device, dtype=dtype)
     done()
     questions = load_dataset(cfg.dataset, cfg.data_path)
     if cfg.limit is not None:
