@@ -89,3 +89,85 @@ def score_one_at_a_time(model, pairs) -> list[float]:
         targets = torch.tensor(e.tokens[total - e.n_cont :], device=logprobs.device)
         out.append(float(logprobs[total - e.n_cont - 1 : total - 1].gather(-1, targets[:, None]).sum()))
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The paths hpr.continuations replaced, kept as the baselines of the real-model-shape measures: collection
+# ran every answer whole (primer and question recomputed for each answer); scoring ran each question's
+# context once into a KV cache, but the few-shot primer again for every question.
+
+
+@torch.inference_mode()
+def collect_whole_sequences(model, pairs, batch_size: int = 16) -> Tensor:
+    """resid_post of every layer at every continuation token, each pair run whole (right-padded batches)."""
+    from hpr.encoding import encode_all, pad_batch, pad_token_id
+
+    encoded = encode_all(model, pairs)
+    n_layers = model.cfg.n_layers
+    out = torch.empty(sum(e.n_cont for e in encoded), n_layers, model.cfg.d_model)
+    start = 0
+    for first in range(0, len(encoded), batch_size):
+        batch = encoded[first : first + batch_size]
+        ids, _ = pad_batch(batch, pad_token_id(model))
+        rows = torch.tensor([i for i, e in enumerate(batch) for _ in range(e.n_cont)])
+        cols = torch.tensor([t for e in batch for t in range(len(e.tokens) - e.n_cont, len(e.tokens))])
+        span = slice(start, start + len(rows))
+
+        def keep(layer: int):
+            def hook(act, hook):
+                out[span, layer].copy_(act[rows, cols])
+            return hook
+
+        names = [f"blocks.{layer}.hook_resid_post" for layer in range(n_layers)]
+        with model.hooks(fwd_hooks=[(name, keep(layer)) for layer, name in enumerate(names)]):
+            model(ids.to(model.cfg.device), stop_at_layer=n_layers)
+        start += len(rows)
+    return out
+
+
+@torch.inference_mode()
+def score_question_contexts(model, pairs, batch_size: int = 16) -> list[float]:
+    """Each distinct context (primer + question) run once into a KV cache, then its continuations."""
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+    from hpr.continuations import _rows_of
+    from hpr.encoding import encode_all, pad_token_id
+    from hpr.scoring import final_logits
+
+    encoded = encode_all(model, pairs)
+    pad_id, device, n_layers = pad_token_id(model), model.cfg.device, model.cfg.n_layers
+    groups: dict[tuple, list[int]] = {}
+    for i, e in enumerate(encoded):
+        groups.setdefault(e.tokens[: len(e.tokens) - e.n_cont], []).append(i)
+    contexts = list(groups)
+    scores = [0.0] * len(encoded)
+    per_batch = max(1, batch_size // max(len(ix) for ix in groups.values()))
+    for first in range(0, len(contexts), per_batch):
+        chunk = contexts[first : first + per_batch]
+        width = max(map(len, chunk))
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for g, c in enumerate(chunk):
+            ids[g, width - len(c) :], mask[g, width - len(c) :] = torch.tensor(c), 1
+        cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, len(chunk))
+        resid = model(ids.to(device), past_kv_cache=cache, attention_mask=mask.to(device), stop_at_layer=n_layers)
+        first_logp = final_logits(model, resid[:, -1:])[:, 0].float().log_softmax(-1)
+        items = [(g, i) for g, c in enumerate(chunk) for i in groups[c]]
+        conts = {i: encoded[i].tokens[len(encoded[i].tokens) - encoded[i].n_cont :] for _, i in items}
+        for g, i in items:
+            scores[i] = float(first_logp[g, conts[i][0]])
+        longer = [(g, i) for g, i in items if len(conts[i]) > 1]
+        if not longer:
+            continue
+        width = max(len(conts[i]) - 1 for _, i in longer)
+        ids = torch.full((len(longer), width), pad_id, dtype=torch.long)
+        for r, (_, i) in enumerate(longer):
+            ids[r, : len(conts[i]) - 1] = torch.tensor(conts[i][:-1])
+        rows_cache = _rows_of(cache, torch.tensor([g for g, _ in longer], device=device))
+        ids = ids.to(device)
+        resid = model(ids, past_kv_cache=rows_cache, attention_mask=torch.ones_like(ids), stop_at_layer=n_layers)
+        logp = final_logits(model, resid).float().log_softmax(-1)
+        for r, (_, i) in enumerate(longer):
+            c = torch.tensor(conts[i][1:], device=device)
+            scores[i] += float(logp[r, : len(c)].gather(-1, c[:, None]).sum())
+    return scores

@@ -58,13 +58,14 @@ def answer_activations(model, pairs: Sequence[tuple[str, str]], batch_size: int 
 
 
 def gather_continuations(model, encoded: Sequence[Encoded], names: Sequence[str], out: Tensor,
-                         batch_size: int = 16, last_only: bool = False, progress: bool = False) -> Tensor:
+                         batch_size: int = 16, last_only: bool = False, progress=False) -> Tensor:
     """Write hook ``names[k]``'s activations at the continuation tokens of ``encoded`` into ``out[:, k]``.
 
     ``out`` is ``[total continuation tokens, len(names), *act_shape]`` (every token of every continuation,
     in order) or, with ``last_only``, ``[len(encoded), len(names), *act_shape]`` (each continuation's last
     token). Values are copied out of the hooks (``index_copy_``), so nothing keeps a batch alive; ``out`` may
-    be any float dtype and lives on the CPU. Stops after the last hooked block: no logits.
+    be any float dtype and lives on the CPU. Stops after the last hooked block: no logits. ``progress``: a
+    bool (a bar of its own) or a tqdm bar to advance by answers done.
     """
     from tqdm.auto import tqdm
 
@@ -76,8 +77,8 @@ def gather_continuations(model, encoded: Sequence[Encoded], names: Sequence[str]
     if len(out) != expected or out.shape[1] != len(names):
         raise ValueError(f"out has shape {tuple(out.shape)}, expected ({expected}, {len(names)}, ...)")
     stop = 1 + max(_block_of(name) for name in names)
-    bar = tqdm(total=len(encoded), disable=not progress, desc="activations", unit="answer", leave=False)
-    for batch in continuation_batches(model, encoded, batch_size, progress=bar):
+    own_bar = isinstance(progress, bool)
+    bar = tqdm(total=len(encoded), disable=not progress, desc="activations", unit="answer") if own_bar else progress
         if last_only:
             rows, cols = batch.last_cells()
             targets = torch.tensor(batch.index)
@@ -92,7 +93,8 @@ def gather_continuations(model, encoded: Sequence[Encoded], names: Sequence[str]
 
         with model.hooks(fwd_hooks=[(name, keep(k)) for k, name in enumerate(names)]):
             batch.run(model, stop_at_layer=stop)
-    bar.close()
+    if own_bar:
+        bar.close()
     return out
 
 
@@ -182,10 +184,13 @@ def collect(model, questions: Sequence[MCQuestion], fmt: PromptFormat, folder: P
     folder.mkdir(parents=True, exist_ok=True)
     blocks = [questions[i : i + questions_per_shard] for i in range(0, len(questions), questions_per_shard)]
     buffer = acts = tensors = None
-    for k, block in enumerate(tqdm(blocks, desc="activations", disable=not progress, unit="shard")):
+    bar = tqdm(total=sum(len(q.mc2) for q in questions), desc=f"activations {folder.name}", disable=not progress,
+               unit="answer")
+    for k, block in enumerate(blocks):
         path = _shard_path(folder, k)
         expected = [q.id for q in block for _ in q.mc2]
         if path.exists() and _shard_meta(path)["question_ids"] == expected:
+            bar.update(len(expected))
             continue
         pairs = [(fmt.context(q), fmt.continuation(c.text)) for q in block for c in q.mc2]
         encoded = encode_all(model, pairs)
@@ -198,12 +203,13 @@ def collect(model, questions: Sequence[MCQuestion], fmt: PromptFormat, folder: P
                                  dtype=torch.float16 if fp16 else torch.float32)
         acts = buffer[: sum(counts)]
         with torch.inference_mode():  # no graph: collection only reads the model
-            gather_continuations(model, encoded, resid_names(model.cfg.n_layers), acts, batch_size)
+            gather_continuations(model, encoded, resid_names(model.cfg.n_layers), acts, batch_size, progress=bar)
         meta = {"question_ids": expected, "is_true": [c.is_true for q in block for c in q.mc2]}
         tensors = {"acts": acts, "offsets": torch.tensor([0] + counts).cumsum(0)}
         tmp = path.with_suffix(".tmp")
         save_file(tensors, tmp, metadata={"answers": json.dumps(meta)})
         os.replace(tmp, path)
+    bar.close()
     buffer = acts = tensors = None  # freed before load allocates the result
     for stale in range(len(blocks), 1 << 30):  # shards of a longer earlier run
         if not _shard_path(folder, stale).exists():
