@@ -44,7 +44,8 @@ METHODS = ("base", "hpr", "hpr_no_angle", "iti15", "iti200", "caa", "diff", "sea
 
 @dataclass(frozen=True)
 class RunConfig:
-    model: str = field(default="toy", metadata={"help": '"toy", a local HF checkpoint dir, or a hub id'})
+    model: str = field(default="toy", metadata={
+        "help": '"toy", "smollm2", path/to/file.gguf, a local HF checkpoint dir, or a hub id'})
     dataset: str = field(default="toy", metadata={"help": "toy | truthfulqa | jsonl"})
     data_path: str | None = field(default=None, metadata={"help": "file or folder for truthfulqa / jsonl"})
     methods: tuple[str, ...] = field(default=METHODS, metadata={"help": "methods to evaluate"})
