@@ -79,6 +79,7 @@ def gather_continuations(model, encoded: Sequence[Encoded], names: Sequence[str]
     stop = 1 + max(_block_of(name) for name in names)
     own_bar = isinstance(progress, bool)
     bar = tqdm(total=len(encoded), disable=not progress, desc="activations", unit="answer") if own_bar else progress
+    for batch in continuation_batches(model, encoded, batch_size, progress=bar):
         if last_only:
             rows, cols = batch.last_cells()
             targets = torch.tensor(batch.index)
