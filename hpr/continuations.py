@@ -166,7 +166,9 @@ def continuation_batches(model, encoded: Sequence[Encoded], batch_size: int = 16
     for first in range(0, len(contexts), batch_size):
         chunk = contexts[first : first + batch_size]
         cache = _contexts_cache(model, shared, shared_len, chunk, pad_id)
-        items = [(g, i) for g, c in enumerate(chunk) for i in by_context[c]]
+        # Continuations of similar length share a pass: rows are right-padded to the longest.
+        items = sorted(((g, i) for g, c in enumerate(chunk) for i in by_context[c]),
+                       key=lambda gi: encoded[gi[1]].n_cont)
         for start in range(0, len(items), batch_size):
             rows = items[start : start + batch_size]
             yield _continuation_batch(model, encoded, chunk, rows, cache, for_scoring, pad_id, device)

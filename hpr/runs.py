@@ -89,13 +89,17 @@ class RunConfig:
 
 
 def same_settings(recorded: dict | None, cfg: RunConfig) -> bool:
-    """Whether a run folder's recorded settings are ``cfg``'s. Compared after a round trip through
-    :meth:`RunConfig.from_json`, so that a folder written before a setting existed (``dtype``) still
-    resumes when the new setting has its default."""
+    """Whether a run folder's recorded settings are ``cfg``'s, except for the methods evaluated.
+
+    The method list may change between reruns: every step a method shares with others (activations, probes,
+    fits) is keyed by the other settings, so a rerun with more methods extends the run (and one with fewer
+    reports fewer). Compared after a round trip through :meth:`RunConfig.from_json`, so that a folder written
+    before a setting existed (``dtype``) still resumes when the new setting has its default."""
     try:
-        return RunConfig.from_json(recorded).to_json() == cfg.to_json()
+        old = RunConfig.from_json(recorded)
     except TypeError:  # not a dict, or fields this version does not know
         return False
+    return dataclasses.replace(old, methods=cfg.methods).to_json() == cfg.to_json()
 
 
 def _write_json(path: Path, obj) -> None:

@@ -65,6 +65,17 @@ def test_reproduce_refuses_other_settings_in_same_folder(tiny_toy, tmp_path):
     assert main(["reproduce", "--out", str(out), "--quiet", "--seed", "3"]) == 2
 
 
+def test_a_rerun_with_more_methods_extends_the_run(tiny_toy, tmp_path):
+    out = tmp_path / "run"
+    assert main(["reproduce", "--out", str(out), "--quiet", "--methods", "base,hpr"]) == 0
+    probes = (out / "probes.json").stat().st_mtime_ns
+    hpr_preds = (out / "predictions" / "hpr.parquet").stat().st_mtime_ns
+    assert main(["reproduce", "--out", str(out), "--quiet", "--methods", "base,hpr,caa"]) == 0
+    assert (out / "probes.json").stat().st_mtime_ns == probes  # shared steps are not redone
+    assert (out / "predictions" / "hpr.parquet").stat().st_mtime_ns == hpr_preds
+    assert set(json.loads((out / "results.json").read_text())["methods"]) == {"base", "hpr", "caa"}
+
+
 def test_reproduce_runs_iti_at_any_alpha_and_refuses_unknown_methods(tiny_toy, tmp_path):
     out = tmp_path / "run"
     assert main(["reproduce", "--out", str(out), "--quiet", "--methods", "base,iti7.5"]) == 0
