@@ -4,8 +4,6 @@ Per token: cos(h_edited, h_base) against ||h_edited|| / ||h_base|| for every met
 predicted angle theta against the reflection angle gamma for the test tokens it edits.
 """
 
-import torch
-
 from hpr import activations, analysis, figures
 
 
@@ -13,8 +11,7 @@ def make(run: analysis.Run, args) -> dict:
     layer = max(run.results["selected_layers"])
     editors = run.editors(args.methods)
     samples = analysis.direction_magnitude(run.model, run.questions("test"), run.fmt, editors, layer)
-    pos, neg, _ = activations.load(run.folder / "activations" / "test").pairs()
-    angles = analysis.hpr_angles(run.editor("hpr"), torch.cat([pos, neg]))
+    angles = analysis.hpr_angles(run.editor("hpr"), activations.load(run.folder / "activations" / "test").acts)
     summary = samples.groupby("method", sort=False).agg(
         cosine_mean=("cosine", "mean"), norm_ratio_mean=("norm_ratio", "mean"),
         norm_ratio_max_dev=("norm_ratio", lambda r: float((r - 1).abs().max()))).reset_index()

@@ -1,7 +1,7 @@
 """Paper Figs. 3 and 4: per-layer activation norms at resid_post on the test split.
 
-Fig. 3: base model, true vs false answer tokens. Fig. 4: base vs ITI15, ITI200 and HPR (or --methods) on the
-same prompts (every token of prompt + true answer). Boxes use exact quantiles over all tokens.
+Fig. 3: base model, every true vs every false answer token. Fig. 4: base vs ITI15, ITI200 and HPR (or --methods)
+at the true answers' tokens. Boxes use exact quantiles over all tokens.
 """
 
 from hpr import activations, analysis, figures
@@ -10,9 +10,7 @@ PAPER_METHODS = ("base", "iti15", "iti200", "hpr")
 
 
 def make(run: analysis.Run, args) -> dict:
-    acts = activations.load(run.folder / "activations" / "test")
-    pos, neg, _ = acts.pairs()
-    pos_neg = analysis.pos_neg_norm_quantiles(pos, neg)
+    pos_neg = analysis.true_false_norm_quantiles(activations.load(run.folder / "activations" / "test"))
     methods = args.methods or [m for m in PAPER_METHODS if m in run.methods]
     by_method = analysis.norm_quantiles(run.model, run.questions("test"), run.fmt, run.editors(methods))
     change = analysis.norm_change_frame(run.results)

@@ -2,6 +2,7 @@
 
     python analyses/reproduce_paper.py --run runs/toy            # figures/ and tables/ inside the run
     python analyses/reproduce_paper.py --run runs/toy --formats  # HTML figures only (no browser needed)
+    python analyses/reproduce_paper.py --run runs/smollm2 --topk 1 5 30 --skip capability  # a real model
 
 Each script here also runs alone with the same options. Figures are exported in one browser session.
 """
@@ -26,7 +27,14 @@ SCRIPTS = (probe_accuracy, norms, mc_table, flip_table, topk_sweep, generations,
 
 def make(run: analysis.Run, args) -> dict:
     outputs = {"figures": {}, "tables": {}}
+    unknown = set(args.skip) - {script.__name__ for script in SCRIPTS}
+    if unknown:
+        raise ValueError(f"--skip names unknown scripts {sorted(unknown)}; scripts: "
+                         f"{' '.join(script.__name__ for script in SCRIPTS)}")
     for script in SCRIPTS:
+        if script.__name__ in args.skip:
+            print(f"{script.__name__:<20} skipped", file=sys.stderr)
+            continue
         t0 = time.perf_counter()
         made = script.make(run, args)
         for kind in outputs:

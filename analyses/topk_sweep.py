@@ -1,4 +1,5 @@
-"""Paper Fig. 6: MC1/MC2 as HPR edits the top-k layers (ranked by val probe accuracy), k = 1 .. n_layers.
+"""Paper Fig. 6: MC1/MC2 as HPR edits the top-k layers (ranked by val probe accuracy), k = 1 .. n_layers
+(or the k values of ``--topk``).
 
 The run itself picks k on validation; this sweep shows both splits, so the choice can be checked.
 """
@@ -13,7 +14,10 @@ def make(run: analysis.Run, args) -> dict:
     full = run.editor("hpr_all_layers")
     val_acc = run.results["probe_accuracy"]["val"]
     rows = []
-    for k in range(1, len(val_acc) + 1):
+    ks = sorted({min(k, len(val_acc)) for k in args.topk}) if args.topk else range(1, len(val_acc) + 1)
+    if any(k < 1 for k in ks):
+        raise ValueError(f"--topk values must be >= 1, got {args.topk}")
+    for k in ks:
         layers = top_k_layers(val_acc, k)
         editor = HPREditor(type(full.config)(layers=layers), full.tensors, full.d_model, full.n_layers)
         for split in ("val", "test"):

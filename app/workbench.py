@@ -105,16 +105,16 @@ def remember(kind: str, name: str, obj) -> None:
 
 
 @st.cache_resource(max_entries=1, show_spinner="Loading the model (shared by every session)...")
-def shared_model(name: str, device: str):
+def shared_model(name: str, device: str, dtype: str = "float32"):
     import hpr
 
-    return hpr.load_model(name, device=device)
+    return hpr.load_model(name, device=device, dtype=dtype)
 
 
 def with_model(run: analysis.Run) -> analysis.Run:
     """``run`` with the shared model in place of its own (``Run.model`` is a cached property)."""
     run.device = device()
-    run.__dict__["model"] = shared_model(run.config["model"], run.device)
+    run.__dict__["model"] = shared_model(run.config["model"], run.device, run.config.get("dtype") or "float32")
     return run
 
 
@@ -128,7 +128,7 @@ def analysis_script(name: str):
 
 def script_args(**kw) -> types.SimpleNamespace:
     """The options an analyses/ script's ``make(run, args)`` reads (script_parser's defaults)."""
-    defaults = dict(methods=None, prompts=6, max_new_tokens=16, neutral_text=None, device=None)
+    defaults = dict(methods=None, prompts=6, max_new_tokens=16, neutral_text=None, topk=None, skip=(), device=None)
     return types.SimpleNamespace(**{**defaults, **kw})
 
 

@@ -153,8 +153,26 @@ class AnswerActivations:
     def answer(self, j: int) -> Tensor:
         return self.acts[int(self.offsets[j]) : int(self.offsets[j + 1])]
 
+    def token_is_true(self) -> Tensor:
+        """``[tokens]``: whether each row of ``acts`` belongs to a true answer."""
+        lengths = self.offsets[1:] - self.offsets[:-1]
+        return torch.tensor(self.is_true, dtype=torch.bool).repeat_interleave(lengths)
+
     def pairs(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Aligned token pairs: ``pos [N, layers, d]``, ``neg [N, layers, d]`` and each row's question index."""
+        """Aligned token pairs: ``pos [N, layers, d]``, ``neg [N, layers, d]`` and each row's question index.
+
+        Materialised copies (a token is copied once per pair it is in): for small data. :meth:`pair_rows`
+        gives the same rows without copying anything.
+        """
+        pos, neg, question = self.pair_rows()
+        return pos[:], neg[:], question
+
+    def pair_rows(self) -> tuple[Rows, Rows, Tensor]:
+        """Aligned token pairs as :class:`Rows` of ``acts`` (no copies) and each pair's question index.
+
+        For each (true, false) answer pair of a question, the i-th answer token of the true answer is aligned
+        with the i-th of the false one, truncated to the shorter (as the official HPR code).
+        """
         by_question: dict[str, tuple[list[int], list[int]]] = {}
         for j, (qid, truth) in enumerate(zip(self.question_ids, self.is_true)):
             by_question.setdefault(qid, ([], []))[0 if truth else 1].append(j)
@@ -162,14 +180,45 @@ class AnswerActivations:
         for q, (trues, falses) in enumerate(by_question.values()):
             for t in trues:
                 for f in falses:
-                    a, b = self.answer(t), self.answer(f)
-                    n = min(len(a), len(b))
-                    pos_rows.append(a[:n])
-                    neg_rows.append(b[:n])
+                    a, b = int(self.offsets[t]), int(self.offsets[f])
+                    n = min(int(self.offsets[t + 1]) - a, int(self.offsets[f + 1]) - b)
+                    pos_rows.append(torch.arange(a, a + n))
+                    neg_rows.append(torch.arange(b, b + n))
                     q_rows.append(torch.full((n,), q))
         if not pos_rows:
             raise ValueError("no (true, false) answer pairs: every question needs a true and a false answer")
-        return torch.cat(pos_rows), torch.cat(neg_rows), torch.cat(q_rows)
+        return Rows(self.acts, torch.cat(pos_rows)), Rows(self.acts, torch.cat(neg_rows)), torch.cat(q_rows)
+
+
+class Rows:
+    """Chosen rows of an activation tensor, gathered (as float32) only when indexed.
+
+    ``rows[idx]`` is ``acts[index[idx]]``: it behaves like the ``[N, layers, d]`` tensor of those rows for
+    indexing, ``len`` and ``shape``, without copying every row (a token is in many pairs; on a real model the
+    copies of a training split's pairs alone would be several GB).
+    """
+
+    def __init__(self, acts: Tensor, index: Tensor):
+        self.acts, self.index = acts, index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.index), *self.acts.shape[1:]))
+
+    @property
+    def ndim(self) -> int:
+        return self.acts.ndim
+
+    def __getitem__(self, idx) -> Tensor:
+        return self.acts[self.index[idx]].float()
+
+    def chunks(self, size: int = 4096):
+        """``self[a:b]`` for consecutive blocks of ``size`` rows."""
+        for a in range(0, len(self), size):
+            yield self[a : a + size]
 
 
 def _shard_path(folder: Path, k: int) -> Path:
@@ -178,8 +227,11 @@ def _shard_path(folder: Path, k: int) -> Path:
 
 def collect(model, questions: Sequence[MCQuestion], fmt: PromptFormat, folder: Path,
             questions_per_shard: int = 64, batch_size: int = 16, fp16: bool = False,
-            progress: bool = False) -> AnswerActivations:
-    """Collect (or resume collecting) the answer activations of ``questions`` into ``folder``."""
+            progress: bool = False, load_result: bool = True) -> AnswerActivations | None:
+    """Collect (or resume collecting) the answer activations of ``questions`` into ``folder``.
+
+    Returns them loaded (:func:`load`), or None with ``load_result=False`` (only the shards are written).
+    """
     from tqdm.auto import tqdm
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -216,7 +268,7 @@ def collect(model, questions: Sequence[MCQuestion], fmt: PromptFormat, folder: P
         if not _shard_path(folder, stale).exists():
             break
         _shard_path(folder, stale).unlink()
-    return load(folder)
+    return load(folder) if load_result else None
 
 
 def _shard_meta(path: Path) -> dict:

@@ -153,13 +153,18 @@ def norm_quantiles(model, questions: Sequence[MCQuestion], fmt: PromptFormat, ed
     return pd.DataFrame(rows)
 
 
-def pos_neg_norm_quantiles(pos: torch.Tensor, neg: torch.Tensor) -> pd.DataFrame:
-    """Box statistics of ``||h||`` of aligned positive and negative answer tokens ``[N, layers, d]`` (Fig. 3)."""
+def true_false_norm_quantiles(acts) -> pd.DataFrame:
+    """Box statistics of ``||h||`` of every true and every false answer token (Fig. 3), per layer.
+
+    ``acts``: an :class:`hpr.activations.AnswerActivations`; each token counts once, in its answer's group
+    (not once per aligned pair, which would weight tokens by their partners and drop longer answers' tails).
+    """
+    norms = torch.cat([acts.acts[a : a + 4096].float().norm(dim=-1) for a in range(0, len(acts.acts), 4096)])
+    is_true = acts.token_is_true()
     rows = []
-    for group, acts in (("positive", pos), ("negative", neg)):
-        norms = acts.float().norm(dim=-1)
+    for group, mask in (("true answers", is_true), ("false answers", ~is_true)):
         for layer in range(norms.shape[1]):
-            rows.append({"group": group, "layer": layer, **box_stats(norms[:, layer])})
+            rows.append({"group": group, "layer": layer, **box_stats(norms[mask, layer])})
     return pd.DataFrame(rows)
 
 
@@ -186,11 +191,11 @@ def direction_magnitude(model, questions: Sequence[MCQuestion], fmt: PromptForma
 def hpr_angles(editor, acts: torch.Tensor) -> pd.DataFrame:
     """For the tokens HPR edits (negative side of the probe): ``layer, theta`` (predicted) and ``gamma``.
 
-    ``acts``: ``[N, n_layers, d]`` activations (e.g. the test split's negative answer tokens).
+    ``acts``: ``[N, n_layers, d]`` activations (e.g. the test split's answer tokens; float16 or float32).
     """
     rows = []
     for layer in editor.config.layers:
-        h = acts[:, layer].float()
+        h = acts[:, layer].float()  # one layer's copy
         w = editor.tensors[f"layer{layer}.probe"].float()
         edited = ops.negative_side(h, w)
         if not edited.any():
@@ -310,6 +315,11 @@ def script_parser(description: str):
     parser.add_argument("--neutral-text", default=None,
                         help="capability: a text file of neutral passages (blank-line separated); the toy "
                              "world has its own")
+    parser.add_argument("--topk", type=int, nargs="+", default=None,
+                        help="top-k sweep: the k values (default: every k from 1 to the number of layers; each "
+                             "k scores val and test once, so pick a few on a large model)")
+    parser.add_argument("--skip", nargs="+", default=(),
+                        help="reproduce_paper.py: scripts to leave out (e.g. topk_sweep capability)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     return parser
 

@@ -19,7 +19,7 @@ OKABE_ITO = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "
 METHOD_COLORS = {
     "base": "#000000", "hpr": "#0072B2", "hpr_no_angle": "#56B4E9", "iti15": "#E69F00", "iti200": "#D55E00",
     "caa": "#009E73", "diff": "#CC79A7", "sea": "#F0E442", "sadi": "#999999", "lora": "#8C564B",
-    "reptune": "#17BECF", "positive": "#009E73", "negative": "#D55E00",
+    "reptune": "#17BECF", "true answers": "#009E73", "false answers": "#D55E00",
 }
 FIGURE_FORMATS = ("png", "svg", "pdf")
 TABLE_FORMATS = ("csv", "md", "tex")

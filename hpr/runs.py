@@ -134,11 +134,16 @@ class FitContext:
     model: object
     parts: dict
     fmt: PromptFormat
-    acts: dict
+    acts_dir: Path
     probes: dict
     editors_dir: Path
     out: Path
     progress: bool
+
+    def train_pairs(self):
+        """Aligned (true, false) answer-token pairs of the train split as row views (loaded from disk per use,
+        so no split's activations stay in memory beside the model while other methods fit)."""
+        return activations.load(self.acts_dir / "train").pair_rows()
 
     def done(self, method: str) -> bool:
         return (self.editors_dir / method / "config.json").exists()
@@ -181,7 +186,7 @@ def _fit_iti(fit: FitContext) -> None:
 def _fit_caa(fit: FitContext) -> None:
     if fit.done("caa"):
         return
-    pos, neg, _ = fit.acts["train"].pairs()
+    pos, neg, _ = fit.train_pairs()
     caa = fit_caa(pos, neg, fit.probes["selected_layers"], 1.0)
     best = fit.sweep("caa", [({"multiplier": m}, caa.with_multiplier(m)) for m in fit.cfg.caa_multipliers],
                      {"layers": fit.probes["selected_layers"]})
@@ -191,7 +196,7 @@ def _fit_caa(fit: FitContext) -> None:
 def _fit_diff(fit: FitContext) -> None:
     if fit.done("diff"):
         return
-    pos, neg, _ = fit.acts["train"].pairs()
+    pos, neg, _ = fit.train_pairs()
     train_diff(pos, neg, fit.probes["selected_layers"], fit.cfg.hpr, fit.progress).save(fit.editors_dir / "diff")
 
 
@@ -226,7 +231,7 @@ def _fit_lora(fit: FitContext) -> None:
 def _fit_reptune(fit: FitContext) -> None:
     if fit.done("reptune"):
         return
-    pos, neg, _ = fit.acts["train"].pairs()
+    pos, neg, _ = fit.train_pairs()
     layers = fit.probes["selected_layers"]
     caa = fit_caa(pos, neg, layers, 1.0)  # the steering vectors: CAA's, from the train split
     vectors = {layer: caa.tensors[f"layer{layer}.vector"] for layer in layers}
@@ -287,9 +292,9 @@ def reproduce(cfg: RunConfig, out: Path, device=None, progress: bool = True) -> 
     parts = apply_split(questions, split)
 
     done = step("activations")
-    acts = {name: activations.collect(model, parts[name], fmt, out / "activations" / name,
-                                      batch_size=cfg.batch_size, fp16=cfg.fp16_activations, progress=progress)
-            for name in ("train", "val", "test")}
+    for name in ("train", "val", "test"):  # written to disk; each step loads what it needs
+        activations.collect(model, parts[name], fmt, out / "activations" / name, batch_size=cfg.batch_size,
+                            fp16=cfg.fp16_activations, progress=progress, load_result=False)
     done()
 
     done = step("hpr_training")
@@ -298,9 +303,12 @@ def reproduce(cfg: RunConfig, out: Path, device=None, progress: bool = True) -> 
     # hpr_all_layers: the probe and angle network of every layer, for the top-k sweep (analyses/topk_sweep.py)
     if not all((editors_dir / name / "config.json").exists() for name in ("hpr", "hpr_all_layers")) \
             or not probes_path.exists():
-        pos, neg, _ = acts["train"].pairs()
+        pos, neg, _ = activations.load(out / "activations" / "train").pair_rows()
         net = train_layerwise(pos, neg, cfg.hpr, progress=progress)
-        acc = {name: probe_accuracy(net.probe.detach(), *acts[name].pairs()[:2]) for name in ("train", "val", "test")}
+        del pos, neg
+        probe = net.probe.detach()
+        acc = {name: probe_accuracy(probe, *activations.load(out / "activations" / name).pair_rows()[:2])
+               for name in ("train", "val", "test")}  # one split in memory at a time
         layers = top_k_layers(acc["val"], cfg.hpr.top_k)
         HPREditor.from_layerwise(net, layers).save(editors_dir / "hpr")
         HPREditor.from_layerwise(net, layers, no_angle=True).save(editors_dir / "hpr_no_angle")
@@ -309,7 +317,7 @@ def reproduce(cfg: RunConfig, out: Path, device=None, progress: bool = True) -> 
     probes = json.loads(probes_path.read_text())
     done()
 
-    fit = FitContext(cfg, model, parts, fmt, acts, probes, editors_dir, out, progress)
+    fit = FitContext(cfg, model, parts, fmt, out / "activations", probes, editors_dir, out, progress)
     for method in sorted({_fitted_as(m) for m in cfg.methods} & set(FITTERS), key=list(FITTERS).index):
         done = step(f"fit_{method}")
         FITTERS[method](fit)

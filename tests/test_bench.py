@@ -50,3 +50,26 @@ def test_smoke_scores_agree_and_memory_is_measured(smoke):
     mem = by["activation store fp16 / fp32 disk"]["details"]["runs"]
     assert mem["fp16"]["disk_bytes"] < mem["fp32"]["disk_bytes"]
     assert mem["fp32"]["shards"] >= 2
+
+
+def test_smoke_realshape_rows(smoke):
+    """The real-model-shape group: collection and scoring agree with their baselines, and memory is measured
+    at N and 2N questions (twice the shards). Structure only: no timing is asserted."""
+    _, results = smoke
+    by = {r["measure"].split(" [")[0]: r for r in results}
+    collect = by["activation collection per question, whole sequences / shared contexts"]["details"]
+    scoring = by["MC scoring per question, question contexts / shared primer"]["details"]
+    for d, sides in ((collect, ("whole", "shared")), (scoring, ("contexts", "primer"))):
+        assert d["questions"] >= 1 and d["max_abs_diff"] <= 1e-4
+        for side in sides:
+            assert d[f"{side}_s_per_question"] > 0 and len(d[f"{side}_s"]) >= 1
+        assert d["tokens_through_blocks"]["shared_prefix"] > 0  # the QA primer is shared
+        assert d["how"]
+    mem = by["peak RSS of collect, train split"]["details"]
+    n, n2 = mem["questions"]
+    assert n2 == 2 * n
+    runs = mem["runs"]
+    assert runs[str(n2)]["shards"] == 2 * runs[str(n)]["shards"] >= 2
+    for row in runs.values():
+        assert row["peak_mb"] > 0 and row["bound_mb"] > 0 and row["result_f32_mb"] > 0
+    assert mem["batch_peak_mb"] > 0

