@@ -109,7 +109,7 @@ def _block_of(hook_name: str) -> int:
 
 @torch.inference_mode()
 def last_token_activations(model, pairs: Sequence[tuple[str, str]], names: Sequence[str],
-                           batch_size: int = 16) -> dict[str, Tensor]:
+                           batch_size: int = 16, progress: bool = False) -> dict[str, Tensor]:
     """For each ``(context, continuation)``, every hook in ``names`` at the last continuation token.
 
     Returns ``{name: [len(pairs), *act_shape]}`` (float32, CPU). SEA and SADI fit on these, as their
@@ -125,7 +125,7 @@ def last_token_activations(model, pairs: Sequence[tuple[str, str]], names: Seque
     result = {}
     for shape, group in by_shape.items():
         stacked = gather_continuations(model, encoded, group, torch.empty(len(unique), len(group), *shape),
-                                       batch_size, last_only=True)
+                                       batch_size, last_only=True, progress=progress)
         result.update({name: stacked[rows, k] for k, name in enumerate(group)})  # copies: no view of stacked
     return {name: result[name] for name in names}
 

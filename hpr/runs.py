@@ -156,8 +156,10 @@ class FitContext:
 
     def sweep(self, method: str, candidates: list[tuple[dict, object]], extra: dict | None = None):
         """Pick the candidate with the best val MC1 (then MC2, then the first listed); record the sweep."""
+        from tqdm.auto import tqdm
+
         rows = []
-        for params, editor in candidates:
+        for params, editor in tqdm(candidates, desc=f"{method} on val", disable=not self.progress, unit="setting"):
             rows.append({**params, **self.val_mc(method, editor)})
         best = max(range(len(rows)), key=lambda i: (rows[i]["mc1"], rows[i]["mc2"], -i))
         _write_json(self.out / f"{method}_sweep.json", {**(extra or {}), "val": rows, "chosen": rows[best]})
@@ -176,7 +178,7 @@ def _fit_iti(fit: FitContext) -> None:
                                                fit.progress)
                  for name in ("train", "val")}
         iti, head_acc = fit_iti(heads["train"], heads["val"], ITI_PRESETS["iti15"], k=fit.cfg.iti_k,
-                                d_model=fit.model.cfg.d_model)
+                                d_model=fit.model.cfg.d_model, progress=fit.progress)
         _write_json(fit.out / "iti_heads.json", {"val_accuracy": head_acc.tolist(), "heads": list(iti.config.heads)})
     for method, alpha in sorted(alphas.items()):
         if not fit.done(method):
@@ -212,7 +214,7 @@ def _fit_sadi(fit: FitContext) -> None:
     if fit.done("sadi"):
         return
     cfg = fit.cfg
-    diff = mean_differences(fit.model, fit.parts["train"], fit.fmt, cfg.sadi_level, cfg.batch_size)
+    diff = mean_differences(fit.model, fit.parts["train"], fit.fmt, cfg.sadi_level, cfg.batch_size, fit.progress)
     candidates = [({"k": k, "delta": delta},
                    fit_sadi(diff, k, delta, cfg.sadi_level, cfg.sadi_mode, fit.model.cfg.d_model))
                   for k in sorted({min(k, diff.numel()) for k in cfg.sadi_k}) for delta in cfg.sadi_deltas]

@@ -96,13 +96,14 @@ def _check_head_acts(acts: HeadActs, name: str, both_classes: bool) -> tuple[Ten
     return z.detach().cpu(), y.cpu()  # never copied whole (z can be GBs); consumers cast slices to float32
 
 
-def head_probe_accuracy(train: HeadActs, val: HeadActs) -> np.ndarray:
+def head_probe_accuracy(train: HeadActs, val: HeadActs, progress: bool = False) -> np.ndarray:
     """Validation accuracy ``[n_layers, n_heads]`` of a probe ``sigmoid(w . z + b)`` fitted per head on train.
 
     sklearn ``LogisticRegression(max_iter=1000, random_state=0)`` (default L2, C=1), as honest_llama.
     """
     from sklearn.linear_model import LogisticRegression
     from threadpoolctl import threadpool_limits
+    from tqdm.auto import tqdm
 
     z_tr, y_tr = _check_head_acts(train, "train", both_classes=True)
     z_va, y_va = _check_head_acts(val, "val", both_classes=False)
@@ -113,9 +114,11 @@ def head_probe_accuracy(train: HeadActs, val: HeadActs) -> np.ndarray:
     y_tr_np, y_va_np = y_tr.numpy(), y_va.numpy()
     acc = np.zeros((n_layers, n_heads))
     # One probe is a small problem: BLAS/OpenMP threads cost more than they save (measured 2-4x slower).
-    with threadpool_limits(1):
+    with threadpool_limits(1), tqdm(total=n_layers * n_heads, desc="ITI head probes", disable=not progress,
+                                    unit="head") as bar:
         for layer in range(n_layers):
             for head in range(n_heads):
+                bar.update()
                 x_tr, x_va = (z[:, layer, head].float().numpy() for z in (z_tr, z_va))  # one head's copy
                 probe = LogisticRegression(max_iter=1000, random_state=0).fit(x_tr, y_tr_np)
                 acc[layer, head] = probe.score(x_va, y_va_np)
@@ -154,7 +157,7 @@ def mass_mean_directions(*parts: HeadActs) -> Tensor:
 
 
 def fit_iti(train_heads: HeadActs, val_heads: HeadActs, alpha: float, k: int = 48,
-            d_model: int | None = None) -> tuple[ITIEditor, np.ndarray]:
+            d_model: int | None = None, progress: bool = False) -> tuple[ITIEditor, np.ndarray]:
     """Fit ITI: top-k heads by val probe accuracy, mass-mean directions, train std along them.
 
     Each argument is ``(z [N, n_layers, n_heads, d_head], is_true [N])`` as from
@@ -163,7 +166,7 @@ def fit_iti(train_heads: HeadActs, val_heads: HeadActs, alpha: float, k: int = 4
     the shape check uses n_layers, n_heads and d_head. Returns the editor and the per-head val accuracy
     ``[n_layers, n_heads]``.
     """
-    val_acc = head_probe_accuracy(train_heads, val_heads)
+    val_acc = head_probe_accuracy(train_heads, val_heads, progress)
     heads = top_k_heads(val_acc, k)
     z_tr, y_tr = _check_head_acts(train_heads, "train", both_classes=True)
     z_va, y_va = _check_head_acts(val_heads, "val", both_classes=False)

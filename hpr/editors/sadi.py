@@ -78,7 +78,7 @@ class SADIConfig:
 
 @torch.inference_mode()
 def mean_differences(model, questions: Sequence[MCQuestion], fmt: PromptFormat, level: str,
-                     batch_size: int = 16) -> Tensor:
+                     batch_size: int = 16, progress: bool = False) -> Tensor:
     """Mean over (true, false) pairs of the last-token activation difference: ``[n_layers, units]``.
 
     For ``heads`` each head's difference is averaged over ``d_head`` (the code's head score).
@@ -88,7 +88,7 @@ def mean_differences(model, questions: Sequence[MCQuestion], fmt: PromptFormat, 
     names = [level_hook(level, layer) for layer in range(model.cfg.n_layers)]
     answers = [(q, c.text) for q in questions for c in q.mc2]
     acts = last_token_activations(model, [(fmt.context(q), fmt.continuation(a)) for q, a in answers], names,
-                                  batch_size)
+                                  batch_size, progress)
     stacked = torch.stack([acts[n] for n in names], dim=1)  # [answers, layers, units(, d_head)]
     if level == "heads":
         stacked = stacked.mean(-1)

@@ -148,10 +148,6 @@ def sea_activations(model, questions: Sequence[MCQuestion], fmt: PromptFormat, m
     answers = greedy_answers(model, questions, fmt, max_new_tokens, progress)
     names = resid_names(model.cfg.n_layers)
 
-    def collect(pairs):
-        acts = last_token_activations(model, pairs, names, batch_size)
-        return torch.stack([acts[n] for n in names], dim=1)
-
     base_rows, pos_pairs, neg_pairs = [], [], []
     for i, q in enumerate(questions):
         for true, false in q.pairs():
@@ -161,8 +157,17 @@ def sea_activations(model, questions: Sequence[MCQuestion], fmt: PromptFormat, m
     if not base_rows:
         raise ValueError("SEA needs questions with at least one true and one false answer")
     # Greedy answers are scored as generated (they already start with the model's own space, if any).
-    base = collect([(fmt.context(q), a) for q, a in zip(questions, answers)])
-    return base[torch.tensor(base_rows)], collect(pos_pairs), collect(neg_pairs)
+    base_pairs = [(fmt.context(q), a) for q, a in zip(questions, answers)]
+    # Each distinct answer runs once; a pair's rows are gathered from those (an answer is in many pairs).
+    unique = list(dict.fromkeys(base_pairs + pos_pairs + neg_pairs))
+    acts = last_token_activations(model, unique, names, batch_size, progress=progress)
+    stacked = torch.stack([acts.pop(n) for n in names], dim=1)  # [unique, layers, d]
+    where = {p: i for i, p in enumerate(unique)}
+
+    def rows(pairs):
+        return stacked[torch.tensor([where[p] for p in pairs])]
+
+    return rows(base_pairs)[torch.tensor(base_rows)], rows(pos_pairs), rows(neg_pairs)
 
 
 @register
