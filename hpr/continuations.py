@@ -192,3 +192,31 @@ def _continuation_batch(model, encoded, chunk, rows, cache, for_scoring: bool, p
     row_cache = _rows_of(cache, torch.tensor([g for g, _ in rows], device=device))
     return ContinuationBatch(index=[i for _, i in rows], tokens=ids.to(device), attention_mask=mask.to(device),
                              lengths=[len(x) for x in inputs], n_cont=n_conts, cache=row_cache)
+
+
+def shared_prefix_forward(model, batch: Sequence[Encoded], pad_id: int, **forward_kwargs):
+    """One forward pass over ``batch`` with its common token prefix run once (batch 1) into a KV cache.
+
+    For training (LoRA, representation tuning): the prefix runs with autograd as the caller has it, so
+    gradients reach every parameter through the cached keys and values, and ``expand`` sums them over the
+    batch. Returns ``(out, ids, lengths, shared)``: the model's output over the rest of each sequence
+    (``tokens[shared:]``, right-padded to ``ids [batch, pos]``, ``lengths`` real tokens each), where
+    ``out[:, j]`` belongs to token ``shared + j``. ``shared`` is at most the shortest context minus one, so
+    every continuation token and the position predicting it are in ``out``; 0 when nothing is shared.
+    """
+    device = model.cfg.device
+    contexts = [_context(e)[:-1] for e in batch]
+    shared = common_prefix(contexts) if len(batch) > 1 else 0
+    rests = [e.tokens[shared:] for e in batch]
+    width = max(map(len, rests))
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for r, rest in enumerate(rests):
+        ids[r, : len(rest)] = torch.tensor(rest)
+        mask[r, : len(rest)] = 1
+    ids, lengths = ids.to(device), torch.tensor([len(r) for r in rests])
+    if shared == 0:  # nothing to share: the plain right-padded pass (padding after the real tokens)
+        return model(ids, **forward_kwargs), ids, lengths, 0
+    cache = _expanded(_prefix_cache(model, batch[0].tokens[:shared]), len(batch))
+    out = model(ids, past_kv_cache=cache, attention_mask=mask.to(device), **forward_kwargs)
+    return out, ids, lengths, shared

@@ -45,10 +45,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from hpr.continuations import shared_prefix_forward
 from hpr.data.prompts import PromptFormat
 from hpr.data.schema import MCQuestion
 from hpr.editors.base import Editor, Hook, register
-from hpr.scoring import Encoded, encode_all, pad_batch, pad_token_id
+from hpr.encoding import Encoded, encode_all, pad_token_id
 
 TARGETS = ("q", "k", "v")  # the attention projections an adapter can sit on, in the order TL computes them
 
@@ -276,15 +277,18 @@ def true_answer_pairs(questions: Sequence[MCQuestion], fmt: PromptFormat) -> lis
 
 
 def _answer_nll(model, batch: Sequence[Encoded], pad_id: int) -> tuple[Tensor, int]:
-    """Summed token cross-entropy of the continuation tokens of ``batch`` (one forward pass) and their count."""
-    ids, _ = pad_batch(batch, pad_id)
+    """Summed token cross-entropy of the continuation tokens of ``batch`` (one forward pass) and their count.
+
+    The batch's shared prompt prefix (the few-shot primer) runs once, with gradients through its keys and
+    values (:func:`hpr.continuations.shared_prefix_forward`): the same loss and gradients as whole sequences.
+    """
+    logits, _, _, shared = shared_prefix_forward(model, batch, pad_id, return_type="logits")
     rows, cols, targets = [], [], []
     for i, e in enumerate(batch):
         total = len(e.tokens)
         rows += [i] * e.n_cont
-        cols += range(total - e.n_cont - 1, total - 1)  # logits at position p predict token p + 1
+        cols += range(total - e.n_cont - 1 - shared, total - 1 - shared)  # logits at p predict token p + 1
         targets += e.tokens[total - e.n_cont:]
-    logits = model(ids.to(model.cfg.device), return_type="logits")
     rows_t, cols_t, targets_t = (torch.tensor(v, device=logits.device) for v in (rows, cols, targets))
     picked = logits[rows_t, cols_t].float()  # only the positions the loss reads
     nll = torch.nn.functional.cross_entropy(picked, targets_t, reduction="sum")

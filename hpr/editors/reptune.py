@@ -60,11 +60,12 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from hpr.continuations import shared_prefix_forward
 from hpr.data.prompts import PromptFormat
 from hpr.data.schema import MCQuestion
 from hpr.editors.base import Editor, Hook, register
 from hpr.models import resid_post_hook
-from hpr.scoring import Encoded, encode_all, pad_batch, pad_token_id
+from hpr.encoding import Encoded, encode_all, pad_token_id
 
 TOKEN_PARAMS: tuple[str, ...] = ("*",)
 REP_PARAMS: tuple[str, ...] = ("attn.W_V", "attn.b_V", "attn.W_O", "attn.b_O")
@@ -250,20 +251,19 @@ def fit_reptune_encoded(model, encoded: Sequence[Encoded], is_true: Sequence[boo
         for _ in range(cfg.epochs):
             for idx in torch.randperm(len(encoded), generator=gen).split(cfg.batch_size):
                 batch = [encoded[i] for i in idx.tolist()]
-                ids, lengths = pad_batch(batch, pad_id)
                 n_cont = torch.tensor([e.n_cont for e in batch])
-                position = torch.arange(ids.shape[1])[None]
-                answer = (position >= (lengths - n_cont)[:, None]) & (position < lengths[:, None])  # [b, pos]
-                ids, answer = ids.to(device), answer.to(device)
                 acts: dict[str, Tensor] = {}
 
                 def keep(act, hook):
                     acts[hook.name] = act
 
                 with torch.enable_grad(), model.hooks(fwd_hooks=[(n, keep) for n in names]):
-                    # Without the token loss nothing after the last target block is needed.
-                    out = model(ids, return_type="logits") if use_token else \
-                        model(ids, stop_at_layer=config.layers[-1] + 1)
+                    # Without the token loss nothing after the last target block is needed. The shared prompt
+                    # prefix runs once, with gradients through its keys and values; ids are the rest.
+                    last = dict(return_type="logits") if use_token else dict(stop_at_layer=config.layers[-1] + 1)
+                    out, ids, lengths, _ = shared_prefix_forward(model, batch, pad_id, **last)
+                    position = torch.arange(ids.shape[1])[None]
+                    answer = ((position >= (lengths - n_cont)[:, None]) & (position < lengths[:, None])).to(device)
                     record: dict[str, float] = {}
                     update: dict[str, Tensor] = {}
                     true_targets = (answer & labels[idx].to(device)[:, None])[:, 1:]  # logits at t-1 predict t
