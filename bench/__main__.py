@@ -12,8 +12,12 @@ a cross-check, with its quartiles. The other ratios are end to end. One torch th
 heap that keeps freed memory (``STEADY_HEAP``, set by re-executing) make timings steadier; the memory
 measure runs its steps in fresh processes with the default allocator.
 
-Models: random-init checkpoints of real shapes (GPT-2 small; a Llama-shaped 8-layer d_model 1024 GQA
-model), saved with transformers and loaded with ``hpr.load_model(dir)`` (see ``bench/models.py``).
+Models: random-init checkpoints of real shapes, saved with transformers and loaded with
+``hpr.load_model(dir)`` (see ``bench/models.py``): GPT-2 small; a Llama-shaped 8-layer d_model 1024 GQA
+model; and, for the ``realshape`` group, the shape of SmolLM2-135M-Instruct (the real model users run on
+CPU: Llama, 30 layers, d_model 576, 9 heads / 3 KV heads, d_mlp 1536, vocabulary 49152, tied embeddings),
+where collection and scoring with shared contexts (``hpr.continuations``) are timed against the paths
+they replaced (``bench/naive.py``) on TruthfulQA prompts with the lm-eval QA primer.
 ``--smoke`` runs every measure on 2-layer d_model 64 models at tiny sizes (seconds; values meaningless).
 """
 
@@ -65,14 +69,24 @@ class Sizes:
     mem_per_shard: int
     mem_batch: int
     llama_editors: tuple[str, ...]
+    real: M.Shape  # realshape group
+    real_questions: int  # collection and scoring: first N TruthfulQA questions
+    real_rounds: int
+    real_mem_questions: int  # peak RSS: N and 2N train questions
+    real_mem_per_shard: int
+    real_mem_batch: int
 
 
 FULL = Sizes(M.GPT2_SMALL, M.LLAMA_SMALL, fwd_batch=2, fwd_rounds=4, gen_tokens=24, gen_rounds=3,
              cache_questions=1, cache_rounds=2, train_pairs=1024, train_epochs=1, score_questions=3, score_rounds=2,
-             mem_questions=32, mem_per_shard=8, mem_batch=8, llama_editors=("hpr",))
+             mem_questions=32, mem_per_shard=8, mem_batch=8, llama_editors=("hpr",),
+             real=M.SMOLLM2_SHAPE, real_questions=6, real_rounds=2, real_mem_questions=32, real_mem_per_shard=8,
+             real_mem_batch=8)
 SMOKE = Sizes(M.GPT2_TINY, M.LLAMA_TINY, fwd_batch=2, fwd_rounds=2, gen_tokens=3, gen_rounds=1,
               cache_questions=1, cache_rounds=1, train_pairs=64, train_epochs=1, score_questions=1, score_rounds=1,
-              mem_questions=4, mem_per_shard=2, mem_batch=4, llama_editors=("hpr",))
+              mem_questions=4, mem_per_shard=2, mem_batch=4, llama_editors=("hpr",),
+              real=M.LLAMA_TINY_TIED, real_questions=2, real_rounds=1, real_mem_questions=4, real_mem_per_shard=2,
+              real_mem_batch=4)
 
 Result = dict
 
@@ -388,18 +402,25 @@ def scoring(model, label: str, sizes: Sizes) -> Result:
                        "logits only at answer tokens); one at a time: every pair run whole, full logits")
 
 
-def memory(shape: M.Shape, sizes: Sizes, cache: Path, work: Path) -> Result:
-    ckpt = M.checkpoint(shape, cache)
+def memory_worker(mode: str, ckpt: Path, out: Path, questions: int, per_shard: int, batch: int, store: str,
+                  primer: bool) -> dict:
+    """One ``bench.memory_worker`` step in a fresh process; its JSON record."""
     # The default allocator in the workers: a heap that keeps freed memory would hide RSS growth.
     env = {k: v for k, v in os.environ.items() if k not in STEADY_HEAP}
+    cmd = [sys.executable, "-m", "bench.memory_worker", mode, str(ckpt), str(out), str(questions), str(per_shard),
+           str(batch), store, "primer" if primer else "noprimer"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent, check=False, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory worker failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def memory(shape: M.Shape, sizes: Sizes, cache: Path, work: Path) -> Result:
+    ckpt = M.checkpoint(shape, cache)
 
     def worker(mode: str, store: str) -> dict:
-        cmd = [sys.executable, "-m", "bench.memory_worker", mode, str(ckpt), str(work / f"mem-{store}"),
-               str(sizes.mem_questions), str(sizes.mem_per_shard), str(sizes.mem_batch), store, "noprimer"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent, check=False, env=env)
-        if proc.returncode != 0:
-            raise RuntimeError(f"memory worker failed:\n{proc.stderr[-3000:]}")
-        return json.loads(proc.stdout.strip().splitlines()[-1])
+        return memory_worker(mode, ckpt, work / f"mem-{store}", sizes.mem_questions, sizes.mem_per_shard,
+                             sizes.mem_batch, store, primer=False)
 
     runs = {store: {**worker("collect", store), "batch_peak_bytes": worker("batch", store)["batch_peak_bytes"]}
             for store in ("fp32", "fp16")}
@@ -417,7 +438,153 @@ def memory(shape: M.Shape, sizes: Sizes, cache: Path, work: Path) -> Result:
                    note="train split questions, prompts without the primer (see README of bench)")
 
 
+# ------------------------------------------------------------------------------------ real model shape
+
+
+def _real_pairs(n: int, sets: str) -> tuple[list, list[tuple[str, str]]]:
+    """The first ``n`` TruthfulQA questions as lm-eval QA-primer prompts: their ``mc2`` answers
+    (``sets="mc2"``) or their distinct ``mc1 + mc2`` choices (``"mc1+mc2"``, as scoring sees them)."""
+    from hpr.data import PromptFormat
+
+    fmt = PromptFormat()  # the default (lm-eval) QA primer
+    qs = list(M.questions()[:n])
+    choices = (lambda q: q.mc2) if sets == "mc2" else (lambda q: q.mc1 + q.mc2)
+    return qs, list(dict.fromkeys((fmt.context(q), fmt.continuation(c.text)) for q in qs for c in choices(q)))
+
+
+def _token_counts(model, pairs, scoring: bool) -> dict:
+    """Real (unpadded) tokens each side runs through the blocks: every pair whole or its question context
+    once (old), against the shared prefix once + each context's rest once + each continuation (new)."""
+    from hpr.continuations import common_prefix
+    from hpr.encoding import encode_all
+
+    enc = encode_all(model, pairs)
+    contexts = list(dict.fromkeys(tuple(e.tokens[: len(e.tokens) - e.n_cont]) for e in enc))
+    prefix = common_prefix([c[:-1] for c in contexts]) if len(contexts) > 1 else 0
+    # Both sides leave each continuation's last token out when scoring; collection keeps it.
+    cont = sum(e.n_cont - (1 if scoring else 0) for e in enc)
+    old = sum(map(len, contexts)) + cont if scoring else sum(len(e.tokens) for e in enc)
+    new = prefix + sum(len(c) - prefix - 1 for c in contexts) + cont + len(enc)
+    return {"shared_prefix": prefix, "contexts": len(contexts), "old": old, "new": new}
+
+
+def _warm(model):
+    with torch.inference_mode():
+        model(torch.zeros(1, 8, dtype=torch.long), stop_at_layer=model.cfg.n_layers)
+
+
+def real_collection(model, label: str, sizes: Sizes, batch: int = 16) -> Result:
+    from bench.naive import collect_whole_sequences
+    from hpr.activations import answer_activations
+
+    qs, pairs = _real_pairs(sizes.real_questions, "mc2")
+    got = {}
+
+    def whole():
+        got["whole"] = collect_whole_sequences(model, pairs, batch)
+
+    def shared():
+        got["shared"] = torch.cat(answer_activations(model, pairs, batch))
+
+    _warm(model)
+    times = interleaved({"whole": whole, "shared": shared}, sizes.real_rounds, warmup=False)
+    speedup = statistics.median(ratios(times, "whole", "shared"))
+    diff = float((got["whole"] - got["shared"]).abs().max())
+    n = len(qs)
+    return measure(f"activation collection per question, whole sequences / shared contexts [{label}]", speedup,
+                   ">= 5x, |diff| <= 1e-4", speedup >= 5 and diff <= 1e-4, model=label, questions=n,
+                   answers=len(pairs), answer_tokens=int(got["shared"].shape[0]), batch_size=batch,
+                   whole_s=[round(t, 3) for t in times["whole"]], shared_s=[round(t, 3) for t in times["shared"]],
+                   whole_s_per_question=round(statistics.median(times["whole"]) / n, 3),
+                   shared_s_per_question=round(statistics.median(times["shared"]) / n, 3),
+                   ratios=[round(x, 3) for x in ratios(times, "whole", "shared")], max_abs_diff=diff,
+                   max_abs_activation=float(got["whole"].abs().max()),
+                   tokens_through_blocks=_token_counts(model, pairs, scoring=False),
+                   how="whole: bench.naive.collect_whole_sequences (every MC2 answer run whole, primer + question "
+                       "+ answer, right-padded batches of 16); shared: hpr.activations.answer_activations (primer "
+                       "once, each question once, each answer over its own tokens; hpr.continuations); both keep "
+                       "resid_post of every layer at the answer tokens and stop after the last block")
+
+
+def real_scoring(model, label: str, sizes: Sizes, batch: int = 16) -> Result:
+    from bench.naive import score_question_contexts
+    from hpr.scoring import score
+
+    qs, pairs = _real_pairs(sizes.real_questions, "mc1+mc2")
+    got = {}
+
+    def contexts():
+        got["contexts"] = score_question_contexts(model, pairs, batch)
+
+    def primer():
+        got["primer"] = score(model, pairs, batch_size=batch)
+
+    _warm(model)
+    times = interleaved({"contexts": contexts, "primer": primer}, sizes.real_rounds, warmup=False)
+    speedup = statistics.median(ratios(times, "contexts", "primer"))
+    diff = max(abs(a - b) for a, b in zip(got["contexts"], got["primer"]))
+    n = len(qs)
+    return measure(f"MC scoring per question, question contexts / shared primer [{label}]", speedup,
+                   ">= 2x, |diff| <= 1e-4", speedup >= 2 and diff <= 1e-4, model=label, questions=n,
+                   pairs=len(pairs), batch_size=batch,
+                   contexts_s=[round(t, 3) for t in times["contexts"]], primer_s=[round(t, 3) for t in times["primer"]],
+                   contexts_s_per_question=round(statistics.median(times["contexts"]) / n, 3),
+                   primer_s_per_question=round(statistics.median(times["primer"]) / n, 3),
+                   ratios=[round(x, 3) for x in ratios(times, "contexts", "primer")], max_abs_diff=diff,
+                   tokens_through_blocks=_token_counts(model, pairs, scoring=True),
+                   how="question contexts: bench.naive.score_question_contexts (each question's context, primer "
+                       "included, once into a KV cache, then its choices); shared primer: hpr.scoring.score (the "
+                       "primer once per call, then each question's text, then the choices); mc1 + mc2 choices, "
+                       "deduplicated; both take logits only where a choice token is predicted")
+
+
+def real_memory(shape: M.Shape, sizes: Sizes, cache: Path, work: Path) -> Result:
+    """Peak RSS growth of ``collect`` (fp32, QA primer) on N and 2N train questions, each in a fresh process,
+    against one batch's peak: ``answer_activations`` on one batch as ``collect`` runs it, ``batch`` distinct
+    contexts (the longest of the 2N questions, which include the N) with one answer each (``contexts`` mode
+    of the worker). The ``batch`` mode's longest answers come from a few questions only: their KV cache has
+    a few context rows where collect's has ``batch`` (at this shape 144 MB against 207 MB for batch 8)."""
+    ckpt = M.checkpoint(shape, cache)
+    n, per, b = sizes.real_mem_questions, sizes.real_mem_per_shard, sizes.real_mem_batch
+    runs = {q: memory_worker("collect", ckpt, work / f"realmem-{q}", q, per, b, "fp32", primer=True)
+            for q in (n, 2 * n)}
+    one = memory_worker("contexts", ckpt, work / "realmem-batch", 2 * n, per, b, "fp32", primer=True)
+    mb = lambda x: round(x / 2**20, 1)  # noqa: E731
+    rows, over = {}, {}
+    for q, r in runs.items():
+        bound = one["batch_peak_bytes"] + r["largest_shard_bytes"] + r["result_f32_bytes"]
+        over[q] = r["collect_peak_bytes"] - r["result_f32_bytes"]
+        rows[q] = {"shards": r["shards"], "answers": r["answers"], "peak_mb": mb(r["collect_peak_bytes"]),
+                   "result_f32_mb": mb(r["result_f32_bytes"]), "largest_shard_mb": mb(r["largest_shard_bytes"]),
+                   "bound_mb": mb(bound), "overhead_mb": mb(over[q]), "within_bound": r["collect_peak_bytes"] <= bound,
+                   "writing_shards_peak_mb": mb(r["shards_peak_bytes"])}
+    slack = 16 * 2**20
+    flat = over[2 * n] <= 1.25 * over[n] + slack
+    growth = over[2 * n] / over[n] if over[n] > 0 else float("inf")
+    ok = flat and all(r["within_bound"] for r in rows.values())
+    return measure(f"peak RSS of collect, train split [{shape.name}]", growth,
+                   "peak <= batch + shard + result (N, 2N q); over(2N) <= 1.25 over(N) + 16 MB", ok,
+                   model=shape.name, questions=[n, 2 * n], per_shard=per, batch_size=b, store="fp32",
+                   batch_peak_mb=mb(one["batch_peak_bytes"]), batch_tokens=one["batch_tokens"],
+                   runs={str(q): row for q, row in rows.items()}, overhead_bound_mb=mb(1.25 * over[n] + slack),
+                   overhead_flat=flat, raw={str(q): r for q, r in runs.items()} | {"batch": one},
+                   how="bench.memory_worker in fresh processes (default allocator, RSS sampled every 0.5 ms): "
+                       "hpr.activations.collect with the QA primer, float32 shards; overhead = peak - result; "
+                       "value = overhead(2N) / overhead(N)")
+
+
+def realshape(sizes: Sizes, cache: Path, work: Path) -> list[Result]:
+    model = M.load(sizes.real, cache)
+    out = [real_collection(model, sizes.real.name, sizes), real_scoring(model, sizes.real.name, sizes)]
+    del model
+    out.append(real_memory(sizes.real, sizes, cache, work))
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- main
+
+
+GROUPS = ("forward", "llama", "generation", "caching", "training", "scoring", "memory", "realshape")
 
 
 def main(argv: list[str] | None = None) -> list[Result]:
@@ -428,11 +595,11 @@ def main(argv: list[str] | None = None) -> list[Result]:
                     help="random checkpoints are saved here (reused between runs)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads (default 1: on a shared 2-core VM, 2-thread timings vary +-15 %%)")
-    ap.add_argument("--only", nargs="*", default=None,
-                    help="subset of: forward llama generation caching training scoring memory")
+    ap.add_argument("--only", nargs="*", default=None, choices=GROUPS, metavar="NAME",
+                    help=f"subset of: {' '.join(GROUPS)}")
     args = ap.parse_args(argv)
     sizes = SMOKE if args.smoke else FULL
-    groups = args.only or ["forward", "llama", "generation", "caching", "training", "scoring", "memory"]
+    groups = args.only or list(GROUPS)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     results: list[Result] = []
@@ -458,6 +625,8 @@ def main(argv: list[str] | None = None) -> list[Result]:
             results.append(training(sizes.gpt2, sizes))
         if "memory" in groups:
             results.append(memory(sizes.gpt2, sizes, args.cache, work))
+        if "realshape" in groups:
+            results += realshape(sizes, args.cache, work)
     elapsed = time.perf_counter() - start
     record = {"smoke": args.smoke, "elapsed_s": round(elapsed, 1), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "allocator": {k: os.environ.get(k) for k in STEADY_HEAP}, "machine": platform.platform(), "cpu_count": os.cpu_count(),

@@ -1,11 +1,14 @@
 """Subprocess of the memory measure: peak RSS growth of one step of activation caching, in a fresh process.
 
 Run as ``python -m bench.memory_worker MODE CKPT_DIR OUT_DIR N_QUESTIONS PER_SHARD BATCH fp16|fp32 PRIMER``
-with MODE ``batch`` (the largest batch through ``answer_activations``, once) or ``collect`` (the whole
-``hpr.activations.collect``, shards written and loaded back); prints one JSON line. Each mode runs in its
-own process so that both growths start from the same state (model loaded, nothing else allocated): the
-allocator keeps what a first call freed, so a second measurement in one process would see less. RSS is
-sampled by a thread every half millisecond (psutil); ``ru_maxrss`` would report the peak of model loading.
+with MODE ``batch`` (the largest batch through ``answer_activations``, once: the ``BATCH`` longest answers),
+``contexts`` (one batch as ``collect`` runs it with shared contexts: the ``BATCH`` longest distinct contexts,
+each with its longest answer, so the KV cache holds ``BATCH`` context rows) or ``collect`` (the whole
+``hpr.activations.collect``, shards written and loaded back; also the peak up to the loading, i.e. of
+writing the shards); prints one JSON line. Each mode runs in its own process so that every growth starts
+from the same state (model loaded, nothing else allocated): the allocator keeps what a first call freed, so
+a second measurement in one process would see less. RSS is sampled by a thread every half millisecond
+(psutil); ``ru_maxrss`` would report the peak of model loading.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ import time
 from pathlib import Path
 
 
-def peak_growth(fn):
-    """``(fn(), peak RSS during fn - RSS before)``."""
+def peak_growth(fn, marks: dict | None = None):
+    """``(fn(), peak RSS during fn - RSS before)``. ``fn`` may call ``marks["mark"](name)`` to record in
+    ``marks[name]`` the peak growth so far (the peak of the phase before that point)."""
     import psutil
 
     proc = psutil.Process()
@@ -27,6 +31,8 @@ def peak_growth(fn):
     before = proc.memory_info().rss
     peak = [before]
     stop = threading.Event()
+    if marks is not None:
+        marks["mark"] = lambda name: marks.__setitem__(name, max(peak[0], proc.memory_info().rss) - before)
 
     def sample():
         while not stop.is_set():
@@ -62,17 +68,32 @@ def main(argv: list[str]) -> dict:
     model = load_model(ckpt, device="cpu")
     record = {"mode": mode, "store": store, "questions": len(qs), "torch_threads": torch.get_num_threads()}
 
-    if mode == "batch":
+    if mode in ("batch", "contexts"):
         pairs = [(fmt.context(q), fmt.continuation(c.text)) for q in qs for c in q.mc2]
         enc = encode_all(model, pairs)
-        biggest = sorted(range(len(enc)), key=lambda i: -len(enc[i].tokens))[:batch]
+        pool = range(len(enc))
+        if mode == "contexts":  # each context's longest answer
+            longest: dict[str, int] = {}
+            for i, (context, _) in enumerate(pairs):
+                if context not in longest or len(enc[i].tokens) > len(enc[longest[context]].tokens):
+                    longest[context] = i
+            pool = longest.values()
+        biggest = sorted(pool, key=lambda i: -len(enc[i].tokens))[:batch]
         big = [pairs[i] for i in biggest]
         _, grown = peak_growth(lambda: activations.answer_activations(model, big, batch))
         return {**record, "batch_peak_bytes": int(grown), "batch_tokens": [len(enc[i].tokens) for i in biggest]}
 
     folder = Path(out)
+    marks: dict = {}
+    load = activations.load
+
+    def marked_load(path):  # collect ends by loading its shards back: the peak of writing them is the peak so far
+        marks["mark"]("shards_peak_bytes")
+        return load(path)
+
+    activations.load = marked_load
     result, grown = peak_growth(lambda: activations.collect(model, qs, fmt, folder, questions_per_shard=per_shard,
-                                                            batch_size=batch, fp16=store == "fp16"))
+                                                            batch_size=batch, fp16=store == "fp16"), marks)
     shards = sorted(folder.glob("shard-*.safetensors"))
     tokens = []
     for p in shards:
@@ -81,7 +102,8 @@ def main(argv: list[str]) -> dict:
     row_bytes = model.cfg.n_layers * model.cfg.d_model * (2 if store == "fp16" else 4)  # one answer token
     return {**record, "answers": len(result.question_ids), "shards": len(shards),
             "disk_bytes": sum(p.stat().st_size for p in shards), "largest_shard_bytes": max(tokens) * row_bytes,
-            "result_f32_bytes": int(result.acts.numel() * 4), "collect_peak_bytes": int(grown)}
+            "result_f32_bytes": int(result.acts.numel() * 4), "collect_peak_bytes": int(grown),
+            "shards_peak_bytes": int(marks.get("shards_peak_bytes", -1))}
 
 
 if __name__ == "__main__":

@@ -31,10 +31,16 @@ class Shape:
     vocab: int
     n_ctx: int
     n_kv_heads: int | None = None  # llama: grouped-query attention
+    tied: bool = False  # llama: unembedding tied to the embedding (GPT-2 checkpoints always tie: HF's default)
 
     @property
     def key(self) -> str:
-        return "-".join(f"{v}" for v in asdict(self).values())
+        # Fields added after the first checkpoints were cached enter the key only when set, so the shapes
+        # that existed keep their keys (and their cached checkpoints).
+        return "-".join(f"{v}" for k, v in asdict(self).items() if k not in _LATE_FIELDS or v != _LATE_FIELDS[k])
+
+
+_LATE_FIELDS = {"tied": False}
 
 
 # GPT-2 small: 12 layers, d_model 768, 12 heads, d_mlp 3072, vocab 50257, 1024 positions.
@@ -45,6 +51,13 @@ LLAMA_SMALL = Shape("llama-8L-1024", "llama", 8, 1024, 16, 2816, 32000, 2048, n_
 # Smoke sizes: same architectures, tiny.
 GPT2_TINY = Shape("gpt2-tiny", "gpt2", 2, 64, 4, 128, 2048, 1024)
 LLAMA_TINY = Shape("llama-tiny", "llama", 2, 64, 4, 128, 2048, 1024, n_kv_heads=2)
+# SmolLM2-135M-Instruct, the real model users run on CPU: Llama, 30 layers, d_model 576, 9 query heads /
+# 3 KV heads (GQA, head_dim 64), SwiGLU 1536, vocabulary 49152, tied embeddings (~135M parameters). Its
+# rope_theta (100000) and 8192 positions are not reproduced: neither changes the cost of a forward pass
+# at these lengths, and 2048 positions keep TL's per-layer mask and rotary tables small.
+SMOLLM2_SHAPE = Shape("smollm2-shape", "llama", 30, 576, 9, 1536, 49152, 2048, n_kv_heads=3, tied=True)
+# Its smoke stand-in: tiny, but tied and GQA like it.
+LLAMA_TINY_TIED = Shape("llama-tiny-tied", "llama", 2, 64, 4, 128, 2048, 1024, n_kv_heads=2, tied=True)
 
 TOKENIZER_VOCAB = 8192
 
@@ -90,7 +103,8 @@ def _hf_model(shape: Shape):
     if shape.arch == "llama":
         cfg = LlamaConfig(hidden_size=shape.d_model, intermediate_size=shape.d_mlp, num_hidden_layers=shape.n_layers,
                           num_attention_heads=shape.n_heads, num_key_value_heads=shape.n_kv_heads,
-                          max_position_embeddings=shape.n_ctx, vocab_size=shape.vocab, **ids)
+                          max_position_embeddings=shape.n_ctx, vocab_size=shape.vocab,
+                          tie_word_embeddings=shape.tied, **ids)
         return LlamaForCausalLM(cfg)
     raise ValueError(f"unknown arch {shape.arch!r}")
 
