@@ -19,7 +19,7 @@ from hpr.data import PromptFormat
 from hpr.data.schema import Choice, MCQuestion
 from hpr.editors.additive import answer_head_activations
 
-SLACK = 40 * 2**20  # allocator noise; a leak of one batch per batch is ~10x this at the larger size
+SLACK = 80 * 2**20  # allocator noise (~50 MB seen under load); a leak of one batch per batch is ~5x this
 
 
 def _peak_growth(fn):
@@ -71,7 +71,7 @@ FMT = PromptFormat(primer="")
 
 
 def test_head_activations_memory_is_the_result_plus_one_batch(wide_lm):
-    small, big = _questions(8), _questions(64, seed=1)
+    small, big = _questions(8), _questions(96, seed=1)
     (z_small, _), grown_small = _peak_growth(lambda: answer_head_activations(wide_lm, small, FMT, batch_size=8))
     (z_big, _), grown_big = _peak_growth(lambda: answer_head_activations(wide_lm, big, FMT, batch_size=8))
     overhead_small = grown_small - z_small.numel() * 4
