@@ -4,8 +4,8 @@ Run as ``python -m bench.memory_worker MODE CKPT_DIR OUT_DIR N_QUESTIONS PER_SHA
 with MODE ``batch`` (the largest batch through ``answer_activations``, once: the ``BATCH`` longest answers),
 ``contexts`` (one batch as ``collect`` runs it with shared contexts: the ``BATCH`` longest distinct contexts,
 each with its longest answer, so the KV cache holds ``BATCH`` context rows) or ``collect`` (the whole
-``hpr.activations.collect``, shards written and loaded back; also the peak up to the loading, i.e. of
-writing the shards); prints one JSON line. Each mode runs in its own process so that every growth starts
+``hpr.activations.collect``, shards written and loaded back; also the peaks of its two phases, writing
+the shards and loading them back); prints one JSON line. Each mode runs in its own process so that every growth starts
 from the same state (model loaded, nothing else allocated): the allocator keeps what a first call freed, so
 a second measurement in one process would see less. RSS is sampled by a thread every half millisecond
 (psutil); ``ru_maxrss`` would report the peak of model loading.
@@ -22,21 +22,35 @@ from pathlib import Path
 
 
 def peak_growth(fn, marks: dict | None = None):
-    """``(fn(), peak RSS during fn - RSS before)``. ``fn`` may call ``marks["mark"](name)`` to record in
-    ``marks[name]`` the peak growth so far (the peak of the phase before that point)."""
+    """``(fn(), peak RSS during fn - RSS before)``, growths from the RSS before ``fn``.
+
+    Phases: ``fn`` may call ``marks["mark"](name)`` to end one; ``marks[name]`` is then that phase's peak
+    growth and ``marks["end"]`` the peak growth of what follows the last mark.
+    """
     import psutil
 
     proc = psutil.Process()
     gc.collect()
     before = proc.memory_info().rss
     peak = [before]
+    phases = []
+    lock = threading.Lock()
     stop = threading.Event()
+
+    def mark(name):
+        with lock:
+            now = proc.memory_info().rss
+            marks[name] = max(peak[0], now) - before
+            phases.append(marks[name])
+            peak[0] = now  # the next phase's peak starts here
+
     if marks is not None:
-        marks["mark"] = lambda name: marks.__setitem__(name, max(peak[0], proc.memory_info().rss) - before)
+        marks["mark"] = mark
 
     def sample():
         while not stop.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
+            with lock:
+                peak[0] = max(peak[0], proc.memory_info().rss)
             time.sleep(0.0005)
 
     t = threading.Thread(target=sample, daemon=True)
@@ -46,7 +60,10 @@ def peak_growth(fn, marks: dict | None = None):
     finally:
         stop.set()
         t.join()
-    return result, max(peak[0], proc.memory_info().rss) - before
+    end = max(peak[0], proc.memory_info().rss) - before
+    if marks is not None:
+        marks["end"] = end
+    return result, max([end, *phases])
 
 
 def main(argv: list[str]) -> dict:
@@ -103,7 +120,7 @@ def main(argv: list[str]) -> dict:
     return {**record, "answers": len(result.question_ids), "shards": len(shards),
             "disk_bytes": sum(p.stat().st_size for p in shards), "largest_shard_bytes": max(tokens) * row_bytes,
             "result_f32_bytes": int(result.acts.numel() * 4), "collect_peak_bytes": int(grown),
-            "shards_peak_bytes": int(marks.get("shards_peak_bytes", -1))}
+            "shards_peak_bytes": int(marks.get("shards_peak_bytes", -1)), "load_peak_bytes": int(marks["end"])}
 
 
 if __name__ == "__main__":
