@@ -94,6 +94,7 @@ def gather_continuations(model, encoded: Sequence[Encoded], names: Sequence[str]
 
         with model.hooks(fwd_hooks=[(name, keep(k)) for k, name in enumerate(names)]):
             batch.run(model, stop_at_layer=stop)
+        del batch  # its row cache is freed before the next batch's is built
     if own_bar:
         bar.close()
     return out

@@ -163,8 +163,10 @@ def continuation_batches(model, encoded: Sequence[Encoded], batch_size: int = 16
     # The shared prefix never takes a context's last token: that one is re-fed with each continuation.
     shared_len = common_prefix([c[:-1] for c in contexts]) if len(contexts) > 1 else 0
     shared = _prefix_cache(model, contexts[0][:shared_len])
+    cache = None
     for first in range(0, len(contexts), batch_size):
         chunk = contexts[first : first + batch_size]
+        cache = None  # the last chunk's cache is freed before this one is built
         cache = _contexts_cache(model, shared, shared_len, chunk, pad_id)
         # Continuations of similar length share a pass: rows are right-padded to the longest.
         items = sorted(((g, i) for g, c in enumerate(chunk) for i in by_context[c]),

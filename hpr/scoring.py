@@ -71,6 +71,7 @@ def score(model, pairs: Sequence[tuple[str, str]], batch_size: int = 16, progres
             rows, cols = batch.continuation_cells(predicting=True)
             targets = [t for i in batch.index for t in encoded[i].tokens[len(encoded[i].tokens) - encoded[i].n_cont :]]
             results.update(zip(batch.index, _summed_logprobs(model, resid, rows, cols, targets, batch.n_cont)))
+            del batch, resid  # freed before the next batch's row cache is built
     else:
         pad_id = pad_token_id(model)
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].tokens))  # little padding
