@@ -256,6 +256,22 @@ def _fitted_as(method: str) -> str:
     return "iti" if iti_alpha(method) is not None else method
 
 
+def _answer_norms(model, questions, fmt, editor, batch_size: int, out: Path, method: str):
+    """:func:`hpr.evaluate.answer_norms` of ``method`` on the test split, kept beside its predictions."""
+    from safetensors.torch import load_file, save_file
+
+    path = out / "predictions" / f"{method}.norms.safetensors"
+    if path.exists():
+        saved = load_file(path)
+        return saved["before"], saved["after"]
+    before, after = evaluate.answer_norms(model, questions, fmt, editor, batch_size)
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"before": before.contiguous(), "after": after.contiguous()}, tmp)
+    os.replace(tmp, path)
+    return before, after
+
+
 def reproduce(cfg: RunConfig, out: Path, device=None, progress: bool = True) -> dict:
     unknown = {m for m in cfg.methods if m not in METHODS and iti_alpha(m) is None}
     if unknown:
@@ -339,10 +355,10 @@ def reproduce(cfg: RunConfig, out: Path, device=None, progress: bool = True) -> 
             df.to_parquet(tmp, index=False)
             os.replace(tmp, path)
         frames.append(pd.read_parquet(path))
-        before, after = evaluate.answer_norms(model, parts["test"], fmt, editor, cfg.batch_size)
-        base_norms = after if editor is None else base_norms
+        before, after = _answer_norms(model, parts["test"], fmt, editor, cfg.batch_size, out, method)
         if base_norms is None:
-            base_norms = evaluate.answer_norms(model, parts["test"], fmt, None, cfg.batch_size)[1]
+            base_norms = after if editor is None else _answer_norms(model, parts["test"], fmt, None,
+                                                                    cfg.batch_size, out, "base")[1]
         norm_change[method] = evaluate._mean_relative_change(after, before)
         norm_vs_base[method] = evaluate._mean_relative_change(after, base_norms)
     preds = pd.concat(frames, ignore_index=True)

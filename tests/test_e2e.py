@@ -70,9 +70,14 @@ def test_a_rerun_with_more_methods_extends_the_run(tiny_toy, tmp_path):
     assert main(["reproduce", "--out", str(out), "--quiet", "--methods", "base,hpr"]) == 0
     probes = (out / "probes.json").stat().st_mtime_ns
     hpr_preds = (out / "predictions" / "hpr.parquet").stat().st_mtime_ns
+    hpr_norms = (out / "predictions" / "hpr.norms.safetensors").stat().st_mtime_ns
+    first = json.loads((out / "results.json").read_text())
     assert main(["reproduce", "--out", str(out), "--quiet", "--methods", "base,hpr,caa"]) == 0
     assert (out / "probes.json").stat().st_mtime_ns == probes  # shared steps are not redone
     assert (out / "predictions" / "hpr.parquet").stat().st_mtime_ns == hpr_preds
+    assert (out / "predictions" / "hpr.norms.safetensors").stat().st_mtime_ns == hpr_norms
+    again = json.loads((out / "results.json").read_text())
+    assert again["norm_change_vs_base"]["hpr"] == first["norm_change_vs_base"]["hpr"]
     assert set(json.loads((out / "results.json").read_text())["methods"]) == {"base", "hpr", "caa"}
 
 
