@@ -280,13 +280,29 @@ def _shard_meta(path: Path) -> dict:
 _READ_BYTES = 16 << 20  # per read when loading a shard
 
 
-def load(folder: Path) -> AnswerActivations:
-    """Every shard of ``folder`` in one float32 tensor, allocated once (memory: the result + one shard's pages)."""
+def shard_paths(folder: Path) -> list[Path]:
+    """The shards of ``folder`` in order; each holds whole questions (every pair of a question is in one)."""
     paths = []
     while _shard_path(folder, len(paths)).exists():
         paths.append(_shard_path(folder, len(paths)))
     if not paths:
         raise FileNotFoundError(f"no activation shards in {folder}")
+    return paths
+
+
+def load_shards(folder: Path):
+    """Each shard of ``folder`` loaded on its own, one at a time: for statistics that need no more than a
+    question's answers together (probe accuracy), so memory is one shard, not the split."""
+    for path in shard_paths(folder):
+        yield _load_paths([path])
+
+
+def load(folder: Path) -> AnswerActivations:
+    """Every shard of ``folder`` in one float32 tensor, allocated once (memory: the result + one shard's pages)."""
+    return _load_paths(shard_paths(folder))
+
+
+def _load_paths(paths: list[Path]) -> AnswerActivations:
     shapes = []
     for path in paths:
         with safe_open(path, framework="pt") as f:

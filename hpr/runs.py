@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 import hpr
 from hpr import activations, evaluate, metrics
@@ -256,6 +257,17 @@ def _fitted_as(method: str) -> str:
     return "iti" if iti_alpha(method) is not None else method
 
 
+def split_probe_accuracy(probe, folder: Path) -> list[float]:
+    """:func:`probe_accuracy` over every aligned pair of a split, read one shard at a time (pairs never cross
+    shards): the same counts as on the whole split, in one shard's memory."""
+    correct, total = 0.0, 0
+    for shard in activations.load_shards(folder):
+        pos, neg, _ = shard.pair_rows()
+        correct = correct + torch.tensor(probe_accuracy(probe, pos, neg)) * (2 * len(pos))
+        total += 2 * len(pos)
+    return (correct / total).tolist()
+
+
 def _answer_norms(model, questions, fmt, editor, batch_size: int, out: Path, method: str):
     """:func:`hpr.evaluate.answer_norms` of ``method`` on the test split, kept beside its predictions."""
     from safetensors.torch import load_file, save_file
@@ -325,8 +337,7 @@ def reproduce(cfg: RunConfig, out: Path, device=None, progress: bool = True) -> 
         net = train_layerwise(pos, neg, cfg.hpr, progress=progress)
         del pos, neg
         probe = net.probe.detach()
-        acc = {name: probe_accuracy(probe, *activations.load(out / "activations" / name).pair_rows()[:2])
-               for name in ("train", "val", "test")}  # one split in memory at a time
+        acc = {name: split_probe_accuracy(probe, out / "activations" / name) for name in ("train", "val", "test")}
         layers = top_k_layers(acc["val"], cfg.hpr.top_k)
         HPREditor.from_layerwise(net, layers).save(editors_dir / "hpr")
         HPREditor.from_layerwise(net, layers, no_angle=True).save(editors_dir / "hpr_no_angle")

@@ -135,7 +135,7 @@ def train_layerwise(pos: Tensor, neg: Tensor, cfg: HPRTrainConfig, progress: boo
 
 
 @torch.no_grad()
-def probe_accuracy(probe: Tensor, pos: Tensor, neg: Tensor, chunk: int = 4096) -> list[float]:
+def probe_accuracy(probe: Tensor, pos: Tensor, neg: Tensor, chunk: int = 1024) -> list[float]:
     """Token-level accuracy per layer: positives need ``w.h > 0``, negatives ``w.h <= 0`` (the edit gate).
 
     ``pos``/``neg``: ``[N, layers, d]`` tensors or :class:`hpr.activations.Rows`, read ``chunk`` rows at a time.
