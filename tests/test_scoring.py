@@ -60,3 +60,15 @@ def test_scores_do_not_depend_on_batch_size(tiny_lm):
     pairs = _pairs()
     one, many = score(model, pairs, batch_size=1), score(model, pairs, batch_size=64)
     torch.testing.assert_close(torch.tensor(one), torch.tensor(many), rtol=0, atol=1e-5)
+
+
+def test_mixed_lengths_near_the_context_window(tiny_lm):
+    """A long context with a short answer shares a batch with a short context and a long answer: padding must
+    not push positions past n_ctx (it did when pads took positions: IndexError in the position embedding)."""
+    model = tiny_lm("gpt2-like")  # learned absolute positions, n_ctx 32
+    pairs = [(" ".join(["w1"] * 27), " w2 w2"), (" ".join(["w1"] * 27), " w2"),
+             ("w3 w4 w5", " " + " ".join(["w6"] * 8)), ("w3 w4 w5", " w7")]
+    expected = _reference(model, pairs)
+    for share_prefix in (True, False):
+        got = score(model, pairs, batch_size=16, share_prefix=share_prefix)
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=0, atol=1e-4)
