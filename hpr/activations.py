@@ -216,11 +216,6 @@ class Rows:
     def __getitem__(self, idx) -> Tensor:
         return self.acts[self.index[idx]].float()
 
-    def chunks(self, size: int = 4096):
-        """``self[a:b]`` for consecutive blocks of ``size`` rows."""
-        for a in range(0, len(self), size):
-            yield self[a : a + size]
-
 
 def _shard_path(folder: Path, k: int) -> Path:
     return folder / f"shard-{k:05d}.safetensors"
