@@ -1,47 +1,21 @@
 """Memory is part of correctness: collecting activations keeps one batch alive at a time, whatever the data size.
 
-Peak RSS growth is sampled by a thread while the call runs (as bench/memory_worker.py does). The model is
+Peak RSS growth is sampled by a thread while the call runs (bench.memory_worker.peak_growth). The model is
 sized so that one batch's activations are tens of MB: code that keeps a view into every batch (the old ITI
 head collection kept each batch's whole ``hook_z`` cache) grows by hundreds of MB between the two sizes, far
 beyond the slack; code that copies out what it keeps grows by its result alone.
 """
 
-import gc
-import threading
-import time
-
-import psutil
 import pytest
 import torch
 
+from bench.memory_worker import peak_growth
 from hpr import activations
 from hpr.data import PromptFormat
 from hpr.data.schema import Choice, MCQuestion
 from hpr.editors.additive import answer_head_activations
 
 SLACK = 80 * 2**20  # allocator noise (~50 MB seen under load); a leak of one batch per batch is ~5x this
-
-
-def _peak_growth(fn):
-    proc = psutil.Process()
-    gc.collect()
-    before = proc.memory_info().rss
-    peak = [before]
-    stop = threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.0005)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        result = fn()
-    finally:
-        stop.set()
-        thread.join()
-    return result, max(peak[0], proc.memory_info().rss) - before
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +46,8 @@ FMT = PromptFormat(primer="")
 
 def test_head_activations_memory_is_the_result_plus_one_batch(wide_lm):
     small, big = _questions(8), _questions(96, seed=1)
-    (z_small, _), grown_small = _peak_growth(lambda: answer_head_activations(wide_lm, small, FMT, batch_size=8))
-    (z_big, _), grown_big = _peak_growth(lambda: answer_head_activations(wide_lm, big, FMT, batch_size=8))
+    (z_small, _), grown_small = peak_growth(lambda: answer_head_activations(wide_lm, small, FMT, batch_size=8))
+    (z_big, _), grown_big = peak_growth(lambda: answer_head_activations(wide_lm, big, FMT, batch_size=8))
     overhead_small = grown_small - z_small.numel() * 4
     overhead_big = grown_big - z_big.numel() * 4
     assert z_big.grad_fn is None and z_big._base is None
@@ -85,8 +59,8 @@ def test_collect_memory_does_not_grow_with_the_number_of_shards(wide_lm, tmp_pat
         return activations.collect(wide_lm, questions, FMT, tmp_path / folder, questions_per_shard=8, batch_size=8)
 
     small, big = _questions(8), _questions(64, seed=1)
-    got_small, grown_small = _peak_growth(lambda: run(small, "small"))
-    got_big, grown_big = _peak_growth(lambda: run(big, "big"))
+    got_small, grown_small = peak_growth(lambda: run(small, "small"))
+    got_big, grown_big = peak_growth(lambda: run(big, "big"))
     assert len(list((tmp_path / "big").glob("shard-*.safetensors"))) == 8
     overhead_small = grown_small - got_small.acts.numel() * 4
     overhead_big = grown_big - got_big.acts.numel() * 4
