@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from hpr import ops
+from hpr import generation, ops, positions
 from hpr.activations import gather_continuations, resid_names
 from hpr.data.prompts import PromptFormat
 from hpr.data.schema import MCQuestion
@@ -222,12 +222,11 @@ def generations(model, prompts: Sequence[str], editors: Mapping[str, object], ma
     stops = newline_ids(model.tokenizer) if stop_at_newline else None
     rows = []
     for prompt in prompts:
-        ids = torch.tensor(encode_context(model, prompt, max_new_tokens), device=model.cfg.device)[None]
+        ids = encode_context(model, prompt, max_new_tokens)
         for method, editor in editors.items():
             with _applied(editor, model):
-                out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, verbose=False,
-                                     stop_at_eos=stops is not None, eos_token_id=stops, use_past_kv_cache=True)
-            text = model.tokenizer.decode(out[0, ids.shape[1]:].tolist())
+                out = generation.greedy(model, ids, max_new_tokens, stops or ())
+            text = model.tokenizer.decode(out)
             rows.append({"prompt": prompt, "method": method, "text": text.split("\n")[0] if stop_at_newline else text})
     return pd.DataFrame(rows)
 
@@ -258,7 +257,7 @@ def capability(model, texts: Sequence[str], editors: Mapping[str, object], batch
         targets = ids[:, 1:]
         base_logp = model(ids.to(model.cfg.device)).float().log_softmax(-1)[:, :-1].cpu()
         for method, editor in editors.items():
-            with _applied(editor, model):
+            with _applied(editor, model), positions.as_answer():  # neutral text: every token is continuation
                 logp = model(ids.to(model.cfg.device)).float().log_softmax(-1)[:, :-1].cpu()
             kl = (base_logp.exp() * (base_logp - logp)).sum(-1)
             nll = -logp.gather(-1, targets[..., None]).squeeze(-1)

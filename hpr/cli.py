@@ -18,8 +18,10 @@ def _reproduce(args) -> int:
     cfg = RunConfig(model=args.model, dtype=args.dtype, dataset=args.dataset, data_path=args.data_path,
                     methods=methods, limit=args.limit, seed=args.seed,
                     batch_size=args.batch_size, fp16_activations=args.fp16_activations,
-                    hpr=HPRTrainConfig(top_k=args.top_k), iti_k=args.iti_k,
-                    sadi_level=args.sadi_level, sadi_mode=args.sadi_mode)
+                    hpr=HPRTrainConfig(top_k=args.top_k), iti_k=args.iti_k, iti_positions=args.iti_positions,
+                    iti_features=args.iti_features,
+                    caa_positions=args.caa_positions, sadi_level=args.sadi_level, sadi_mode=args.sadi_mode,
+                    sadi_positions=args.sadi_positions, sadi_grid=args.sadi_grid)
     results = reproduce(cfg, Path(args.out), device=args.device, progress=not args.quiet)
     print(format_results(results))
     print(f"run folder: {args.out} (results.json has everything)")
@@ -55,6 +57,7 @@ def _toyworld(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hpr.positions import MODES
     from hpr.runs import METHODS, RunConfig
 
     parser = argparse.ArgumentParser(prog="hpr", description="Activation editing workbench (HPR and baselines)")
@@ -76,6 +79,19 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
     rep.add_argument("--top-k", type=int, default=5, help="HPR edits the k layers with the best val probe")
     rep.add_argument("--iti-k", type=int, default=48, help="ITI edits the K heads with the best val probe")
+    modes = ", ".join(MODES)
+    rep.add_argument("--iti-positions", default=RunConfig.iti_positions, choices=MODES,
+                     help=f"ITI: positions edited ({modes}; default: the answer tokens, as honest_llama's scorer)")
+    rep.add_argument("--iti-features", default=RunConfig.iti_features, choices=["last_token", "answer_tokens"],
+                     help="ITI: probes, directions and stds from the last token of each answer (honest_llama) or "
+                          "from every answer token")
+    rep.add_argument("--caa-positions", default=RunConfig.caa_positions, choices=MODES,
+                     help="CAA: positions edited (default: from the prompt's end on, as CAA)")
+    rep.add_argument("--sadi-positions", default=RunConfig.sadi_positions, choices=MODES,
+                     help="SADI: positions edited (default: the prompt's last token, as the released code)")
+    rep.add_argument("--sadi-grid", default=RunConfig.sadi_grid, choices=["small", "released"],
+                     help="SADI: (k, delta) tried on val: small (k 1-8, delta 0.5-5) or the released script's grid "
+                          "(heads: k up to 10, delta 5-80; 96 settings)")
     rep.add_argument("--sadi-level", default="heads", choices=["heads", "hidden", "neurons"],
                      help="SADI: which elements the mask selects")
     rep.add_argument("--sadi-mode", default="additive", choices=["additive", "multiplicative"],

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from hpr import positions
 from hpr.encoding import Encoded, pad_token_id
 
 
@@ -49,9 +50,13 @@ class ContinuationBatch:
     cache: object  # a frozen TransformerLensKeyValueCache, one row per batch row
 
     def run(self, model, stop_at_layer: int | None = None):
-        """The model's forward pass over this batch (residual stream if ``stop_at_layer``, else logits)."""
-        return model(self.tokens, past_kv_cache=self.cache, attention_mask=self.attention_mask,
-                     stop_at_layer=stop_at_layer)
+        """The model's forward pass over this batch (residual stream if ``stop_at_layer``, else logits).
+
+        Position 0 of each row is marked as its context's end and the rest as answer tokens
+        (:mod:`hpr.positions`), for editors that edit only some positions."""
+        with positions.marked(positions.continuation_kinds(self.lengths, self.tokens.shape[1])):
+            return model(self.tokens, past_kv_cache=self.cache, attention_mask=self.attention_mask,
+                         stop_at_layer=stop_at_layer)
 
     def continuation_cells(self, predicting: bool) -> tuple[Tensor, Tensor]:
         """``(rows, cols)`` of every continuation token, row by row in order.
@@ -121,7 +126,8 @@ def _prefix_cache(model, prefix: Sequence[int]):
     cache = _new_cache(model, 1)
     if prefix:
         ids = torch.tensor([list(prefix)], device=model.cfg.device)
-        model(ids, past_kv_cache=cache, attention_mask=torch.ones_like(ids), stop_at_layer=model.cfg.n_layers)
+        with positions.marked(positions.context_kinds(*ids.shape)):
+            model(ids, past_kv_cache=cache, attention_mask=torch.ones_like(ids), stop_at_layer=model.cfg.n_layers)
     return cache
 
 
@@ -139,7 +145,8 @@ def _contexts_cache(model, shared, shared_len: int, contexts: Sequence[tuple[int
         if rest:
             ids[g, width - len(rest) :] = torch.tensor(rest)
             mask[g, width - len(rest) :] = 1
-    model(ids.to(device), past_kv_cache=cache, attention_mask=mask.to(device), stop_at_layer=model.cfg.n_layers)
+    with positions.marked(positions.context_kinds(*ids.shape)):
+        model(ids.to(device), past_kv_cache=cache, attention_mask=mask.to(device), stop_at_layer=model.cfg.n_layers)
     return cache
 
 
@@ -217,8 +224,11 @@ def shared_prefix_forward(model, batch: Sequence[Encoded], pad_id: int, **forwar
         ids[r, : len(rest)] = torch.tensor(rest)
         mask[r, : len(rest)] = 1
     ids, lengths = ids.to(device), torch.tensor([len(r) for r in rests])
+    kinds = positions.whole_sequence_kinds([len(_context(e)) for e in batch], lengths.tolist(), width, shared)
     if shared == 0:  # nothing to share: the plain right-padded pass (padding after the real tokens)
-        return model(ids, **forward_kwargs), ids, lengths, 0
+        with positions.marked(kinds):
+            return model(ids, **forward_kwargs), ids, lengths, 0
     cache = _expanded(_prefix_cache(model, batch[0].tokens[:shared]), len(batch))
-    out = model(ids, past_kv_cache=cache, attention_mask=mask.to(device), **forward_kwargs)
+    with positions.marked(kinds):
+        out = model(ids, past_kv_cache=cache, attention_mask=mask.to(device), **forward_kwargs)
     return out, ids, lengths, shared

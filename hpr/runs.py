@@ -31,16 +31,23 @@ import hpr
 from hpr import activations, evaluate, metrics
 from hpr.data import PromptFormat, apply_split, load_dataset, split_groups, split_ids
 from hpr.editors import load_editor
-from hpr.editors.additive import ITI_PRESETS, answer_head_activations, fit_caa, fit_iti
+from hpr.editors.additive import ITI_FEATURES, ITI_PRESETS, answer_head_activations, fit_caa, fit_iti
 from hpr.editors.diff import train_diff
 from hpr.editors.hpr import HPREditor, HPRTrainConfig, probe_accuracy, top_k_layers, train_layerwise
 from hpr.editors.lora import LoRATrainConfig, fit_lora
 from hpr.editors.reptune import RepTuneTrainConfig, fit_reptune
-from hpr.editors.sadi import fit_sadi, mean_differences
+from hpr.editors.sadi import RELEASED_GRIDS, fit_sadi, mean_differences
 from hpr.editors.sea import fit_sea, last_layers, sea_activations
 from hpr.models import default_device, model_dtype
+from hpr.positions import check_mode
 
 log = logging.getLogger(__name__)
+# RunConfig fields added when editors began to declare their positions: absent means "all".
+LEGACY_ALL_POSITIONS = ("iti_positions", "caa_positions", "sadi_positions")
+# Settings whose absence from a recorded run means the behaviour of the versions before them.
+LEGACY_VALUES = {**{name: "all" for name in LEGACY_ALL_POSITIONS}, "iti_features": "answer_tokens",
+                 "caa_layers": "hpr_layers"}
+SEEDED_TRAININGS = ("hpr", "lora", "reptune")  # RunConfig fields whose seed is the run's (Diff uses hpr's)
 METHODS = ("base", "hpr", "hpr_no_angle", "iti15", "iti200", "caa", "diff", "sea", "sadi", "lora", "reptune")
 
 
@@ -54,12 +61,18 @@ class RunConfig:
     data_path: str | None = field(default=None, metadata={"help": "file or folder for truthfulqa / jsonl"})
     methods: tuple[str, ...] = field(default=METHODS, metadata={"help": "methods to evaluate"})
     limit: int | None = field(default=None, metadata={"help": "use only the first N questions"})
-    seed: int = field(default=0, metadata={"help": "split and training seed"})
+    seed: int = field(default=0, metadata={"help": "split and training seed (HPR, Diff, LoRA, reptune)"})
     fractions: tuple[float, float, float] = field(default=(0.4, 0.1, 0.5), metadata={"help": "train/val/test"})
     batch_size: int = field(default=16, metadata={"help": "sequences per forward pass"})
     fp16_activations: bool = field(default=False, metadata={"help": "store activations in float16"})
     hpr: HPRTrainConfig = field(default_factory=HPRTrainConfig)
     iti_k: int = field(default=48, metadata={"help": "ITI: heads edited, top-K by val probe accuracy"})
+    iti_positions: str = field(default="answer", metadata={"help": "ITI: positions edited (hpr.positions)"})
+    iti_features: str = field(default="last_token", metadata={
+        "help": "ITI: probe/direction/std features: last_token (honest_llama) | answer_tokens"})
+    caa_positions: str = field(default="from_prompt_end", metadata={"help": "CAA: positions edited"})
+    caa_layers: str = field(default="single", metadata={
+        "help": "CAA: single (one of HPR's layers, chosen on val, as CAA) | hpr_layers (all of them at once)"})
     caa_multipliers: tuple[float, ...] = field(default=(0.5, 1.0, 2.0, 4.0, 8.0, 16.0),
                                                metadata={"help": "CAA: multipliers tried on val (best MC1)"})
     lora: LoRATrainConfig = field(default_factory=LoRATrainConfig)
@@ -71,6 +84,24 @@ class RunConfig:
     sadi_k: tuple[int, ...] = field(default=(1, 2, 4, 8), metadata={"help": "SADI: mask sizes tried on val"})
     sadi_deltas: tuple[float, ...] = field(default=(0.5, 1.0, 2.0, 5.0),
                                            metadata={"help": "SADI: deltas tried on val (best MC1)"})
+    sadi_grid: str = field(default="small", metadata={
+        "help": "SADI: small (sadi_k x sadi_deltas) | released (the released script's grid for the level)"})
+    sadi_positions: str = field(default="prompt_end", metadata={"help": "SADI: positions edited"})
+
+    def __post_init__(self):
+        for name in LEGACY_ALL_POSITIONS:
+            check_mode(getattr(self, name), name)
+        if self.iti_features not in ITI_FEATURES:
+            raise ValueError(f"iti_features must be one of {ITI_FEATURES}, got {self.iti_features!r}")
+        if self.caa_layers not in ("single", "hpr_layers"):
+            raise ValueError(f"caa_layers must be 'single' or 'hpr_layers', got {self.caa_layers!r}")
+        if self.sadi_grid not in ("small", "released"):
+            raise ValueError(f"sadi_grid must be 'small' or 'released', got {self.sadi_grid!r}")
+        # The run's seed seeds every training: the trainers' own seed fields follow it.
+        for name in SEEDED_TRAININGS:
+            sub = getattr(self, name)
+            if sub.seed != self.seed:
+                object.__setattr__(self, name, dataclasses.replace(sub, seed=self.seed))
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -78,9 +109,12 @@ class RunConfig:
 
     @classmethod
     def from_json(cls, d: dict) -> RunConfig:
-        """Fields missing from ``d`` (run folders written before they existed) take their defaults."""
+        """Fields missing from ``d`` (run folders written before they existed) take their defaults, except the
+        editors' positions: those folders' editors edited every position."""
         d = dict(d)
-        d["hpr"] = HPRTrainConfig(**d.get("hpr", {}))
+        for k, legacy in LEGACY_VALUES.items():
+            d.setdefault(k, legacy)
+        d["hpr"] = HPRTrainConfig(**{"select_epoch": "last", **d.get("hpr", {})})  # absent: kept the last epoch
         d["lora"] = LoRATrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.get("lora", {}).items()})
         d["reptune"] = RepTuneTrainConfig(**d.get("reptune", {}))
         for k in ("methods", "fractions", "caa_multipliers", "sadi_k", "sadi_deltas"):
@@ -100,6 +134,9 @@ def same_settings(recorded: dict | None, cfg: RunConfig) -> bool:
         old = RunConfig.from_json(recorded)
     except TypeError:  # not a dict, or fields this version does not know
         return False
+    seed = recorded.get("seed", 0)
+    if any(recorded.get(name, {}).get("seed", seed) != seed for name in SEEDED_TRAININGS):
+        return False  # written when training always used seed 0, whatever --seed said
     return dataclasses.replace(old, methods=cfg.methods).to_json() == cfg.to_json()
 
 
@@ -155,15 +192,17 @@ class FitContext:
         row = metrics.summarize(metrics.question_scores(val))[method]
         return {"mc1": row["mc1"], "mc2": row["mc2"]}
 
-    def sweep(self, method: str, candidates: list[tuple[dict, object]], extra: dict | None = None):
-        """Pick the candidate with the best val MC1 (then MC2, then the first listed); record the sweep."""
+    def sweep(self, method: str, candidates: list[tuple[dict, object]], extra: dict | None = None,
+              record: str | None = None):
+        """Pick the candidate with the best val MC1 (then MC2, then the first listed); record the sweep in
+        ``<record>.json`` (default ``<method>_sweep.json``)."""
         from tqdm.auto import tqdm
 
         rows = []
         for params, editor in tqdm(candidates, desc=f"{method} on val", disable=not self.progress, unit="setting"):
             rows.append({**params, **self.val_mc(method, editor)})
         best = max(range(len(rows)), key=lambda i: (rows[i]["mc1"], rows[i]["mc2"], -i))
-        _write_json(self.out / f"{method}_sweep.json", {**(extra or {}), "val": rows, "chosen": rows[best]})
+        _write_json(self.out / f"{record or method + '_sweep'}.json", {**(extra or {}), "val": rows, "chosen": rows[best]})
         return candidates[best][1]
 
 
@@ -176,10 +215,11 @@ def _fit_iti(fit: FitContext) -> None:
         iti = load_editor(fit.editors_dir / "iti15")
     else:
         heads = {name: answer_head_activations(fit.model, fit.parts[name], fit.fmt, fit.cfg.batch_size,
-                                               fit.progress)
+                                               fit.progress, fit.cfg.iti_features)
                  for name in ("train", "val")}
         iti, head_acc = fit_iti(heads["train"], heads["val"], ITI_PRESETS["iti15"], k=fit.cfg.iti_k,
                                 d_model=fit.model.cfg.d_model, progress=fit.progress)
+        iti = iti.with_positions(fit.cfg.iti_positions)
         _write_json(fit.out / "iti_heads.json", {"val_accuracy": head_acc.tolist(), "heads": list(iti.config.heads)})
     for method, alpha in sorted(alphas.items()):
         if not fit.done(method):
@@ -190,9 +230,13 @@ def _fit_caa(fit: FitContext) -> None:
     if fit.done("caa"):
         return
     pos, neg, _ = fit.train_pairs()
-    caa = fit_caa(pos, neg, fit.probes["selected_layers"], 1.0)
+    layers = fit.probes["selected_layers"]
+    caa = fit_caa(pos, neg, layers, 1.0).with_positions(fit.cfg.caa_positions)
+    if fit.cfg.caa_layers == "single":  # CAA steers at one layer, found by a layer sweep at multiplier 1
+        caa = fit.sweep("caa", [({"layer": layer, "multiplier": 1.0}, caa.with_layers((layer,))) for layer in layers],
+                        {"candidate_layers": layers}, record="caa_layer_sweep")
     best = fit.sweep("caa", [({"multiplier": m}, caa.with_multiplier(m)) for m in fit.cfg.caa_multipliers],
-                     {"layers": fit.probes["selected_layers"]})
+                     {"layers": list(caa.config.layers)})
     best.save(fit.editors_dir / "caa")
 
 
@@ -216,9 +260,11 @@ def _fit_sadi(fit: FitContext) -> None:
         return
     cfg = fit.cfg
     diff = mean_differences(fit.model, fit.parts["train"], fit.fmt, cfg.sadi_level, cfg.batch_size, fit.progress)
+    ks, deltas = RELEASED_GRIDS[cfg.sadi_level] if cfg.sadi_grid == "released" else (cfg.sadi_k, cfg.sadi_deltas)
     candidates = [({"k": k, "delta": delta},
-                   fit_sadi(diff, k, delta, cfg.sadi_level, cfg.sadi_mode, fit.model.cfg.d_model))
-                  for k in sorted({min(k, diff.numel()) for k in cfg.sadi_k}) for delta in cfg.sadi_deltas]
+                   fit_sadi(diff, k, delta, cfg.sadi_level, cfg.sadi_mode, fit.model.cfg.d_model)
+                   .with_positions(cfg.sadi_positions))
+                  for k in sorted({min(k, diff.numel()) for k in ks}) for delta in deltas]
     best = fit.sweep("sadi", candidates, {"level": cfg.sadi_level, "mode": cfg.sadi_mode})
     best.save(fit.editors_dir / "sadi")
 
@@ -334,7 +380,14 @@ def reproduce(cfg: RunConfig, out: Path, device=None, progress: bool = True) -> 
     if not all((editors_dir / name / "config.json").exists() for name in ("hpr", "hpr_all_layers")) \
             or not probes_path.exists():
         pos, neg, _ = activations.load(out / "activations" / "train").pair_rows()
-        net = train_layerwise(pos, neg, cfg.hpr, progress=progress)
+        epoch_val = []  # pooled val probe accuracy after each epoch: picks the epoch kept
+
+        def score_epoch(net):
+            per_layer = split_probe_accuracy(net.probe.detach(), out / "activations" / "val")
+            epoch_val.append(sum(per_layer) / len(per_layer))  # every layer has the same tokens: pooled
+            return epoch_val[-1]
+
+        net = train_layerwise(pos, neg, cfg.hpr, progress=progress, score_epoch=score_epoch)
         del pos, neg
         probe = net.probe.detach()
         acc = {name: split_probe_accuracy(probe, out / "activations" / name) for name in ("train", "val", "test")}
@@ -342,7 +395,9 @@ def reproduce(cfg: RunConfig, out: Path, device=None, progress: bool = True) -> 
         HPREditor.from_layerwise(net, layers).save(editors_dir / "hpr")
         HPREditor.from_layerwise(net, layers, no_angle=True).save(editors_dir / "hpr_no_angle")
         HPREditor.from_layerwise(net, tuple(range(model.cfg.n_layers))).save(editors_dir / "hpr_all_layers")
-        _write_json(probes_path, {"accuracy": acc, "selected_layers": list(layers)})
+        best_epoch = 1 + max(range(len(epoch_val)), key=lambda i: (epoch_val[i], -i)) if epoch_val else cfg.hpr.epochs
+        _write_json(probes_path, {"accuracy": acc, "selected_layers": list(layers),
+                                  "epoch_val_accuracy": epoch_val, "kept_epoch": best_epoch})
     probes = json.loads(probes_path.read_text())
     done()
 

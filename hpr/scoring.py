@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from hpr import positions
 from hpr.continuations import continuation_batches
 from hpr.encoding import Encoded, encode_all, encode_context, encode_pair, pad_batch, pad_token_id
 
@@ -41,13 +42,16 @@ def _summed_logprobs(model, resid: Tensor, rows, positions, targets: list[int], 
 def _score_whole(model, batch: Sequence[Encoded], pad_id: int) -> list[float]:
     """Each sequence in full, right-padded; logits only where a continuation token is predicted."""
     ids, _ = pad_batch(batch, pad_id)
-    resid = model(ids.to(model.cfg.device), stop_at_layer=model.cfg.n_layers)
-    rows, positions, targets = [], [], []
+    kinds = positions.whole_sequence_kinds([len(e.tokens) - e.n_cont for e in batch], [len(e.tokens) for e in batch],
+                                           ids.shape[1])
+    with positions.marked(kinds):
+        resid = model(ids.to(model.cfg.device), stop_at_layer=model.cfg.n_layers)
+    rows, cols, targets = [], [], []
     for i, e in enumerate(batch):
         total = len(e.tokens)
         for t in range(total - e.n_cont, total):  # logits at t-1 predict token t
-            rows.append(i), positions.append(t - 1), targets.append(e.tokens[t])
-    return _summed_logprobs(model, resid, rows, positions, targets, [e.n_cont for e in batch])
+            rows.append(i), cols.append(t - 1), targets.append(e.tokens[t])
+    return _summed_logprobs(model, resid, rows, cols, targets, [e.n_cont for e in batch])
 
 
 @torch.inference_mode()

@@ -35,8 +35,16 @@ def test_reproduce_tiny_toy(tiny_toy, tmp_path):
     assert set(vs_base) == methods and vs_base["base"] == [0.0, 0.0]
     assert vs_base["hpr"][0] <= 1e-5  # the first edited layer has an unedited input
     assert all(a > b for a, b in zip(vs_base["iti200"], vs_base["iti15"]))
+    probes = json.loads((out / "probes.json").read_text())  # HPR keeps its best epoch on val, as the official code
+    kept = probes["epoch_val_accuracy"][probes["kept_epoch"] - 1]
+    assert len(probes["epoch_val_accuracy"]) == 5 and kept == max(probes["epoch_val_accuracy"])
+    assert sum(probes["accuracy"]["val"]) / 2 == pytest.approx(kept)  # the kept probe is the one reported
     heads = json.loads((out / "iti_heads.json").read_text())
     assert len(heads["heads"]) == 4  # K = 48 capped by 2 layers x 2 heads
+    caa_layers = json.loads((out / "caa_layer_sweep.json").read_text())  # CAA: one layer, chosen on val
+    caa = json.loads((out / "editors" / "caa" / "config.json").read_text())["config"]
+    assert caa["layers"] == [caa_layers["chosen"]["layer"]] and caa["positions"] == "from_prompt_end"
+    assert {row["layer"] for row in caa_layers["val"]} == set(results["selected_layers"])
     for method in ("caa", "sadi"):  # tuned on val only; the sweep is kept
         sweep = json.loads((out / f"{method}_sweep.json").read_text())
         assert sweep["chosen"] in sweep["val"] and len(sweep["val"]) > 1

@@ -1,5 +1,7 @@
 """HPR editor: hook hygiene, the edit formula at the hooked layers, save/load, shape checks."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -103,6 +105,41 @@ def test_training_separates_a_planted_direction():
         theta_pos = net.theta(pos.transpose(0, 1)).mean()
         theta_neg = net.theta(neg.transpose(0, 1)).mean()
     assert theta_neg > theta_pos  # negatives need rotating, positives (target 0) do not
+
+
+def _planted(seed=0, n=256):
+    g = torch.Generator().manual_seed(seed)
+    direction = torch.randn(32, generator=g)
+    base = torch.randn(n, 2, 32, generator=g) * 2
+    return base + direction, base - direction
+
+
+def test_the_epoch_kept_is_the_first_with_the_best_validation_score():
+    pos, neg = _planted()
+    scripted, probes = iter([0.5, 0.9, 0.7, 0.9]), []
+
+    def score_epoch(net):  # what the run passes: pooled val probe accuracy; scripted here
+        probes.append(net.probe.detach().clone())
+        return next(scripted)
+
+    cfg = HPRTrainConfig(epochs=4, lr=5e-3)
+    net = train_layerwise(pos, neg, cfg, score_epoch=score_epoch)
+    assert len(probes) == 4 and not torch.equal(probes[1], probes[3])
+    assert torch.equal(net.probe.detach(), probes[1])  # epoch 2: the best, and before the tie at epoch 4
+    last = train_layerwise(pos, neg, dataclasses.replace(cfg, select_epoch="last"), score_epoch=score_epoch)
+    assert len(probes) == 4 and torch.equal(last.probe.detach(), probes[3])  # not scored; the last epoch kept
+    with pytest.raises(ValueError, match="select_epoch"):
+        HPRTrainConfig(select_epoch="best")
+
+
+def test_the_seed_decides_initialisation_and_batch_order():
+    pos, neg = _planted()
+
+    def probe(seed):
+        return train_layerwise(pos, neg, HPRTrainConfig(epochs=1, seed=seed)).probe.detach()
+
+    assert torch.equal(probe(1), probe(1))
+    assert not torch.equal(probe(1), probe(2))
 
 
 def test_generation_with_and_without_kv_cache_agree_under_the_edit(tiny_toy):

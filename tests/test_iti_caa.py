@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from hpr import generation, positions
 from hpr.data.prompts import PromptFormat
 from hpr.editors import load_editor
 from hpr.editors.additive import (
@@ -21,6 +22,14 @@ from hpr.models import new_hooked_transformer
 CFG = {"n_layers": 3, "d_model": 32, "n_heads": 2, "d_head": 16, "d_mlp": 64, "n_ctx": 16, "d_vocab": 50,
        "act_fn": "gelu", "normalization_type": "LN"}
 PLANT = torch.linspace(-1, 1, 8) / torch.linspace(-1, 1, 8).norm()  # the separating direction of head (1, 2)
+
+
+@pytest.fixture(autouse=True)
+def every_token_is_answer():
+    """The edit formulas are checked at every position: direct model calls count every token as an answer
+    (hpr.positions; the tests of which positions each mode edits are in test_methods.py)."""
+    with positions.as_answer():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +153,7 @@ def test_answer_head_activations_are_the_answer_tokens_of_every_choice(toy):
 
     questions = toy_dataset()[:3]
     fmt = PromptFormat(primer=PRIMER)
-    z, is_true = answer_head_activations(toy, questions, fmt, batch_size=4)
+    z, is_true = answer_head_activations(toy, questions, fmt, batch_size=4, features="answer_tokens")
     pairs = [(fmt.context(q), fmt.continuation(c.text)) for q in questions for c in q.mc2]
     encoded = encode_all(toy, pairs)
     labels = [c.is_true for q in questions for c in q.mc2]
@@ -155,6 +164,24 @@ def test_answer_head_activations_are_the_answer_tokens_of_every_choice(toy):
     alone = torch.stack([cache[f"blocks.{l}.attn.hook_z"][0, -e.n_cont:] for l in range(toy.cfg.n_layers)], dim=1)
     assert z.dtype == torch.float16  # as honest_llama's activations
     torch.testing.assert_close(z[-e.n_cont:].float(), alone, rtol=1e-3, atol=1e-3)
+
+
+def test_iti_features_are_the_last_token_of_each_answer_by_default(toy):
+    """honest_llama's features: one row per (question, answer), at its last token."""
+    from hpr.scoring import encode_all
+    from hpr.toyworld import PRIMER, toy_dataset
+
+    questions = toy_dataset()[:3]
+    fmt = PromptFormat(primer=PRIMER)
+    last, last_true = answer_head_activations(toy, questions, fmt, batch_size=4)
+    tokens, _ = answer_head_activations(toy, questions, fmt, batch_size=3, features="answer_tokens")
+    encoded = encode_all(toy, [(fmt.context(q), fmt.continuation(c.text)) for q in questions for c in q.mc2])
+    ends = torch.tensor([e.n_cont for e in encoded]).cumsum(0) - 1
+    assert len(last) == len(encoded) == sum(len(q.mc2) for q in questions)
+    assert last_true.tolist() == [c.is_true for q in questions for c in q.mc2]
+    torch.testing.assert_close(last.float(), tokens[ends].float(), rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="ITI features"):
+        answer_head_activations(toy, questions, fmt, features="mean")
 
 
 def test_fitted_toy_editor_alpha_zero_is_a_no_op_and_save_load_reproduces_logits(toy, toy_heads, tmp_path):
@@ -177,15 +204,30 @@ def test_fitted_toy_editor_alpha_zero_is_a_no_op_and_save_load_reproduces_logits
     assert _no_hooks(toy)
 
 
-def test_iti_generation_with_and_without_kv_cache_agree(toy, toy_heads):
+def test_iti_generation_shifts_only_the_newest_position_of_each_pass(toy, toy_heads):
+    """honest_llama's generation: the prefill's last token, then each new token; the prompt stays unedited."""
     editor, _ = fit_iti(*toy_heads, alpha=ITI_PRESETS["iti200"], k=2)
-    prompt = toy.to_tokens("Q: pet and city of X?\nA:")
-    kwargs = {"max_new_tokens": 6, "do_sample": False, "verbose": False, "return_type": "tokens",
-              "stop_at_eos": False}
-    with editor.applied(toy):
-        cached = toy.generate(prompt, use_past_kv_cache=True, **kwargs)
-        uncached = toy.generate(prompt, use_past_kv_cache=False, **kwargs)
-    assert torch.equal(cached, uncached)
+    layer, head = editor.config.heads[0]
+    name = f"blocks.{layer}.attn.hook_z"
+    prompt = toy.to_tokens("Q: pet and city of X?\nA:")[0].tolist()
+
+    def record(store):
+        return [(name, lambda z, hook: store.append(z[0, :, head].clone()))]
+
+    pre, post = [], []
+    with toy.hooks(fwd_hooks=record(pre)), editor.applied(toy), toy.hooks(fwd_hooks=record(post)):
+        new = generation.greedy(toy, prompt, max_new_tokens=4)
+    assert len(pre) == len(post) == len(new)  # the prefill, then one pass per token fed back
+    assert pre[0].shape[0] == len(prompt) and all(p.shape[0] == 1 for p in pre[1:])
+    shift = editor.shifts(layer)[1][0]
+    for before, after in zip(pre, post):
+        assert torch.equal(after[:-1], before[:-1])
+        torch.testing.assert_close(after[-1], before[-1] + shift, rtol=0, atol=1e-5)
+    with editor.with_alpha(0.0).applied(toy):
+        assert generation.greedy(toy, prompt, max_new_tokens=4) == generation.greedy(toy, prompt, max_new_tokens=4)
+    base = toy.generate(torch.tensor([prompt]), max_new_tokens=4, do_sample=False, verbose=False,
+                        stop_at_eos=False, use_past_kv_cache=True)[0, len(prompt):].tolist()
+    assert generation.greedy(toy, prompt, max_new_tokens=4) == base  # unedited: TransformerLens's own greedy
     assert _no_hooks(toy)
 
 

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from hpr import positions
 from hpr.data.prompts import PromptFormat
 from hpr.editors import load_editor
 from hpr.editors.additive import CAAEditor, ITIEditor
@@ -133,8 +134,15 @@ def _resid(model, tokens, editor=None):
     return [cache[n] for n in names]
 
 
+@pytest.fixture
+def every_token_is_answer():
+    """Direct model calls, with every position an answer token: each editor edits every position."""
+    with positions.as_answer():
+        yield
+
+
 @pytest.mark.parametrize("name", sorted(EDITORS))
-def test_every_editor_obeys_the_interface(name, model, tmp_path):
+def test_every_editor_obeys_the_interface(name, model, tmp_path, every_token_is_answer):
     make, zero = EDITORS[name]
     editor = make()
     tokens = _tokens()
@@ -174,6 +182,52 @@ def test_every_editor_obeys_the_interface(name, model, tmp_path):
         with editor.applied(other):
             pass
     assert all(not hp.fwd_hooks for hp in other.hook_dict.values())
+
+
+POSITION_EDITORS = sorted(n for n in EDITORS if n not in ("lora", "reptune"))  # weight edits act everywhere
+CONTEXT = 6  # tokens 0-5 are the context (5 its end), 6-9 the answer
+
+
+@pytest.mark.parametrize("mode", positions.MODES)
+@pytest.mark.parametrize("name", POSITION_EDITORS)
+def test_only_the_declared_positions_change(name, mode, model):
+    """Under a marked pass, every position before the first one a mode edits is bit-identical to the base
+    model at every layer, and the edit does reach one it selects."""
+    editor = EDITORS[name][0]().with_positions(mode)
+    tokens = torch.randint(0, 50, (8, 10), generator=torch.Generator().manual_seed(4))  # HPR: some negative side
+    kinds = positions.whole_sequence_kinds([CONTEXT] * 8, [10] * 8, 10)
+    with positions.marked(kinds):
+        base, edited = _resid(model, tokens), _resid(model, tokens, editor)
+    first_edited = {"all": 0, "answer": CONTEXT, "from_prompt_end": CONTEXT - 1, "prompt_end": CONTEXT - 1}[mode]
+    for layer in range(3):
+        assert torch.equal(edited[layer][:, :first_edited], base[layer][:, :first_edited])
+    last = edited[2] - base[2]
+    assert last[:, first_edited:].abs().max() > 1e-4
+    if mode == "all":  # the context itself is edited
+        assert last[:, : CONTEXT - 1].abs().max() > 1e-4
+
+
+def test_editors_saved_before_positions_existed_load_as_editing_every_position(tmp_path):
+    import json
+
+    _iti().save(tmp_path / "iti")
+    record = json.loads((tmp_path / "iti" / "config.json").read_text())
+    assert record["config"]["positions"] == "answer"
+    del record["config"]["positions"]
+    (tmp_path / "iti" / "config.json").write_text(json.dumps(record))
+    assert load_editor(tmp_path / "iti").positions == "all"
+
+
+def test_an_unmarked_pass_is_refused_by_editors_that_edit_some_positions(model):
+    editor = _iti().with_positions("answer")
+    with pytest.raises(RuntimeError, match="none marked"), editor.applied(model):
+        model(_tokens())
+    with editor.with_positions("all").applied(model):
+        model(_tokens())  # "all" needs no marking
+    with pytest.raises(ValueError, match="positions must be one of"):
+        editor.with_positions("everywhere")
+    with pytest.raises(ValueError, match="no positions setting"):
+        _lora().with_positions("answer")
 
 
 # ------------------------------------------------------------------------------------------------- Diff
@@ -287,7 +341,7 @@ def test_sadi_scales_only_the_masked_elements(mode, factor):
     assert torch.equal(out[..., :2, :], z[..., :2, :])
 
 
-def test_sadi_hook_edits_the_chosen_heads_at_every_position(model):
+def test_sadi_hook_edits_the_chosen_heads_at_every_position(model, every_token_is_answer):
     editor = _sadi("heads")
     tokens = _tokens()
     name = "blocks.{}.attn.hook_z"

@@ -1,6 +1,8 @@
-"""RunConfig's model dtype: the ``--dtype`` option, its validation, and run folders written before it existed."""
+"""RunConfig: the ``--dtype`` option, the editors' positions, their validation, and run folders written before
+either existed."""
 
 import pytest
+import torch
 
 from hpr.cli import main
 from hpr.runs import RunConfig, reproduce, same_settings
@@ -20,6 +22,60 @@ def test_older_run_configs_read_as_float32_and_still_resume():
     assert not same_settings(recorded, RunConfig(dtype="bfloat16"))
     assert not same_settings({**recorded, "from_the_future": 1}, RunConfig())
     assert not same_settings(None, RunConfig())
+
+
+def test_older_run_configs_read_as_what_those_versions_did_so_they_do_not_resume_as_the_new_defaults():
+    recorded = RunConfig().to_json()
+    for name in ("iti_positions", "caa_positions", "sadi_positions", "iti_features"):
+        del recorded[name]
+    old = RunConfig.from_json(recorded)
+    assert (old.iti_positions, old.caa_positions, old.sadi_positions) == ("all", "all", "all")
+    assert old.iti_features == "answer_tokens"
+    assert not same_settings(recorded, RunConfig())
+    assert same_settings(recorded, RunConfig(iti_positions="all", caa_positions="all", sadi_positions="all",
+                                             iti_features="answer_tokens"))
+    with pytest.raises(ValueError, match="iti_positions must be one of"):
+        RunConfig(iti_positions="answers")
+
+
+def test_the_run_seed_seeds_every_training():
+    cfg = RunConfig(seed=7)
+    assert cfg.hpr.seed == cfg.lora.seed == cfg.reptune.seed == 7
+    assert RunConfig.from_json(cfg.to_json()) == cfg
+    recorded = RunConfig(seed=7).to_json()
+    recorded["hpr"]["seed"] = 0  # written when training ignored --seed
+    assert not same_settings(recorded, RunConfig(seed=7))
+
+
+def test_runs_with_the_same_seed_train_the_same_hpr_and_other_seeds_another(tiny_toy, tmp_path):
+    from safetensors.torch import load_file
+
+    def weights(seed, name):
+        out = tmp_path / name
+        assert main(["reproduce", "--out", str(out), "--quiet", "--methods", "base,hpr", "--seed", str(seed)]) == 0
+        return load_file(out / "editors" / "hpr_all_layers" / "state.safetensors")
+
+    first, again, other = weights(1, "a"), weights(1, "b"), weights(2, "c")
+    assert first.keys() == again.keys() == other.keys()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not any(torch.equal(first[k], other[k]) for k in first)
+
+
+def test_the_released_sadi_grid_is_searched_on_validation(tiny_toy, tmp_path):
+    import json
+
+    from hpr.editors.sadi import RELEASED_GRIDS
+
+    out = tmp_path / "run"
+    assert main(["reproduce", "--out", str(out), "--quiet", "--methods", "base,sadi", "--sadi-grid", "released"]) == 0
+    sweep = json.loads((out / "sadi_sweep.json").read_text())
+    ks, deltas = RELEASED_GRIDS["heads"]
+    n_heads = 4  # the tiny toy: 2 layers x 2 heads caps k
+    tried = {(row["k"], row["delta"]) for row in sweep["val"]}
+    assert tried == {(min(k, n_heads), d) for k in ks for d in deltas}
+    assert sweep["chosen"] in sweep["val"]
+    with pytest.raises(ValueError, match="sadi_grid"):
+        RunConfig(sadi_grid="wide")
 
 
 @pytest.mark.parametrize("dtype, message", [("float8", "Unsupported dtype 'float8'"),

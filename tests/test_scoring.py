@@ -8,8 +8,10 @@ continuations of different lengths (the KV-cache path) or by none (the whole-seq
 import pytest
 import torch
 
+from hpr import positions
 from hpr.editors.hpr import HPREditor, LayerwiseHPR
 from hpr.scoring import encode_all, score
+
 
 def _words(g, n):
     return " ".join(f"w{i}" for i in torch.randint(0, 40, (n,), generator=g).tolist())
@@ -31,8 +33,9 @@ def _pairs():
 def _reference(model, pairs):
     out = []
     for e in encode_all(model, pairs):
-        logprobs = model(torch.tensor([e.tokens])).log_softmax(-1)[0]
         total = len(e.tokens)
+        with positions.marked(positions.whole_sequence_kinds([total - e.n_cont], [total], total)):
+            logprobs = model(torch.tensor([e.tokens])).log_softmax(-1)[0]
         out.append(sum(float(logprobs[t - 1, e.tokens[t]]) for t in range(total - e.n_cont, total)))
     return out
 
@@ -53,6 +56,23 @@ def test_scores_match_whole_sequence_definition(family, edited, tiny_lm):
     if edited:  # the edit reaches the scores on both paths
         plain = score(model, pairs)
         assert max(abs(a - b) for a, b in zip(plain, shared)) > 1e-3
+
+
+@pytest.mark.parametrize("mode", positions.MODES)
+def test_every_position_mode_scores_alike_on_both_paths(mode, tiny_lm):
+    """Shared-prefix and whole-sequence scoring mark the same positions as the one-sequence definition."""
+    model = tiny_lm("llama-like")
+    pairs = _pairs()
+    torch.manual_seed(0)
+    editor = HPREditor.from_layerwise(LayerwiseHPR(2, 32), (0, 1)).with_positions(mode)
+    plain = score(model, pairs)
+    with editor.applied(model):
+        expected = _reference(model, pairs)
+        shared = score(model, pairs, batch_size=16)
+        whole = score(model, pairs, batch_size=4, share_prefix=False)
+    torch.testing.assert_close(torch.tensor(shared), torch.tensor(expected), rtol=0, atol=1e-4)
+    torch.testing.assert_close(torch.tensor(whole), torch.tensor(expected), rtol=0, atol=1e-4)
+    assert max(abs(a - b) for a, b in zip(plain, shared)) > 1e-3  # the edit reaches the scores
 
 
 def test_scores_do_not_depend_on_batch_size(tiny_lm):

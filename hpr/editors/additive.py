@@ -3,14 +3,23 @@
 ITI, Inference-Time Intervention (Li et al., NeurIPS 2023; ``likenneth/honest_llama``). Per head (l, h):
 a logistic-regression probe on the head output ``z`` ranks the heads by validation accuracy, the top K
 (K = 48) are edited. ``theta`` = unit mass-mean shift ``mean(z | true) - mean(z | false)`` (train + val),
-``sigma`` = std of the train ``z . theta``. Edit, at every position of every forward pass:
-``z[:, t, h] <- z[:, t, h] + alpha * sigma * theta``. That is the legacy honest_llama semantics; editing
-only the last position would leave MC answer tokens unshifted, and with a KV cache each new position is
-shifted as it is computed, so cached and uncached decoding agree.
+``sigma`` = std of the train ``z . theta``. Features: ``z`` at the last token of each (question, MC2
+answer), as honest_llama's ``tqa_mc2`` bank (``features="answer_tokens"`` reads every answer token instead). Edit ``z[:, t, h] <- z[:, t, h] + alpha * sigma * theta`` at
+the positions ``positions`` selects (:mod:`hpr.positions`); the default ``answer`` is the legacy
+honest_llama semantics: in MC scoring the answer tokens (its scorer shifts from the answer on), in
+generation the newest position of each pass. ``all`` (every position, the prompt included) is what the
+"baked-in" honest_* models do, and what this workbench did before editors declared their positions.
 
 CAA, Contrastive Activation Addition / mean-difference steering (Rimsky et al., ACL 2024). Per layer l:
-``v_l = mean(resid_post | true answer tokens) - mean(resid_post | false answer tokens)`` (not normalised).
-Edit at ``blocks.{l}.hook_resid_post``, every position: ``x[:, t] <- x[:, t] + multiplier * v_l``.
+``v_l = mean(resid_post | true answer tokens) - mean(resid_post | false answer tokens)`` (not normalised),
+over aligned (true, false) answer-token pairs. The run steers at one layer, as CAA: the best of HPR's
+layers on validation at multiplier 1 (CAA's layer sweeps), then the multiplier on validation at that
+layer; ``caa_layers="hpr_layers"`` adds the vectors at all of HPR's layers at once. Deliberate difference:
+CAA's A/B answers are one token and its vector is read there; TruthfulQA answers are sentences, so the
+vector averages every answer token.
+Edit at ``blocks.{l}.hook_resid_post``: ``x[:, t] <- x[:, t] + multiplier * v_l`` at the positions
+``positions`` selects; the default ``from_prompt_end`` is CAA's "from the end of the instruction on": the
+prompt's last token and every answer token (the newest token of each pass in generation).
 
 Both: math in float32, result cast back to the activation's dtype.
 """
@@ -31,12 +40,16 @@ from hpr.data.schema import MCQuestion
 from hpr.editors.base import Editor, Hook, register
 from hpr.encoding import encode_all
 from hpr.models import head_z_hook, resid_post_hook
+from hpr.positions import check_mode
 
 Head = tuple[int, int]
 HeadActs = tuple[Tensor, Tensor]  # z [N, n_layers, n_heads, d_head], is_true [N]
 
 # alpha values compared in the HPR paper (15 is ITI's own default).
 ITI_PRESETS: dict[str, float] = {"iti15": 15.0, "iti200": 200.0}
+# Where ITI's probe, direction and std features are read: the last token of each (question, answer), as
+# honest_llama, or every answer token (this workbench's earlier variant, kept for comparison).
+ITI_FEATURES = ("last_token", "answer_tokens")
 
 
 # --------------------------------------------------------------------------------------------------- ITI
@@ -46,6 +59,7 @@ ITI_PRESETS: dict[str, float] = {"iti15": 15.0, "iti200": 200.0}
 class ITIConfig:
     heads: tuple[Head, ...] = field(default=(), metadata={"help": "edited heads as (layer, head), 0-based"})
     alpha: float = field(default=15.0, metadata={"help": "shift strength in units of the head's std"})
+    positions: str = field(default="answer", metadata={"help": "positions edited (hpr.positions): all | answer | from_prompt_end | prompt_end"})
 
     def __post_init__(self):
         # JSON round trips give lists of lists; normalise so equality and hashing work.
@@ -58,30 +72,36 @@ class ITIConfig:
             raise ValueError(f"ITI heads contain duplicates: {heads}")
         object.__setattr__(self, "heads", tuple(heads))
         object.__setattr__(self, "alpha", float(self.alpha))
+        check_mode(self.positions, "ITI positions")
 
 
 @torch.inference_mode()
 def answer_head_activations(model, questions: Sequence[MCQuestion], fmt: PromptFormat,
-                            batch_size: int = 16, progress: bool = False) -> HeadActs:
-    """Head outputs at the answer tokens of every MC2 choice of every question.
+                            batch_size: int = 16, progress: bool = False,
+                            features: str = "last_token") -> HeadActs:
+    """Head outputs of every MC2 choice of every question, from ``blocks.{l}.attn.hook_z``.
 
-    Returns ``z [N_tokens, n_layers, n_heads, d_head]`` (float16, CPU) from ``blocks.{l}.attn.hook_z`` and
-    ``is_true [N_tokens]`` (bool, the token's choice label). Tokens are those of
-    :func:`hpr.activations.answer_activations`; the result is allocated once and filled from the hooks, so
-    memory is the result plus one batch, whatever the number of questions.
+    ``features="last_token"`` (honest_llama's): one row per choice, at the last token of context + answer.
+    ``"answer_tokens"``: one row per answer token (the tokens of :func:`hpr.activations.answer_activations`).
+    Returns ``z [rows, n_layers, n_heads, d_head]`` (float16, CPU) and ``is_true [rows]`` (bool, the
+    choice's label). The result is allocated once and filled from the hooks, so memory is the result plus
+    one batch, whatever the number of questions.
     """
+    if features not in ITI_FEATURES:
+        raise ValueError(f"ITI features must be one of {ITI_FEATURES}, got {features!r}")
     choices = [c for q in questions for c in q.mc2]
     pairs = [(fmt.context(q), fmt.continuation(c.text)) for q in questions for c in q.mc2]
     if not pairs:
         raise ValueError("no MC2 choices to collect head activations from")
     names = [head_z_hook(layer) for layer in range(model.cfg.n_layers)]
     encoded = encode_all(model, pairs)
+    last = features == "last_token"
+    rows = [1 if last else e.n_cont for e in encoded]
     # float16, as honest_llama's own activations (its model runs in float16): every head of every answer
     # token is ~70 KB in float32 on a 30-layer model, GBs for a training split.
-    z = torch.empty(sum(e.n_cont for e in encoded), len(names), model.cfg.n_heads, model.cfg.d_head,
-                    dtype=torch.float16)
-    gather_continuations(model, encoded, names, z, batch_size, progress=progress)
-    labels = torch.cat([torch.full((e.n_cont,), c.is_true, dtype=torch.bool) for e, c in zip(encoded, choices)])
+    z = torch.empty(sum(rows), len(names), model.cfg.n_heads, model.cfg.d_head, dtype=torch.float16)
+    gather_continuations(model, encoded, names, z, batch_size, last_only=last, progress=progress)
+    labels = torch.cat([torch.full((n,), c.is_true, dtype=torch.bool) for n, c in zip(rows, choices)])
     return z, labels
 
 
@@ -280,6 +300,7 @@ class ITIEditor(Editor):
 class CAAConfig:
     layers: tuple[int, ...] = field(default=(), metadata={"help": "edited layers (0-based blocks)"})
     multiplier: float = field(default=1.0, metadata={"help": "scale of the added mean-difference vector"})
+    positions: str = field(default="from_prompt_end", metadata={"help": "positions edited (hpr.positions): all | answer | from_prompt_end | prompt_end"})
 
     def __post_init__(self):
         layers = tuple(int(layer) for layer in self.layers)
@@ -287,6 +308,7 @@ class CAAConfig:
             raise ValueError(f"CAA layers must be distinct non-negative ints, got {self.layers!r}")
         object.__setattr__(self, "layers", layers)
         object.__setattr__(self, "multiplier", float(self.multiplier))
+        check_mode(self.positions, "CAA positions")
 
 
 def fit_caa(pos: Tensor, neg: Tensor, layers: Sequence[int], multiplier: float) -> CAAEditor:
@@ -329,6 +351,15 @@ class CAAEditor(Editor):
         """The same vectors with another multiplier."""
         config = dataclasses.replace(self.config, multiplier=multiplier)
         return type(self)(config, self.tensors, self.d_model, self.n_layers)
+
+    def with_layers(self, layers: Sequence[int]) -> CAAEditor:
+        """The same vectors at a subset of the layers (e.g. the single layer CAA steers at)."""
+        missing = sorted(set(layers) - set(self.config.layers))
+        if missing:
+            raise ValueError(f"CAA editor has no vectors for layers {missing}; it has {list(self.config.layers)}")
+        config = dataclasses.replace(self.config, layers=tuple(sorted(layers)))
+        tensors = {f"layer{layer}.vector": self.tensors[f"layer{layer}.vector"] for layer in config.layers}
+        return type(self)(config, tensors, self.d_model, self.n_layers)
 
     def shift(self, layer: int) -> Tensor:
         """``multiplier * v_layer`` ``[d_model]`` (float32)."""

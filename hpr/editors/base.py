@@ -20,6 +20,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from hpr import positions
+
 Hook = tuple[str, Callable]
 REGISTRY: dict[str, type[Editor]] = {}
 
@@ -42,7 +44,24 @@ class Editor:
         self.n_layers = n_layers
 
     def hooks(self, model) -> list[Hook]:
+        """The editor's hooks, each position-wise on ``[batch, pos, ...]``; :meth:`position_hooks` restricts
+        them to the positions the editor edits."""
         raise NotImplementedError
+
+    @property
+    def positions(self) -> str:
+        """Which positions the editor edits (:mod:`hpr.positions`): its config's ``positions``, else ``all``."""
+        return getattr(self.config, "positions", "all")
+
+    def with_positions(self, mode: str):
+        """The same editor editing ``mode``'s positions (:data:`hpr.positions.MODES`)."""
+        if not any(f.name == "positions" for f in dataclasses.fields(self.config)):
+            raise ValueError(f"{self.method} edits weights, at every position; it has no positions setting")
+        return type(self)(dataclasses.replace(self.config, positions=mode), self.tensors, self.d_model, self.n_layers)
+
+    def position_hooks(self, model) -> list[Hook]:
+        """:meth:`hooks`, each applied only at the positions :attr:`positions` selects."""
+        return [(name, positions.positioned_hook(self.positions, self.method, fn)) for name, fn in self.hooks(model)]
 
     def check_model(self, model) -> None:
         if (model.cfg.d_model, model.cfg.n_layers) != (self.d_model, self.n_layers):
@@ -87,7 +106,7 @@ class Editor:
     @contextlib.contextmanager
     def applied(self, model) -> Iterator[None]:
         self.check_model(model)
-        hooks = self.hooks(model)  # built before anything attaches
+        hooks = self.position_hooks(model)  # built before anything attaches
         with model.hooks(fwd_hooks=hooks):
             yield
 
@@ -127,5 +146,8 @@ def load_editor(folder: str | Path, device=None) -> Editor:
     if unknown:
         raise ValueError(f"{folder}/config.json has unknown fields for {method}: {sorted(unknown)}")
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+    if "positions" in fields and "positions" not in raw:
+        # Saved before editors declared their positions, when every editor edited every position.
+        kwargs["positions"] = "all"
     tensors = load_file(folder / "state.safetensors", device=str(device or "cpu"))
     return cls(cls.config_cls(**kwargs), tensors, record["d_model"], record["n_layers"])

@@ -7,7 +7,8 @@ over tokens and dimensions, then over layers); all layers are trained together i
 HPR's reference optimiser settings (AdamW lr 5e-4, 5 epochs, batch 16 pairs, 5 % warmup then linear decay,
 weight decay 0, grad clip 1.0), so the two methods see the same data and budget.
 
-Edit at ``blocks.{l}.hook_resid_post`` of each edited layer, every position of every forward pass:
+Edit at ``blocks.{l}.hook_resid_post`` of each edited layer, every position of every forward pass (as HPR;
+``positions``, :mod:`hpr.positions`, can restrict it):
 ``h <- h + scale * f_l(h)``. Nothing gates the edit and nothing preserves the norm: that is the contrast
 with HPR. Math in float32, the result cast back to the activation's dtype.
 
@@ -28,12 +29,14 @@ from torch import Tensor, nn
 
 from hpr.editors.base import Editor, Hook, register
 from hpr.editors.hpr import HPRTrainConfig, mlp, reference_optimizer, stacked_mlp
+from hpr.positions import check_mode
 
 
 @dataclass(frozen=True)
 class DiffConfig:
     layers: tuple[int, ...] = field(default=(), metadata={"help": "edited layers (0-based blocks)"})
     scale: float = field(default=1.0, metadata={"help": "multiplier of the predicted shift (0 = base model)"})
+    positions: str = field(default="all", metadata={"help": "positions edited (hpr.positions): all | answer | from_prompt_end | prompt_end"})
 
     def __post_init__(self):
         layers = tuple(int(layer) for layer in self.layers)
@@ -41,6 +44,7 @@ class DiffConfig:
             raise ValueError(f"Diff layers must be distinct non-negative ints, got {self.layers!r}")
         object.__setattr__(self, "layers", layers)
         object.__setattr__(self, "scale", float(self.scale))
+        check_mode(self.positions, "Diff positions")
 
 
 def diff_widths(d_model: int, hidden_layers: int) -> list[int]:

@@ -5,16 +5,24 @@ Per layer l: a bias-free probe ``w_l`` (``p = sigmoid(w_l . h)``, 1 = positive) 
 Training, all layers in one batched pass: ``mean_l [BCE(p, y) + MSE(theta, t)]`` with ``t = 0`` for
 positive tokens and ``t = angle(neg, aligned pos)`` for negative tokens. AdamW lr 5e-4, 5 epochs, batch 16
 token pairs, 5 % warmup then linear decay, weight decay 0, global grad clip 1.0 (the official defaults).
+The schedule is the official code's (HF's default linear decay); the paper's text says cosine. As the
+official ``load_best_model_at_end``, the epoch kept is the one with the best probe accuracy pooled over
+every layer and token of the validation split (``select_epoch="best_val"``; ``"last"`` keeps the last).
 Layers: the top-k (k=5) by validation probe accuracy.
 
-Edit at ``blocks.{l}.hook_resid_post`` of each selected layer, every position of every forward pass:
-activations with ``w . h <= 0`` are rotated by ``theta`` towards their reflection (norm preserved, see
-``hpr.ops``); ``no_angle`` uses ``theta = gamma``, the plain reflection. Math in float32, cast back.
+Edit at ``blocks.{l}.hook_resid_post`` of each selected layer: activations with ``w . h <= 0`` are rotated
+by ``theta`` towards their reflection (norm preserved, see ``hpr.ops``); ``no_angle`` uses
+``theta = gamma``, the plain reflection. Math in float32, cast back. Positions (:mod:`hpr.positions`):
+``all`` by default, every position of every forward pass, as the official lm-eval path that gives MC1/MC2.
+Deliberate difference: the official ``generate()`` edits only the newest position of each pass, while
+``all`` also edits the prompt at prefill; ``positions="answer"`` gives the official generation (but then
+also edits only the answer tokens when scoring).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -22,12 +30,17 @@ from torch import Tensor, nn
 
 from hpr import ops
 from hpr.editors.base import Editor, register
+from hpr.positions import check_mode
 
 
 @dataclass(frozen=True)
 class HPRConfig:
     layers: tuple[int, ...] = field(default=(), metadata={"help": "edited layers (0-based blocks)"})
     no_angle: bool = field(default=False, metadata={"help": "ablation: plain Householder reflection"})
+    positions: str = field(default="all", metadata={"help": "positions edited (hpr.positions): all | answer | from_prompt_end | prompt_end"})
+
+    def __post_init__(self):
+        check_mode(self.positions, "HPR positions")
 
 
 @dataclass(frozen=True)
@@ -41,6 +54,12 @@ class HPRTrainConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "global gradient-norm clip"})
     top_k: int = field(default=5, metadata={"help": "layers edited: top-k by validation probe accuracy"})
     seed: int = field(default=0, metadata={"help": "initialisation and batch order"})
+    select_epoch: str = field(default="best_val", metadata={
+        "help": "best_val: the epoch with the best pooled val probe accuracy (official); last: the last epoch"})
+
+    def __post_init__(self):
+        if self.select_epoch not in ("best_val", "last"):
+            raise ValueError(f"select_epoch must be 'best_val' or 'last', got {self.select_epoch!r}")
 
 
 def stacked_mlp(x: Tensor, weights, biases) -> Tensor:
@@ -101,10 +120,14 @@ def reference_optimizer(net: nn.Module, cfg: HPRTrainConfig, total_steps: int):
     return opt, sched
 
 
-def train_layerwise(pos: Tensor, neg: Tensor, cfg: HPRTrainConfig, progress: bool = False) -> LayerwiseHPR:
+def train_layerwise(pos: Tensor, neg: Tensor, cfg: HPRTrainConfig, progress: bool = False,
+                    score_epoch: Callable[[LayerwiseHPR], float] | None = None) -> LayerwiseHPR:
     """Train probes + angle MLPs for every layer jointly on aligned token pairs ``[N, layers, d]``.
 
     ``pos``/``neg`` are tensors or :class:`hpr.activations.Rows` (read batch by batch, never copied whole).
+    With ``cfg.select_epoch == "best_val"``, ``score_epoch(net)`` (the pooled validation probe accuracy; it
+    must read no training or test data) is called after each epoch and the first epoch with the highest
+    score is returned, as the official trainer's ``load_best_model_at_end``.
     """
     from tqdm.auto import tqdm
 
@@ -115,6 +138,7 @@ def train_layerwise(pos: Tensor, neg: Tensor, cfg: HPRTrainConfig, progress: boo
     total = math.ceil(n / cfg.batch_size) * cfg.epochs
     opt, sched = reference_optimizer(net, cfg, total)
     bar = tqdm(total=total, desc="training HPR", disable=not progress, unit="step")
+    best_score, best_state = -math.inf, None
     for _ in range(cfg.epochs):
         for idx in torch.randperm(n, generator=gen).split(cfg.batch_size):
             p, q = pos[idx].float(), neg[idx].float()
@@ -130,7 +154,15 @@ def train_layerwise(pos: Tensor, neg: Tensor, cfg: HPRTrainConfig, progress: boo
             opt.step()
             sched.step()
             bar.update()
+        if cfg.select_epoch == "best_val" and score_epoch is not None:
+            with torch.no_grad():
+                score = float(score_epoch(net.eval()))
+            net.train()
+            if score > best_score:  # strict: ties keep the earlier epoch
+                best_score, best_state = score, {k: v.detach().clone() for k, v in net.state_dict().items()}
     bar.close()
+    if best_state is not None:
+        net.load_state_dict(best_state)
     return net.eval()
 
 

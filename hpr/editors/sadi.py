@@ -15,11 +15,13 @@ Edit, the input's own activation scaled on the mask:
 ``mode="additive"`` (the paper): ``A' = A + delta * (M * A)``;
 ``mode="multiplicative"`` (the released code): ``A' = A * (1 - M) + delta * (M * A)``.
 
-Positions: the released code patches one position, the last prompt token, into the forward pass over
-question + answer. Here, as for every editor of the workbench, every position of every forward pass is
-edited (the prompt and the scored answer tokens; each new token in generation), which needs no knowledge
-of where the prompt ends. This is a deliberate difference; the grid of (k, delta) is chosen on the
-validation split, never on test (the released script reports the best grid point on test data).
+Positions (:mod:`hpr.positions`): the released code patches one position, the last prompt token, into the
+forward pass over question + answer; ``positions="prompt_end"`` (the default) does the same, and in
+generation edits the prefill's last token. ``all`` edits every position. The grid of (k, delta) is chosen
+on the validation split, never on test (the released script reports the best grid point on test data).
+Deliberate difference: the run's default grid (k in 1, 2, 4, 8; delta in 0.5, 1, 2, 5) is narrower and
+cheaper than the released script's (heads: k up to 10, delta 5 to 80; :data:`RELEASED_GRIDS`), which
+``hpr reproduce --sadi-grid released`` searches instead (96 validation runs for heads).
 Math in float32, cast back.
 """
 
@@ -36,8 +38,16 @@ from hpr.activations import last_token_activations
 from hpr.data.prompts import PromptFormat
 from hpr.data.schema import MCQuestion
 from hpr.editors.base import Editor, Hook, register
+from hpr.positions import check_mode
 
 LEVELS = ("heads", "hidden", "neurons")
+# The (k, delta) grids of the released script, per level. It reports the best point on test data; here a
+# grid is searched on the validation split only.
+RELEASED_GRIDS: dict[str, tuple[tuple[int, ...], tuple[float, ...]]] = {
+    "heads": ((1, 2, 4, 6, 8, 10), tuple(float(d) for d in range(5, 81, 5))),
+    "neurons": ((3, 5, 10, 30, 50, 100, 200, 300, 400, 500), (10.0, 20.0, 30.0, 50.0, 70.0, 90.0)),
+    "hidden": ((1, 2, *range(4, 21, 2)), tuple(float(d) for d in range(5, 81, 5))),
+}
 MODES = ("additive", "multiplicative")
 Element = tuple[int, int]  # (layer, unit)
 
@@ -59,12 +69,14 @@ class SADIConfig:
     delta: float = field(default=1.0, metadata={"help": "scale of the masked elements (0 = base model)"})
     mode: str = field(default="additive", metadata={"help": "additive (paper): A + delta*M*A; "
                                                             "multiplicative (code): masked A times delta"})
+    positions: str = field(default="prompt_end", metadata={"help": "positions edited (hpr.positions): all | answer | from_prompt_end | prompt_end"})
 
     def __post_init__(self):
         if self.level not in LEVELS:
             raise ValueError(f"SADI level must be one of {LEVELS}, got {self.level!r}")
         if self.mode not in MODES:
             raise ValueError(f"SADI mode must be one of {MODES}, got {self.mode!r}")
+        check_mode(self.positions, "SADI positions")
         elements = []
         for e in self.elements:
             if len(e) != 2 or any(int(i) < 0 for i in e):

@@ -10,7 +10,8 @@ answer); row i of each comes from the same prompt::
     keep = U+[:, :k+]   (the top positive directions)
     tail = U-[:, k-:]   (everything but the top negative directions)
 
-Edit at ``blocks.{l}.hook_resid_post``, every position: ``h' = keep keep^T h + tail tail^T h``, then
+Edit at ``blocks.{l}.hook_resid_post``, every position (the released adapter's, after every layer's MLP;
+``positions``, :mod:`hpr.positions`, can restrict it): ``h' = keep keep^T h + tail tail^T h``, then
 ``normalize="l2_norm"`` rescales each token to its own norm ``||h||`` (the default), ``"average"`` halves
 the sum. Math in float32 (the SVD in float64), cast back.
 
@@ -42,6 +43,7 @@ from hpr.activations import last_token_activations, resid_names
 from hpr.data.prompts import PromptFormat
 from hpr.data.schema import MCQuestion
 from hpr.editors.base import Editor, Hook, register
+from hpr.positions import check_mode
 
 NORMALIZE = ("l2_norm", "average")
 
@@ -50,6 +52,7 @@ NORMALIZE = ("l2_norm", "average")
 class SEAConfig:
     layers: tuple[int, ...] = field(default=(), metadata={"help": "edited layers (0-based blocks)"})
     normalize: str = field(default="l2_norm", metadata={"help": "l2_norm: keep each token's norm; average: halve"})
+    positions: str = field(default="all", metadata={"help": "positions edited (hpr.positions): all | answer | from_prompt_end | prompt_end"})
 
     def __post_init__(self):
         layers = tuple(int(layer) for layer in self.layers)
@@ -58,6 +61,7 @@ class SEAConfig:
         if self.normalize not in NORMALIZE:
             raise ValueError(f"SEA normalize must be one of {NORMALIZE}, got {self.normalize!r}")
         object.__setattr__(self, "layers", layers)
+        check_mode(self.positions, "SEA positions")
 
 
 def last_layers(n_layers: int, fraction: float = 21 / 32) -> tuple[int, ...]:
