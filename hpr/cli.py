@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -13,8 +14,8 @@ def _reproduce(args) -> int:
     from hpr.editors.hpr import HPRTrainConfig
     from hpr.runs import METHODS, RunConfig, format_results, reproduce
 
-    # "--methods base hpr" and "--methods base,hpr" both work
-    methods = tuple(m for arg in args.methods or () for m in arg.split(",") if m) or METHODS
+    # "--methods base hpr" and "--methods base,hpr" both work; an empty list is refused by RunConfig
+    methods = METHODS if args.methods is None else tuple(m for arg in args.methods for m in arg.split(",") if m)
     cfg = RunConfig(model=args.model, dtype=args.dtype, dataset=args.dataset, data_path=args.data_path,
                     methods=methods, limit=args.limit, seed=args.seed,
                     batch_size=args.batch_size, fp16_activations=args.fp16_activations,
@@ -116,8 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"hpr: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("hpr: interrupted; rerun the same command to resume (finished steps are kept)", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RuntimeError) as e:  # torch's own errors (out of memory, ...) are RuntimeErrors
+        if os.environ.get("HPR_TRACEBACK"):
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__  # one line
+        print(f"hpr: error: {message} (HPR_TRACEBACK=1 shows where)", file=sys.stderr)
         return 2
 
 

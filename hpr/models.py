@@ -86,6 +86,48 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def check_device(device: torch.device | str | None) -> torch.device:
+    """``device`` as a ``torch.device`` that exists on this machine (None: :func:`default_device`), or a
+    ``ValueError`` saying what to use instead."""
+    if device is None:
+        return default_device()
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from e
+    if resolved.type == "cpu":
+        return resolved
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available on this machine; use --device cpu")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        return resolved
+    raise ValueError(f"device {device!r} is not supported: use cpu, cuda or cuda:N")
+
+
+_IDENTITY_FIELDS = ("n_layers", "d_model", "n_heads", "d_head", "d_mlp", "d_vocab", "n_ctx", "act_fn",
+                    "normalization_type", "positional_embedding_type", "n_key_value_heads", "original_architecture")
+
+
+@torch.no_grad()
+def model_fingerprint(model, per_tensor: int = 64) -> str:
+    """sha256 of the architecture and of ``per_tensor`` evenly strided values of every parameter: the same
+    for the same weights on any device, different for another checkpoint of the same shape. Cheap (a few
+    thousand values, whatever the model's size)."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256(json.dumps({k: str(getattr(model.cfg, k, None)) for k in _IDENTITY_FIELDS}).encode())
+    for name, param in model.named_parameters():
+        flat = param.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // per_tensor)][:per_tensor]
+        digest.update(name.encode())
+        digest.update(sample.to("cpu", torch.float32).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def resid_post_hook(layer: int) -> str:
     """Hook name of the residual stream after block ``layer``."""
     return f"blocks.{layer}.hook_resid_post"
@@ -136,7 +178,7 @@ def load_model(
     Face checkpoint directory (config.json + weights + tokenizer; loaded fully offline), or
     a Hugging Face hub id (needs network or the hub cache).
     """
-    device = torch.device(device) if device is not None else default_device()
+    device = check_device(device)
     dtype = model_dtype(dtype, device)
 
     if name_or_path == "toy":

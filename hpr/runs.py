@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -36,9 +37,11 @@ from hpr.editors.diff import train_diff
 from hpr.editors.hpr import HPREditor, HPRTrainConfig, probe_accuracy, top_k_layers, train_layerwise
 from hpr.editors.lora import LoRATrainConfig, fit_lora
 from hpr.editors.reptune import RepTuneTrainConfig, fit_reptune
+from hpr.editors.sadi import LEVELS as SADI_LEVELS
+from hpr.editors.sadi import MODES as SADI_MODES
 from hpr.editors.sadi import RELEASED_GRIDS, fit_sadi, mean_differences
 from hpr.editors.sea import fit_sea, last_layers, sea_activations
-from hpr.models import default_device, model_dtype
+from hpr.models import check_device, model_dtype, model_fingerprint
 from hpr.positions import check_mode
 
 log = logging.getLogger(__name__)
@@ -48,6 +51,7 @@ LEGACY_ALL_POSITIONS = ("iti_positions", "caa_positions", "sadi_positions")
 LEGACY_VALUES = {**{name: "all" for name in LEGACY_ALL_POSITIONS}, "iti_features": "answer_tokens",
                  "caa_layers": "hpr_layers"}
 SEEDED_TRAININGS = ("hpr", "lora", "reptune")  # RunConfig fields whose seed is the run's (Diff uses hpr's)
+DATASETS = ("toy", "truthfulqa", "jsonl")
 METHODS = ("base", "hpr", "hpr_no_angle", "iti15", "iti200", "caa", "diff", "sea", "sadi", "lora", "reptune")
 
 
@@ -97,11 +101,49 @@ class RunConfig:
             raise ValueError(f"caa_layers must be 'single' or 'hpr_layers', got {self.caa_layers!r}")
         if self.sadi_grid not in ("small", "released"):
             raise ValueError(f"sadi_grid must be 'small' or 'released', got {self.sadi_grid!r}")
+        self._check_ranges()
         # The run's seed seeds every training: the trainers' own seed fields follow it.
         for name in SEEDED_TRAININGS:
             sub = getattr(self, name)
             if sub.seed != self.seed:
                 object.__setattr__(self, name, dataclasses.replace(sub, seed=self.seed))
+
+    def _check_ranges(self) -> None:
+        """Every option in range, once, here: the CLI and the app build this config; the steps trust it."""
+        methods = tuple(self.methods)
+        if not methods:
+            raise ValueError(f"methods is empty: name at least one of {', '.join(METHODS)}")
+        unknown = [m for m in methods if m not in METHODS and iti_alpha(m) is None]
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; available: {', '.join(METHODS)}, or iti<alpha> "
+                             "(e.g. iti50) for ITI at any alpha")
+        if len(set(methods)) != len(methods):
+            raise ValueError(f"methods named twice: {[m for m in dict.fromkeys(methods) if methods.count(m) > 1]}")
+        if self.sadi_level not in SADI_LEVELS or self.sadi_mode not in SADI_MODES:
+            raise ValueError(f"sadi_level must be one of {SADI_LEVELS} and sadi_mode one of {SADI_MODES}, "
+                             f"got {self.sadi_level!r} and {self.sadi_mode!r}")
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
+        if self.dataset == "jsonl" and not self.data_path:
+            raise ValueError("dataset jsonl needs a data path (--data-path FILE.jsonl)")
+        at_least_one = {"limit": self.limit, "batch_size": self.batch_size, "iti_k": self.iti_k,
+                        "hpr.top_k": self.hpr.top_k, "hpr.epochs": self.hpr.epochs,
+                        "hpr.batch_size": self.hpr.batch_size, "sea_max_new_tokens": self.sea_max_new_tokens}
+        for name, value in at_least_one.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+        if not self.hpr.lr > 0:
+            raise ValueError(f"hpr.lr must be positive, got {self.hpr.lr!r}")
+        if not 0 < self.sea_k_ratio <= 1:
+            raise ValueError(f"sea_k_ratio must be in (0, 1], got {self.sea_k_ratio!r}")
+        for name in ("caa_multipliers", "sadi_deltas", "sadi_k"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} is empty: give at least one value")
+        if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.sadi_k):
+            raise ValueError(f"sadi_k must be whole numbers >= 1, got {self.sadi_k!r}")
+        fractions = tuple(self.fractions)
+        if len(fractions) != 3 or any(not f > 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+            raise ValueError(f"fractions must be three positive numbers (train, val, test) summing to 1, got {fractions}")
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -130,14 +172,15 @@ def same_settings(recorded: dict | None, cfg: RunConfig) -> bool:
     fits) is keyed by the other settings, so a rerun with more methods extends the run (and one with fewer
     reports fewer). Compared after a round trip through :meth:`RunConfig.from_json`, so that a folder written
     before a setting existed (``dtype``) still resumes when the new setting has its default."""
+    return not settings_differences(recorded, cfg)
+
+
+def read_json(path: Path, what: str):
+    """A JSON file of a run folder, or a ``ValueError`` naming it and what is wrong."""
     try:
-        old = RunConfig.from_json(recorded)
-    except TypeError:  # not a dict, or fields this version does not know
-        return False
-    seed = recorded.get("seed", 0)
-    if any(recorded.get(name, {}).get("seed", seed) != seed for name in SEEDED_TRAININGS):
-        return False  # written when training always used seed 0, whatever --seed said
-    return dataclasses.replace(old, methods=cfg.methods).to_json() == cfg.to_json()
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: the {what} file is damaged ({e}); restore it or start a new run folder") from e
 
 
 def _write_json(path: Path, obj) -> None:
@@ -330,41 +373,96 @@ def _answer_norms(model, questions, fmt, editor, batch_size: int, out: Path, met
     return before, after
 
 
+def settings_differences(recorded: dict, cfg: RunConfig) -> list[str]:
+    """``name: old -> new`` for each setting (nested ones dotted) where ``recorded`` and ``cfg`` differ."""
+    try:
+        old = dataclasses.replace(RunConfig.from_json(recorded), methods=cfg.methods).to_json()
+    except (TypeError, ValueError):
+        return [f"the recorded settings are not a valid run config of this version: {recorded!r}"[:300]]
+    new = cfg.to_json()
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    old, new = flat(old), flat(new)
+    diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    seed = recorded.get("seed", 0)
+    diffs += [f"{name}.seed: trained with {recorded[name]['seed']!r}, not the run's seed {seed!r}"
+              for name in SEEDED_TRAININGS if recorded.get(name, {}).get("seed", seed) != seed]
+    return diffs
+
+
+def dataset_fingerprint(questions) -> str:
+    """sha256 of the questions as the run uses them (ids, texts, choices, labels): the same for the same
+    data in any file format, different when any label or text changes."""
+    import hashlib
+
+    records = [[q.id, q.question, [[c.text, c.is_true] for c in q.mc1], [[c.text, c.is_true] for c in q.mc2]]
+               for q in questions]
+    return hashlib.sha256(json.dumps(records, ensure_ascii=False).encode()).hexdigest()
+
+
+def _check_inputs(out: Path, recorded: dict | None, inputs: dict) -> None:
+    """Refuse a run folder built from another dataset or model, naming which and both fingerprints."""
+    for key, what in (("dataset_sha256", "dataset"), ("model_fingerprint", "model's weights"),
+                      ("n_questions", "number of questions")):
+        old = (recorded or {}).get(key)
+        if old is not None and old != inputs[key]:
+            raise ValueError(f"{out} was built from another {what} ({key} {str(old)[:16]} there, "
+                             f"{str(inputs[key])[:16]} now); "
+                             "pick another --out, or restore the input it was built from to resume")
+
+
+def _prepared(cfg: RunConfig, device):
+    """Device, dtype, data, split and model, all checked before anything is written."""
+    device = check_device(device)
+    dtype = model_dtype(cfg.dtype, device)
+    questions = load_dataset(cfg.dataset, cfg.data_path)
+    if cfg.limit is not None:
+        questions = questions[: cfg.limit]
+    split = split_ids([q.id for q in questions], cfg.fractions, cfg.seed, split_groups(questions))
+    empty = [name for name, ids in split.items() if not ids]
+    if empty:
+        needed = math.ceil(1 / min(cfg.fractions))
+        raise ValueError(f"{len(questions)} question(s) leave the {' and '.join(empty)} split(s) empty with "
+                         f"fractions {tuple(cfg.fractions)}: use at least {needed} questions (--limit, or more data)")
+    t0 = time.perf_counter()
+    model = hpr.load_model(cfg.model, device=device, dtype=dtype)
+    return questions, split, model, round(time.perf_counter() - t0, 2)
+
+
 def reproduce(cfg: RunConfig, out: Path, device=None, progress: bool = True) -> dict:
-    unknown = {m for m in cfg.methods if m not in METHODS and iti_alpha(m) is None}
-    if unknown:
-        raise ValueError(f"unknown methods {sorted(unknown)}; available: {list(METHODS)}, or iti<alpha> "
-                         "(e.g. iti50) for ITI at any alpha")
-    dtype = model_dtype(cfg.dtype, device or default_device())  # a bad --dtype fails before any work
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    questions, split, model, load_s = _prepared(cfg, device)
+    inputs = {"dataset_sha256": dataset_fingerprint(questions), "n_questions": len(questions),
+              "model_fingerprint": model_fingerprint(model)}
     cfg_path = out / "config.json"
+    recorded = None
     if cfg_path.exists():
-        old = json.loads(cfg_path.read_text())
-        if not same_settings(old.get("run"), cfg):
-            raise ValueError(f"{out} holds a run with other settings ({cfg_path}); pick another --out or rerun "
-                             "with the same settings to resume")
-    _write_json(cfg_path, {"run": cfg.to_json(), "hpr_version": hpr.__version__})
-    timings: dict[str, float] = {}
+        recorded = read_json(cfg_path, "run config")
+        differences = settings_differences(recorded.get("run"), cfg) if isinstance(recorded, dict) else ["unreadable"]
+        if differences:
+            raise ValueError(f"{out} holds a run with other settings ({'; '.join(differences)}); pick another --out "
+                             "or rerun with the same settings to resume")
+        _check_inputs(out, recorded.get("inputs"), inputs)
+    splits_path = out / "splits.json"
+    if splits_path.exists():
+        recorded_split = {k: tuple(v) for k, v in read_json(splits_path, "splits").items()}
+        if recorded_split != split:
+            raise ValueError(f"{splits_path} does not hold the split of this data and seed; pick another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(cfg_path, {"run": cfg.to_json(), "hpr_version": hpr.__version__, "inputs": inputs})
+    _write_json(splits_path, {k: list(v) for k, v in split.items()})
+    timings: dict[str, float] = {"load_model": load_s}
 
     def step(name):
         t0 = time.perf_counter()
         return lambda: timings.__setitem__(name, round(time.perf_counter() - t0, 2))
 
-    done = step("load_model")
-    model = hpr.load_model(cfg.model, device=device, dtype=dtype)
-    done()
-    questions = load_dataset(cfg.dataset, cfg.data_path)
-    if cfg.limit is not None:
-        questions = questions[: cfg.limit]
     fmt = prompt_format(cfg.dataset)
-
-    splits_path = out / "splits.json"
-    if splits_path.exists():
-        split = {k: tuple(v) for k, v in json.loads(splits_path.read_text()).items()}
-    else:
-        split = split_ids([q.id for q in questions], cfg.fractions, cfg.seed, split_groups(questions))
-        _write_json(splits_path, {k: list(v) for k, v in split.items()})
     parts = apply_split(questions, split)
 
     done = step("activations")

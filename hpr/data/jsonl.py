@@ -45,20 +45,29 @@ CHOICE_KEYS = ("text", "label")
 def load_jsonl(path: str | os.PathLike[str]) -> tuple[MCQuestion, ...]:
     """Load a generic JSONL file (format in the module docstring)."""
     p = Path(path)
+    if p.is_dir():
+        raise DataError(f"{p} is a folder. Fix: pass the path of a .jsonl file in the format of hpr.data.jsonl.")
     if not p.is_file():
         raise DataError(f"{p}: no such file. Fix: pass the path of a .jsonl file in the format of hpr.data.jsonl.")
     qs, rows = [], []
-    with p.open(encoding="utf-8-sig") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = Where(str(p), f"line {line_no}")
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{p}, line {line_no}: not valid JSON ({e.msg}). Fix: one JSON object per line.") from e
-            qs.append(_parse(rec, f"{p.stem}-{line_no}", where))
-            rows.append(where)
+    # lines decoded one by one, so a non-UTF-8 byte is reported with its line
+    for line_no, raw in enumerate(p.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{p}, line {line_no}: not UTF-8 text (byte {raw[e.start]:#04x} at column "
+                            f"{e.start + 1}). Fix: save the file as UTF-8 JSONL.") from None
+        if not line.strip():
+            continue
+        where = Where(str(p), f"line {line_no}")
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{p}, line {line_no}: not valid JSON ({e.msg}). Fix: one JSON object per line.") from e
+        qs.append(_parse(rec, f"{p.stem}-{line_no}", where))
+        rows.append(where)
+    if not qs:
+        raise DataError(f"{p} holds no questions. Fix: write one JSON object per line (format: hpr.data.jsonl).")
     check_unique_ids(qs, rows)
     return tuple(qs)
 
