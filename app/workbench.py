@@ -5,8 +5,9 @@ comes back. One model is cached per process (``st.cache_resource``) and shared b
 that runs it, edited or not, holds :data:`MODEL_LOCK` (representation tuning swaps weights inside
 ``editor.applied``, so even an unedited call must not overlap an edited one).
 
-Environment: ``HPR_APP_RUN`` (a run folder opened in every new session), ``HPR_APP_RUNS_ROOT`` (the folder
-listed on the Runs page; default ``runs``), ``HPR_APP_DEVICE`` (cpu, cuda; default: cuda if available).
+Environment: ``HPR_APP_RUNS_ROOT`` (the workspace: the only folder the app lists, opens, creates runs and
+keeps uploads under; default ``runs``), ``HPR_APP_RUN`` (a run folder in it, opened in every new session),
+``HPR_APP_DEVICE`` (cpu, cuda; default: cuda if available).
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ MODEL_LOCK = threading.Lock()  # module-level: one per process, shared by every 
 def init_state() -> None:
     """Defaults of the per-session state; a run named by $HPR_APP_RUN is opened once per session."""
     ss = st.session_state
-    ss.setdefault("runs_root", os.environ.get("HPR_APP_RUNS_ROOT", "runs"))
     ss.setdefault("device", os.environ.get("HPR_APP_DEVICE") or "auto")
     ss.setdefault("outputs", {"figures": {}, "tables": {}})
     if "run_folder" not in ss:
@@ -53,9 +53,24 @@ def device() -> str:
     return str(default_device()) if chosen == "auto" else chosen
 
 
+def workspace() -> Path:
+    """The one folder the app reads and writes under (``$HPR_APP_RUNS_ROOT``, default ``runs``), resolved."""
+    return Path(os.environ.get("HPR_APP_RUNS_ROOT", "runs")).expanduser().resolve()
+
+
+def inside_workspace(path: str | os.PathLike) -> Path:
+    """``path`` (relative ones are taken from the workspace) resolved, or a ``ValueError`` if it leads outside."""
+    root = workspace()
+    resolved = (root / Path(path).expanduser()).resolve()
+    if not resolved.is_relative_to(root):
+        raise ValueError(f"{path} is outside the workspace {root}: the app reads and writes only under it "
+                         "(set HPR_APP_RUNS_ROOT to work elsewhere)")
+    return resolved
+
+
 def open_run(folder: str | os.PathLike) -> analysis.Run:
     """Open a finished run folder (reads its results.json and config.json only) and make it this session's."""
-    run = read_run(str(Path(folder).expanduser().resolve()))
+    run = read_run(str(inside_workspace(folder)))
     st.session_state.run_folder = str(run.folder)
     st.session_state.outputs = {"figures": {}, "tables": {}}
     return run

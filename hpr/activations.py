@@ -14,6 +14,7 @@ so an interrupted collection resumes where it stopped.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from hpr.data.prompts import PromptFormat
 from hpr.data.schema import MCQuestion
 from hpr.continuations import continuation_batches
 from hpr.encoding import Encoded, encode_all
+
+log = logging.getLogger(__name__)
 
 
 def resid_names(n_layers: int) -> list[str]:
@@ -238,7 +241,7 @@ def collect(model, questions: Sequence[MCQuestion], fmt: PromptFormat, folder: P
     for k, block in enumerate(blocks):
         path = _shard_path(folder, k)
         expected = [q.id for q in block for _ in q.mc2]
-        if path.exists() and _shard_meta(path)["question_ids"] == expected:
+        if path.exists() and _shard_is_intact(path, expected, model.cfg):
             bar.update(len(expected))
             continue
         pairs = [(fmt.context(q), fmt.continuation(c.text)) for q in block for c in q.mc2]
@@ -265,6 +268,25 @@ def collect(model, questions: Sequence[MCQuestion], fmt: PromptFormat, folder: P
             break
         _shard_path(folder, stale).unlink()
     return load(folder) if load_result else None
+
+
+def _shard_is_intact(path: Path, expected_ids: list[str], cfg) -> bool:
+    """Whether a shard on disk is readable and holds ``expected_ids``'s answers for a model of ``cfg``'s shape.
+
+    A damaged shard (truncated, garbage, another model's) is a cache: it is reported and rebuilt."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = json.loads(f.metadata()["answers"])
+            shape = f.get_slice("acts").get_shape()
+            offsets = f.get_tensor("offsets")
+        intact = (meta["question_ids"] == expected_ids and len(offsets) == len(expected_ids) + 1
+                  and list(shape[1:]) == [cfg.n_layers, cfg.d_model] and int(offsets[-1]) == shape[0])
+    except Exception as e:  # noqa: BLE001 - safetensors' own error types, JSON, missing keys: all mean damaged
+        log.warning("%s is damaged (%s); collecting it again", path, e)
+        return False
+    if not intact and meta["question_ids"] == expected_ids:
+        log.warning("%s does not match this model's shape; collecting it again", path)
+    return intact
 
 
 def _shard_meta(path: Path) -> dict:

@@ -25,6 +25,33 @@ from hpr.encoding import encode_all, encode_context, pad_token_id
 from hpr.evaluate import true_answer_pairs
 
 
+_RESULT_KEYS = {"model": str, "dataset": str, "splits": dict, "n_layers": int, "probe_accuracy": dict,
+                "selected_layers": list, "methods": dict, "flip_rates": dict, "norm_change": dict,
+                "norm_change_vs_base": dict}
+
+
+def check_results(results, path: Path) -> dict:
+    """``results`` if it has the shape ``hpr reproduce`` writes, else a ``ValueError`` naming what is wrong."""
+    def bad(problem):
+        return ValueError(f"{path} is not a results file of hpr reproduce ({problem}); rerun hpr reproduce into "
+                          "its folder to rebuild it")
+
+    if not isinstance(results, dict):
+        raise bad(f"a JSON {type(results).__name__}, not an object")
+    for key, kind in _RESULT_KEYS.items():
+        if not isinstance(results.get(key), kind):
+            raise bad(f"{key!r} is missing or not a {kind.__name__}")
+    for method, row in results["methods"].items():
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), (int, float))
+                                                for k in ("mc1", "mc2", "mc1_stderr", "mc2_stderr")):
+            raise bad(f"methods[{method!r}] lacks numbers mc1, mc2, mc1_stderr, mc2_stderr")
+    if not all(isinstance(results["probe_accuracy"].get(s), list) for s in ("val", "test")):
+        raise bad("probe_accuracy lacks its val and test lists")
+    if not isinstance(results["splits"].get("test"), int):
+        raise bad("splits lacks the test count")
+    return results
+
+
 @dataclass
 class Run:
     """A finished run folder (``hpr reproduce``), opened for analysis."""
@@ -38,8 +65,14 @@ class Run:
         if not path.exists():
             raise FileNotFoundError(f"{self.folder} is not a finished run folder (no results.json); run "
                                     f"`hpr reproduce --out {self.folder} ...` first")
-        self.results = json.loads(path.read_text())
-        self.config = json.loads((self.folder / "config.json").read_text())["run"]
+        from hpr.runs import read_json
+
+        self.results = check_results(read_json(path, "results"), path)
+        record = read_json(self.folder / "config.json", "run config")
+        if not isinstance(record, dict) or not isinstance(record.get("run"), dict):
+            raise ValueError(f"{self.folder / 'config.json'} holds no run settings; rerun hpr reproduce")
+        self.config = record["run"]
+        self.inputs = record.get("inputs", {})
 
     @property
     def methods(self) -> list[str]:
@@ -60,9 +93,15 @@ class Run:
     def questions(self, split: str = "test") -> list[MCQuestion]:
         from hpr.data import load_dataset
 
+        from hpr.runs import dataset_fingerprint
+
         questions = load_dataset(self.config["dataset"], self.config.get("data_path"))
         if self.config.get("limit") is not None:
             questions = questions[: self.config["limit"]]
+        recorded = self.inputs.get("dataset_sha256")
+        if recorded is not None and recorded != dataset_fingerprint(questions):
+            raise ValueError(f"the data at {self.config.get('data_path') or self.config['dataset']} changed since "
+                             f"{self.folder} was run (its fingerprint differs); restore it, or rerun into a new folder")
         ids = set(json.loads((self.folder / "splits.json").read_text())[split])
         return [q for q in questions if q.id in ids]
 

@@ -86,6 +86,10 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+# Any of these in a checkpoint folder means a tokenizer was saved with it.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
 def check_device(device: torch.device | str | None) -> torch.device:
     """``device`` as a ``torch.device`` that exists on this machine (None: :func:`default_device`), or a
     ``ValueError`` saying what to use instead."""
@@ -280,6 +284,11 @@ def _load_hf(
         with _converting(model_type):
             cfg = _hooked_config(loading, hf_config, tl_dir, src, device, dtype)
         _check_attention_windows(hf_config, cfg)
+        if not hub and not any((Path(src) / name).is_file() for name in TOKENIZER_FILES):
+            raise FileNotFoundError(
+                f"{src} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}): save the tokenizer "
+                "beside the weights (tokenizer.save_pretrained(folder))"
+            )
         with _fetching(src, hub, offline=local_files_only):
             tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=local_files_only)
             hf_model = AutoModelForCausalLM.from_pretrained(

@@ -52,6 +52,7 @@ LEGACY_VALUES = {**{name: "all" for name in LEGACY_ALL_POSITIONS}, "iti_features
                  "caa_layers": "hpr_layers"}
 SEEDED_TRAININGS = ("hpr", "lora", "reptune")  # RunConfig fields whose seed is the run's (Diff uses hpr's)
 DATASETS = ("toy", "truthfulqa", "jsonl")
+FEW_TEST_QUESTIONS = 30  # below this, format_results warns that the scores say little
 METHODS = ("base", "hpr", "hpr_no_angle", "iti15", "iti200", "caa", "diff", "sea", "sadi", "lora", "reptune")
 
 
@@ -183,6 +184,21 @@ def read_json(path: Path, what: str):
         raise ValueError(f"{path}: the {what} file is damaged ({e}); restore it or start a new run folder") from e
 
 
+def editor_is_intact(folder: Path) -> bool:
+    """Whether a fitted editor is saved in ``folder`` and loads. A damaged one is a cache: it is reported,
+    removed, and fitted again."""
+    if not (folder / "config.json").exists():
+        return False
+    try:
+        load_editor(folder)
+        return True
+    except (ValueError, OSError) as e:
+        log.warning("%s is damaged (%s); fitting it again", folder, " ".join(str(e).split()))
+        for name in ("config.json", "state.safetensors"):
+            (folder / name).unlink(missing_ok=True)
+        return False
+
+
 def _write_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2))
@@ -227,7 +243,7 @@ class FitContext:
         return activations.load(self.acts_dir / "train").pair_rows()
 
     def done(self, method: str) -> bool:
-        return (self.editors_dir / method / "config.json").exists()
+        return editor_is_intact(self.editors_dir / method)
 
     def val_mc(self, method: str, editor) -> dict:
         """MC1/MC2 of ``editor`` on the validation split (the only split any method is tuned on)."""
@@ -266,7 +282,7 @@ def _fit_iti(fit: FitContext) -> None:
         _write_json(fit.out / "iti_heads.json", {"val_accuracy": head_acc.tolist(), "heads": list(iti.config.heads)})
     for method, alpha in sorted(alphas.items()):
         if not fit.done(method):
-            iti.with_alpha(alpha).save(fit.editors_dir / method)
+            iti.with_alpha(alpha).save(fit.editors_dir / method, fit.model)
 
 
 def _fit_caa(fit: FitContext) -> None:
@@ -280,14 +296,14 @@ def _fit_caa(fit: FitContext) -> None:
                         {"candidate_layers": layers}, record="caa_layer_sweep")
     best = fit.sweep("caa", [({"multiplier": m}, caa.with_multiplier(m)) for m in fit.cfg.caa_multipliers],
                      {"layers": list(caa.config.layers)})
-    best.save(fit.editors_dir / "caa")
+    best.save(fit.editors_dir / "caa", fit.model)
 
 
 def _fit_diff(fit: FitContext) -> None:
     if fit.done("diff"):
         return
     pos, neg, _ = fit.train_pairs()
-    train_diff(pos, neg, fit.probes["selected_layers"], fit.cfg.hpr, fit.progress).save(fit.editors_dir / "diff")
+    train_diff(pos, neg, fit.probes["selected_layers"], fit.cfg.hpr, fit.progress).save(fit.editors_dir / "diff", fit.model)
 
 
 def _fit_sea(fit: FitContext) -> None:
@@ -295,7 +311,7 @@ def _fit_sea(fit: FitContext) -> None:
         return
     base, pos, neg = sea_activations(fit.model, fit.parts["train"], fit.fmt, fit.cfg.sea_max_new_tokens,
                                      fit.cfg.batch_size, fit.progress)
-    fit_sea(base, pos, neg, last_layers(fit.model.cfg.n_layers), fit.cfg.sea_k_ratio).save(fit.editors_dir / "sea")
+    fit_sea(base, pos, neg, last_layers(fit.model.cfg.n_layers), fit.cfg.sea_k_ratio).save(fit.editors_dir / "sea", fit.model)
 
 
 def _fit_sadi(fit: FitContext) -> None:
@@ -309,7 +325,7 @@ def _fit_sadi(fit: FitContext) -> None:
                    .with_positions(cfg.sadi_positions))
                   for k in sorted({min(k, diff.numel()) for k in ks}) for delta in deltas]
     best = fit.sweep("sadi", candidates, {"level": cfg.sadi_level, "mode": cfg.sadi_mode})
-    best.save(fit.editors_dir / "sadi")
+    best.save(fit.editors_dir / "sadi", fit.model)
 
 
 def _fit_lora(fit: FitContext) -> None:
@@ -317,7 +333,7 @@ def _fit_lora(fit: FitContext) -> None:
         return
     lora = fit_lora(fit.model, fit.parts["train"], fit.fmt, fit.probes["selected_layers"], fit.cfg.lora,
                     fit.cfg.batch_size, fit.progress)
-    lora.save(fit.editors_dir / "lora")
+    lora.save(fit.editors_dir / "lora", fit.model)
 
 
 def _fit_reptune(fit: FitContext) -> None:
@@ -328,7 +344,7 @@ def _fit_reptune(fit: FitContext) -> None:
     caa = fit_caa(pos, neg, layers, 1.0)  # the steering vectors: CAA's, from the train split
     vectors = {layer: caa.tensors[f"layer{layer}.vector"] for layer in layers}
     fit_reptune(fit.model, fit.parts["train"], fit.fmt, vectors, fit.cfg.reptune, layers,
-                progress=fit.progress).save(fit.editors_dir / "reptune")
+                progress=fit.progress).save(fit.editors_dir / "reptune", fit.model)
 
 
 # One fitting step per method, in this order; ITI at every alpha shares one fit.
@@ -363,8 +379,11 @@ def _answer_norms(model, questions, fmt, editor, batch_size: int, out: Path, met
 
     path = out / "predictions" / f"{method}.norms.safetensors"
     if path.exists():
-        saved = load_file(path)
-        return saved["before"], saved["after"]
+        try:
+            saved = load_file(path)
+            return saved["before"], saved["after"]
+        except Exception as e:  # noqa: BLE001 - safetensors' own errors or a missing key: a damaged cache
+            log.warning("%s is damaged (%s); measuring again", path, e)
     before, after = evaluate.answer_norms(model, questions, fmt, editor, batch_size)
     path.parent.mkdir(exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -434,6 +453,18 @@ def _prepared(cfg: RunConfig, device):
     return questions, split, model, round(time.perf_counter() - t0, 2)
 
 
+def _parquet_is_intact(path: Path) -> bool:
+    """Whether a predictions file exists and reads; a damaged one is reported and scored again."""
+    if not path.exists():
+        return False
+    try:
+        pd.read_parquet(path)
+        return True
+    except Exception as e:  # noqa: BLE001 - pyarrow's own error types
+        log.warning("%s is damaged (%s); scoring again", path, e)
+        return False
+
+
 def reproduce(cfg: RunConfig, out: Path, device=None, progress: bool = True) -> dict:
     out = Path(out)
     questions, split, model, load_s = _prepared(cfg, device)
@@ -475,7 +506,7 @@ def reproduce(cfg: RunConfig, out: Path, device=None, progress: bool = True) -> 
     probes_path = out / "probes.json"
     editors_dir = out / "editors"
     # hpr_all_layers: the probe and angle network of every layer, for the top-k sweep (analyses/topk_sweep.py)
-    if not all((editors_dir / name / "config.json").exists() for name in ("hpr", "hpr_all_layers")) \
+    if not all([editor_is_intact(editors_dir / name) for name in ("hpr", "hpr_no_angle", "hpr_all_layers")]) \
             or not probes_path.exists():
         pos, neg, _ = activations.load(out / "activations" / "train").pair_rows()
         epoch_val = []  # pooled val probe accuracy after each epoch: picks the epoch kept
@@ -490,13 +521,13 @@ def reproduce(cfg: RunConfig, out: Path, device=None, progress: bool = True) -> 
         probe = net.probe.detach()
         acc = {name: split_probe_accuracy(probe, out / "activations" / name) for name in ("train", "val", "test")}
         layers = top_k_layers(acc["val"], cfg.hpr.top_k)
-        HPREditor.from_layerwise(net, layers).save(editors_dir / "hpr")
-        HPREditor.from_layerwise(net, layers, no_angle=True).save(editors_dir / "hpr_no_angle")
-        HPREditor.from_layerwise(net, tuple(range(model.cfg.n_layers))).save(editors_dir / "hpr_all_layers")
+        HPREditor.from_layerwise(net, layers).save(editors_dir / "hpr", model)
+        HPREditor.from_layerwise(net, layers, no_angle=True).save(editors_dir / "hpr_no_angle", model)
+        HPREditor.from_layerwise(net, tuple(range(model.cfg.n_layers))).save(editors_dir / "hpr_all_layers", model)
         best_epoch = 1 + max(range(len(epoch_val)), key=lambda i: (epoch_val[i], -i)) if epoch_val else cfg.hpr.epochs
         _write_json(probes_path, {"accuracy": acc, "selected_layers": list(layers),
                                   "epoch_val_accuracy": epoch_val, "kept_epoch": best_epoch})
-    probes = json.loads(probes_path.read_text())
+    probes = read_json(probes_path, "probe accuracy")
     done()
 
     fit = FitContext(cfg, model, parts, fmt, out / "activations", probes, editors_dir, out, progress)
@@ -512,7 +543,7 @@ def reproduce(cfg: RunConfig, out: Path, device=None, progress: bool = True) -> 
     for method in cfg.methods:
         editor = None if method == "base" else load_editor(editors_dir / method)
         path = out / "predictions" / f"{method}.parquet"
-        if not path.exists():
+        if not _parquet_is_intact(path):
             path.parent.mkdir(exist_ok=True)
             df = evaluate.predictions(model, parts["test"], fmt, method, editor, cfg.batch_size, progress)
             tmp = path.with_name(path.name + ".tmp")
@@ -566,6 +597,9 @@ def format_results(results: dict) -> str:
         norm = max(results.get("norm_change_vs_base", {}).get(method, [0.0]))
         lines.append(f"{method:<13} {row['mc1']:>7.3f}±{row['mc1_stderr']:.3f} {row['mc2']:>7.3f}±{row['mc2_stderr']:.3f} "
                      f"{flips.get('false_to_true', 0):>6.3f} {flips.get('true_to_false', 0):>6.3f} {norm:>17.3f}")
+    if results["splits"]["test"] < FEW_TEST_QUESTIONS:
+        lines.append(f"warning: only {results['splits']['test']} test questions: MC1/MC2 and their standard "
+                     "errors say little at this size")
     if "toy_ceiling" in results:
         lines.append(f"toy knowledge ceiling (truthful header): MC1 {results['toy_ceiling']['mc1']:.3f}")
     return "\n".join(lines)

@@ -31,9 +31,18 @@ def tiny_run(toy_cache, tmp_path_factory):
 
 
 @pytest.fixture
-def app(tiny_run, monkeypatch, tmp_path):
-    monkeypatch.setenv("HPR_APP_RUN", str(tiny_run))
-    monkeypatch.setenv("HPR_APP_RUNS_ROOT", str(tiny_run.parent))
+def workspace(tiny_run, tmp_path):
+    """The app's workspace for one test: its tmp_path, holding a copy of the tiny run as ``run``."""
+    import shutil
+
+    shutil.copytree(tiny_run, tmp_path / "run")
+    return tmp_path
+
+
+@pytest.fixture
+def app(workspace, monkeypatch):
+    monkeypatch.setenv("HPR_APP_RUN", str(workspace / "run"))
+    monkeypatch.setenv("HPR_APP_RUNS_ROOT", str(workspace))
     monkeypatch.setenv("HPR_APP_DEVICE", "cpu")
     at = AppTest.from_file(str(APP), default_timeout=120)
     at.run()
@@ -51,24 +60,29 @@ def ok(at):
     return at
 
 
-def test_runs_page_lists_and_opens_runs_and_refuses_bad_folders(app, tiny_run, tmp_path):
+def test_runs_page_lists_and_opens_runs_and_refuses_bad_folders(app, workspace, tmp_path):
+    tiny_run = workspace / "run"
     ok(app)
     assert app.session_state["run_folder"] == str(tiny_run.resolve())
     assert str(tiny_run) in app.dataframe[0].value["folder"].tolist()  # listed under the runs root
     for bad, message in ((tmp_path / "nowhere", "does not exist"), (tmp_path, "no results.json")):
-        by_label(app.text_input, "Or any run folder").set_value(str(bad))
+        by_label(app.text_input, "Or a run folder").set_value(str(bad))
         app.button(key="open-path").click().run()
         assert not app.exception and message in app.error[0].value
     (tmp_path / "results.json").write_text("{not json")
     app.button(key="open-path").click().run()
     assert not app.exception and "damaged" in app.error[0].value
-    by_label(app.text_input, "Or any run folder").set_value(str(tiny_run))
+    (tmp_path / "results.json").write_text('{"methods": []}')  # valid JSON of the wrong shape
+    app.button(key="open-path").click().run()
+    assert not app.exception and "not a results file" in app.error[0].value
+    by_label(app.text_input, "Or a run folder").set_value(str(tiny_run))
     app.button(key="open-path").click().run()
     ok(app)
     assert app.success and "HPR layers" in app.code[0].value
-    by_label(app.sidebar.text_input, "Runs root").set_value(str(tmp_path))  # kept across pages
-    app.run().switch_page(PAGES[0]).run().switch_page("views/runs.py").run()
-    assert by_label(ok(app).sidebar.text_input, "Runs root").value == str(tmp_path) and not app.dataframe
+    for outside in ("/", str(tmp_path / ".." / ".." / ".."), "../x/../.."):  # the workspace is the only root
+        by_label(app.text_input, "Or a run folder").set_value(outside)
+        app.button(key="open-path").click().run()
+        assert not app.exception and "outside the workspace" in app.error[0].value
 
 
 def test_every_page_renders_and_reacts(app, tiny_run):
@@ -154,6 +168,38 @@ def test_start_a_run_and_refuse_bad_input(app, tiny_run, tmp_path):
     ok(app)
     assert (tmp_path / "new" / "results.json").exists()
     assert app.session_state["run_folder"] == str((tmp_path / "new").resolve())
+    ok(app.run())  # the next run's default folder is renewed once after a finished run
+    by_label(app.text_input, "Run folder").set_value(str(tmp_path / ".." / ".." / ".." / "outside"))
+    by_label(app.button, "Start").click().run()
+    assert not app.exception and "outside the workspace" in app.error[0].value
+    assert not (tmp_path / ".." / ".." / ".." / "outside").exists()
+
+
+def test_an_upload_never_overwrites_the_data_of_a_run(app, tmp_path):
+    """Each uploaded content gets its own file under the workspace; a run's recorded data stays as it was."""
+    from hpr.toyworld import toy_dataset
+
+    def jsonl(invert):
+        return "".join(json.dumps({"id": q.id, "question": q.question,
+                                   "choices": [{"text": c.text, "label": int(c.is_true != invert)} for c in q.mc2]})
+                       + "\n" for q in toy_dataset()).encode()
+
+    by_label(app.radio, "Dataset").set_value("jsonl upload")
+    by_label(app.multiselect, "Methods").set_value(["base"])
+    ok(app.run())
+    app.file_uploader[0].set_value(("q.jsonl", jsonl(False), "application/json"))
+    by_label(app.text_input, "Run folder").set_value(str(tmp_path / "uploaded"))
+    by_label(app.button, "Start").click().run()
+    ok(app)
+    used = json.loads((tmp_path / "uploaded" / "config.json").read_text())["run"]["data_path"]
+    first = Path(used).read_bytes()
+    assert Path(used).is_relative_to(tmp_path / "uploads")
+    ok(app.run())  # the next run's default folder is renewed once after a finished run
+    app.file_uploader[0].set_value(("q.jsonl", jsonl(True), "application/json"))  # every label inverted
+    by_label(app.text_input, "Run folder").set_value(str(tmp_path / "uploaded"))
+    by_label(app.button, "Start").click().run()
+    assert not app.exception and "other settings" in app.error[0].value  # another data_path: refused
+    assert Path(used).read_bytes() == first
 
 
 def test_typed_run_folder_survives_reruns_a_second_apart(app, tmp_path):

@@ -118,6 +118,20 @@ def test_a_damaged_config_is_named(tiny_toy, tmp_path, capsys):
     assert f"{config}: the run config file is damaged" in _one_line_error(capsys)
 
 
+def test_damaged_caches_are_rebuilt_on_resume_with_the_same_results(tiny_toy, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _run(out, "--methods", "base,hpr,iti15") == 0
+    results = json.loads((out / "results.json").read_text())
+    for path in (out / "activations" / "train" / "shard-00000.safetensors", out / "editors" / "hpr" / "state.safetensors",
+                 out / "editors" / "iti15" / "state.safetensors", out / "predictions" / "hpr.parquet",
+                 out / "predictions" / "hpr.norms.safetensors"):
+        assert path.exists(), path
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # truncated
+    assert _run(out, "--methods", "base,hpr,iti15") == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["methods"] == results["methods"] and again["norm_change"] == results["norm_change"]
+
+
 def test_ctrl_c_says_how_to_resume(monkeypatch, tmp_path, capsys):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -134,3 +148,111 @@ def test_unreadable_data_files_name_the_file_and_line(tmp_path):
         load_jsonl(data)
     with pytest.raises(DataError, match="is a folder"):
         load_jsonl(tmp_path)
+
+
+# ------------------------------------------------------------------------------------- editors' state
+
+
+def _saved_hpr(tmp_path, model=None):
+    import torch
+
+    from hpr.editors.hpr import HPREditor, LayerwiseHPR
+
+    torch.manual_seed(0)
+    editor = HPREditor.from_layerwise(LayerwiseHPR(3, 32), (1, 2))
+    editor.save(tmp_path / "hpr", model)
+    return tmp_path / "hpr"
+
+
+def _tiny_model(seed):
+    from hpr.models import new_hooked_transformer
+
+    cfg = {"n_layers": 3, "d_model": 32, "n_heads": 2, "d_head": 16, "d_mlp": 64, "n_ctx": 16, "d_vocab": 50,
+           "act_fn": "gelu", "normalization_type": "LN"}
+    return new_hooked_transformer(cfg, tokenizer=None, seed=seed).eval()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda r: r["config"].update(no_angle="false"), "no_angle must be a bool"),
+    (lambda r: r["config"].update(layers=[1, 1]), "distinct"),
+    (lambda r: r.pop("config"), "lacks"),
+    (lambda r: r["config"].update(positions="everywhere"), "positions must be one of"),
+])
+def test_an_editor_record_of_the_wrong_type_is_refused(damage, message, tmp_path):
+    from hpr.editors import load_editor
+
+    folder = _saved_hpr(tmp_path)
+    record = json.loads((folder / "config.json").read_text())
+    damage(record)
+    (folder / "config.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=message):
+        load_editor(folder)
+
+
+@pytest.mark.parametrize("value, message", [(float("nan"), "NaN or infinite"), (float("inf"), "NaN or infinite"),
+                                            (None, "not floating point")])
+def test_editor_tensors_that_are_not_finite_floats_are_refused(value, message, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from hpr.editors import load_editor
+
+    folder = _saved_hpr(tmp_path)
+    tensors = load_file(folder / "state.safetensors")
+    probe = tensors["layer1.probe"]
+    tensors["layer1.probe"] = probe.long() if value is None else probe.clone().fill_(value)
+    save_file(tensors, folder / "state.safetensors")
+    with pytest.raises(ValueError, match=message):
+        load_editor(folder)
+    (folder / "state.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="cannot be read"):
+        load_editor(folder)
+
+
+def test_an_editor_refuses_another_model_of_the_same_shape(tmp_path):
+    from hpr.editors import load_editor
+
+    fitted_on, other = _tiny_model(0), _tiny_model(1)
+    editor = load_editor(_saved_hpr(tmp_path, fitted_on))
+    with editor.applied(fitted_on):
+        pass
+    with pytest.raises(ValueError, match="fitted on another model"), editor.applied(other):
+        pass
+    assert all(not hp.fwd_hooks for hp in other.hook_dict.values())
+    with editor.for_any_model().applied(other):  # a deliberate transfer
+        pass
+    assert editor.with_positions("answer").fitted_on == editor.fitted_on  # derived editors keep the record
+
+
+def test_a_checkpoint_without_a_tokenizer_says_so(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from hpr.models import load_model
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50, n_positions=16)).save_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="has no tokenizer files"):
+        load_model(str(tmp_path), device="cpu")
+
+
+def test_a_tiny_test_split_is_flagged(tiny_toy, tmp_path, capsys):
+    assert _run(tmp_path / "run", "--limit", "12") == 0
+    assert "warning: only" in capsys.readouterr().out
+
+
+def test_analyses_refuse_results_of_the_wrong_shape_and_changed_data(tiny_toy, tmp_path):
+    from hpr.analysis import Run
+
+    data = _write_jsonl(tmp_path / "q.jsonl")
+    out = tmp_path / "run"
+    assert _run(out, data=data) == 0
+    assert len(Run(out).questions("test")) > 0
+    _write_jsonl(data, invert=True)
+    with pytest.raises(ValueError, match="changed since"):
+        Run(out).questions("test")
+    results = json.loads((out / "results.json").read_text())
+    (out / "results.json").write_text(json.dumps({**results, "methods": [1, 2]}))
+    with pytest.raises(ValueError, match="'methods' is missing or not a dict"):
+        Run(out)
+    (out / "results.json").write_text("[]")
+    with pytest.raises(ValueError, match="not a results file"):
+        Run(out)

@@ -1,7 +1,9 @@
 """Runs: open a finished run folder (instant: results.json only) or start a new run with hpr.runs.reproduce."""
 
+import hashlib
 import json
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -24,20 +26,19 @@ def keep(name):  # widget state is dropped on pages that don't draw the widget; 
 
 
 devices = list(dict.fromkeys(["auto", "cpu", "cuda", ss.device]))
-ss.w_runs_root, ss.w_device = ss.runs_root, ss.device
+ss.w_device = ss.device
+root = wb.workspace()
 with st.sidebar:
-    st.text_input("Runs root", key="w_runs_root", on_change=keep, args=("runs_root",),
-                  help="folder whose run folders are listed below")
+    st.caption(f"Workspace: `{root}` (HPR_APP_RUNS_ROOT); runs are listed, opened and created under it only")
     st.selectbox("Device", devices, key="w_device", on_change=keep, args=("device",),
                  help="for new runs and the shared model (auto: cuda if available)")
 
 # ---------------------------------------------------------------------------------------------- open a run
 st.subheader("Open a run")
-root = Path(ss.runs_root).expanduser()
 found = sorted({p.parent for pattern in ("*/results.json", "*/*/results.json") for p in root.glob(pattern)})
 rows = []
 for folder in found:
-    with wb.shows_errors(f"{folder}"):
+    with wb.shows_errors(f"{folder}/results.json is damaged, not listed"):
         res = json.loads((folder / "results.json").read_text())
         rows.append({"folder": str(folder), "model": res.get("model"), "dataset": res.get("dataset"),
                      "methods": ", ".join(res.get("methods", {})), "test questions": res.get("splits", {}).get("test")})
@@ -51,7 +52,7 @@ if rows:
 else:
     st.caption(f"No finished runs under `{root}`." if root.is_dir() else f"`{root}` is not a folder (yet).")
 left, right = st.columns([4, 1], vertical_alignment="bottom")
-typed = left.text_input("Or any run folder", placeholder="/path/to/run")
+typed = left.text_input("Or a run folder in the workspace", placeholder="run-name or a path under the workspace")
 if right.button("Open", key="open-path"):
     with wb.shows_errors("Cannot open the run"):
         wb.open_run(typed.strip() or ".")
@@ -97,18 +98,21 @@ if st.button("Start", type="primary", icon=":material/play_arrow:"):
             raise FileNotFoundError(f"{model} is not a file")
         if kind.startswith("local") and not (Path(model).expanduser() / "config.json").is_file():
             raise FileNotFoundError(f"{model} is not a Hugging Face checkpoint folder (no config.json in it)")
-        out_dir = Path(out).expanduser()
+        out_dir = wb.inside_workspace(out)
         name = {"toy": "toy", "jsonl upload": "jsonl"}.get(dataset, "truthfulqa")
         if upload is not None:  # parsed as data by the library's loader (errors name line and field), then
-            if upload.size > MAX_UPLOAD_MB * 2**20:  # kept in the run folder, where the run's config points
+            if upload.size > MAX_UPLOAD_MB * 2**20:  # kept under the workspace, named by its content
                 raise ValueError(f"{upload.name} is {upload.size / 2**20:.1f} MB; the limit is {MAX_UPLOAD_MB} MB")
             with tempfile.TemporaryDirectory() as tmp:
                 checked = Path(tmp) / Path(upload.name).name
                 checked.write_bytes(upload.getvalue())
                 load_dataset("jsonl", checked)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            data_path = str((out_dir / "dataset.jsonl").resolve())
-            Path(data_path).write_bytes(upload.getvalue())
+            # A new file per content, never over one a run uses: a changed upload cannot rewrite an old run's data.
+            data_path = str(root / "uploads" / f"{hashlib.sha256(upload.getvalue()).hexdigest()[:16]}.jsonl")
+            if not Path(data_path).exists():
+                Path(data_path).parent.mkdir(parents=True, exist_ok=True)
+                Path(data_path + ".tmp").write_bytes(upload.getvalue())
+                os.replace(data_path + ".tmp", data_path)
         elif name == "jsonl":
             raise ValueError("upload a JSON-lines file first")
         n = len(load_dataset(name, data_path or None))  # a wrong path or format fails here, before any work

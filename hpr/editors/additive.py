@@ -208,6 +208,7 @@ def _add_to_heads(z: Tensor, idx: Tensor, shift: Tensor) -> Tensor:
 class ITIEditor(Editor):
     method = "iti"
     config_cls = ITIConfig
+    integer_tensors = frozenset({"head_shape"})
 
     @classmethod
     def from_heads(cls, directions: Mapping[Head, Tensor], sigmas: Mapping[Head, float], alpha: float,
@@ -234,7 +235,7 @@ class ITIEditor(Editor):
 
     def with_alpha(self, alpha: float) -> ITIEditor:
         """The same fitted heads with another alpha (e.g. the values of :data:`ITI_PRESETS`)."""
-        return type(self)(dataclasses.replace(self.config, alpha=alpha), self.tensors, self.d_model, self.n_layers)
+        return self._derived(dataclasses.replace(self.config, alpha=alpha), self.tensors, self.d_model, self.n_layers)
 
     @property
     def head_shape(self) -> tuple[int, int]:
@@ -350,7 +351,7 @@ class CAAEditor(Editor):
     def with_multiplier(self, multiplier: float) -> CAAEditor:
         """The same vectors with another multiplier."""
         config = dataclasses.replace(self.config, multiplier=multiplier)
-        return type(self)(config, self.tensors, self.d_model, self.n_layers)
+        return self._derived(config, self.tensors, self.d_model, self.n_layers)
 
     def with_layers(self, layers: Sequence[int]) -> CAAEditor:
         """The same vectors at a subset of the layers (e.g. the single layer CAA steers at)."""
@@ -359,7 +360,7 @@ class CAAEditor(Editor):
             raise ValueError(f"CAA editor has no vectors for layers {missing}; it has {list(self.config.layers)}")
         config = dataclasses.replace(self.config, layers=tuple(sorted(layers)))
         tensors = {f"layer{layer}.vector": self.tensors[f"layer{layer}.vector"] for layer in config.layers}
-        return type(self)(config, tensors, self.d_model, self.n_layers)
+        return self._derived(config, tensors, self.d_model, self.n_layers)
 
     def shift(self, layer: int) -> Tensor:
         """``multiplier * v_layer`` ``[d_model]`` (float32)."""

@@ -37,11 +37,38 @@ class Editor:
     method: ClassVar[str]
     config_cls: ClassVar[type]
 
-    def __init__(self, config, tensors: dict[str, Tensor], d_model: int, n_layers: int):
+    # Tensors that hold integers (shapes), not fitted values; every other tensor must be floating and finite.
+    integer_tensors: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, config, tensors: dict[str, Tensor], d_model: int, n_layers: int,
+                 fitted_on: str | None = None):
         self.config = config
         self.tensors = tensors
         self.d_model = d_model
         self.n_layers = n_layers
+        self.fitted_on = fitted_on  # hpr.models.model_fingerprint of the model it was fitted on, if known
+
+    def _derived(self, config, tensors: dict[str, Tensor], d_model: int, n_layers: int):
+        """Another editor of this class from the same fit (a new strength, positions, subset)."""
+        return type(self)(config, tensors, d_model, n_layers, fitted_on=self.fitted_on)
+
+    def for_any_model(self):
+        """This editor without the record of the model it was fitted on: it applies to any model of the
+        right shape (for deliberate transfers between checkpoints)."""
+        return type(self)(self.config, self.tensors, self.d_model, self.n_layers)
+
+    def check_identity(self, model) -> None:
+        """Refuse a model other than the one the editor was fitted on, even of the same shape."""
+        if self.fitted_on is None:
+            return
+        from hpr.models import model_fingerprint
+
+        theirs = model_fingerprint(model)
+        if theirs != self.fitted_on:
+            raise ValueError(
+                f"{self.method} editor was fitted on another model (fingerprint {self.fitted_on[:16]}; this "
+                f"model's is {theirs[:16]}), although the shapes match. Fit a new editor, or use "
+                "editor.for_any_model() to apply it anyway.")
 
     def hooks(self, model) -> list[Hook]:
         """The editor's hooks, each position-wise on ``[batch, pos, ...]``; :meth:`position_hooks` restricts
@@ -57,7 +84,7 @@ class Editor:
         """The same editor editing ``mode``'s positions (:data:`hpr.positions.MODES`)."""
         if not any(f.name == "positions" for f in dataclasses.fields(self.config)):
             raise ValueError(f"{self.method} edits weights, at every position; it has no positions setting")
-        return type(self)(dataclasses.replace(self.config, positions=mode), self.tensors, self.d_model, self.n_layers)
+        return self._derived(dataclasses.replace(self.config, positions=mode), self.tensors, self.d_model, self.n_layers)
 
     def position_hooks(self, model) -> list[Hook]:
         """:meth:`hooks`, each applied only at the positions :attr:`positions` selects."""
@@ -106,15 +133,25 @@ class Editor:
     @contextlib.contextmanager
     def applied(self, model) -> Iterator[None]:
         self.check_model(model)
+        self.check_identity(model)
         hooks = self.position_hooks(model)  # built before anything attaches
         with model.hooks(fwd_hooks=hooks):
             yield
 
-    def save(self, folder: Path) -> None:
+    def save(self, folder: Path, model=None) -> None:
+        """``config.json`` + ``state.safetensors`` in ``folder``; with ``model``, the fingerprint of the model
+        it was fitted on is recorded (else the one it already knows, if any) and checked whenever it is
+        applied."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        if model is not None:
+            from hpr.models import model_fingerprint
+
+            self.fitted_on = model_fingerprint(model)
         config = {"method": self.method, "d_model": self.d_model, "n_layers": self.n_layers,
                   "config": _jsonable(dataclasses.asdict(self.config))}
+        if self.fitted_on is not None:
+            config["model_fingerprint"] = self.fitted_on
         _atomic_write(folder / "state.safetensors",
                       lambda p: save_file({k: v.contiguous().cpu() for k, v in self.tensors.items()}, p))
         _atomic_write(folder / "config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2)))
@@ -135,19 +172,60 @@ def load_editor(folder: str | Path, device=None) -> Editor:
     folder = Path(folder)
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder} holds no editor (config.json missing)")
-    record = json.loads((folder / "config.json").read_text())
+    path = folder / "config.json"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is damaged ({e}); refit the editor") from e
+    if not isinstance(record, dict):
+        raise ValueError(f"{path} is not an editor record (a JSON object); refit the editor")
     method = record.get("method")
     if method not in REGISTRY:
         raise ValueError(f"unknown editor method {method!r} in {folder}; known: {sorted(REGISTRY)}")
     cls = REGISTRY[method]
+    missing = [k for k in ("config", "d_model", "n_layers") if k not in record]
+    if missing or not isinstance(record.get("config"), dict):
+        raise ValueError(f"{path} lacks {missing or ['a config object']}; refit the editor")
     fields = {f.name: f.type for f in dataclasses.fields(cls.config_cls)}
     raw = record["config"]
     unknown = set(raw) - set(fields)
     if unknown:
-        raise ValueError(f"{folder}/config.json has unknown fields for {method}: {sorted(unknown)}")
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+        raise ValueError(f"{path} has unknown fields for {method}: {sorted(unknown)}")
+    for name, value in raw.items():
+        _check_type(path, name, fields[name], value)
+    kwargs = {k: _tuples(v) for k, v in raw.items()}
     if "positions" in fields and "positions" not in raw:
         # Saved before editors declared their positions, when every editor edited every position.
         kwargs["positions"] = "all"
-    tensors = load_file(folder / "state.safetensors", device=str(device or "cpu"))
-    return cls(cls.config_cls(**kwargs), tensors, record["d_model"], record["n_layers"])
+    try:
+        tensors = load_file(folder / "state.safetensors", device=str(device or "cpu"))
+    except Exception as e:  # safetensors raises its own error types for truncated or garbage files
+        raise ValueError(f"{folder / 'state.safetensors'} cannot be read ({e}); refit the editor") from e
+    for name, tensor in tensors.items():
+        if name in cls.integer_tensors:
+            continue
+        if not tensor.is_floating_point():
+            raise ValueError(f"{folder / 'state.safetensors'}: tensor {name!r} is {tensor.dtype}, not floating point")
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"{folder / 'state.safetensors'}: tensor {name!r} holds NaN or infinite values; refit")
+    try:
+        config = cls.config_cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from e
+    return cls(config, tensors, record["d_model"], record["n_layers"], fitted_on=record.get("model_fingerprint"))
+
+
+def _tuples(value):
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def _check_type(path: Path, name: str, annotation: str, value) -> None:
+    """A config value of the JSON type its field's annotation names (no ``"false"`` for a bool)."""
+    kind = str(annotation).split("[")[0].strip()
+    ok = {"bool": lambda v: isinstance(v, bool),
+          "str": lambda v: isinstance(v, str),
+          "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+          "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          "tuple": lambda v: isinstance(v, list)}.get(kind)
+    if ok is not None and not ok(value):
+        raise ValueError(f"{path}: {name} must be a {kind}, got {value!r} ({type(value).__name__})")

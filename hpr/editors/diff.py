@@ -120,7 +120,7 @@ class DiffEditor(Editor):
     config_cls = DiffConfig
 
     def with_scale(self, scale: float) -> DiffEditor:
-        return type(self)(dataclasses.replace(self.config, scale=scale), self.tensors, self.d_model, self.n_layers)
+        return self._derived(dataclasses.replace(self.config, scale=scale), self.tensors, self.d_model, self.n_layers)
 
     def _params(self, layer: int) -> list[tuple[Tensor, Tensor]]:
         params, i = [], 0

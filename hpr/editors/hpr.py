@@ -40,6 +40,10 @@ class HPRConfig:
     positions: str = field(default="all", metadata={"help": "positions edited (hpr.positions): all | answer | from_prompt_end | prompt_end"})
 
     def __post_init__(self):
+        layers = tuple(int(layer) for layer in self.layers)
+        if len(set(layers)) != len(layers) or any(layer < 0 for layer in layers):
+            raise ValueError(f"HPR layers must be distinct non-negative ints, got {self.layers!r}")
+        object.__setattr__(self, "layers", layers)
         check_mode(self.positions, "HPR positions")
 
 

@@ -161,6 +161,7 @@ def _attention_input(model, layer: int) -> tuple[str, Callable[[Tensor], Tensor]
 class LoRAEditor(Editor):
     method = "lora"
     config_cls = LoRAConfig
+    integer_tensors = frozenset({"head_shape"})
 
     @classmethod
     def initialise(cls, model, config: LoRAConfig, seed: int = 0) -> LoRAEditor:

@@ -330,8 +330,9 @@ class RepTuneEditor(Editor):
     method = "reptune"
     config_cls = RepTuneConfig
 
-    def __init__(self, config, tensors: dict[str, Tensor], d_model: int, n_layers: int):
-        super().__init__(config, tensors, d_model, n_layers)
+    def __init__(self, config, tensors: dict[str, Tensor], d_model: int, n_layers: int,
+                 fitted_on: str | None = None):
+        super().__init__(config, tensors, d_model, n_layers, fitted_on)
         self.history: list[dict[str, float]] = []  # per-step losses of fit_reptune (not saved)
 
     def hooks(self, model) -> list[Hook]:
@@ -363,6 +364,7 @@ class RepTuneEditor(Editor):
     def applied(self, model) -> Iterator[None]:
         """Tuned weights in the model inside the block, the original ones back on exit (also on error)."""
         self.check_model(model)
+        self.check_identity(model)
         params = dict(model.named_parameters())
         targets = {n: params[n] for n in self.tensors}
         # Built before anything changes: the originals, and the tuned values in each parameter's dtype/device.

@@ -153,9 +153,10 @@ def scale_masked(a: Tensor, units: Tensor, delta: float, mode: str, level: str) 
 class SADIEditor(Editor):
     method = "sadi"
     config_cls = SADIConfig
+    integer_tensors = frozenset({"units"})
 
     def with_delta(self, delta: float) -> SADIEditor:
-        return type(self)(dataclasses.replace(self.config, delta=delta), self.tensors, self.d_model, self.n_layers)
+        return self._derived(dataclasses.replace(self.config, delta=delta), self.tensors, self.d_model, self.n_layers)
 
     def check_model(self, model) -> None:
         units = int(self.tensors["units"]) if "units" in self.tensors else None
