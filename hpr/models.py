@@ -223,9 +223,14 @@ def _hub_offline() -> bool:
 
 @contextlib.contextmanager
 def _fetching(src: str, hub: bool, offline: bool):
-    """Turn a hub download failure into an error that names the offline alternative."""
+    """Turn a hub download failure into an error that names the offline alternative, and an unreadable local
+    checkpoint (truncated or garbage weights, a broken tokenizer) into one that names the folder."""
     if not hub:
-        yield
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - safetensors, tokenizers and torch each raise their own types
+            raise ValueError(f"{src}: the checkpoint cannot be read ({' '.join(str(e).split())[:300]}); "
+                             "save it again (save_pretrained) or point at another folder") from e
         return
     try:
         yield

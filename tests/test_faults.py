@@ -256,3 +256,18 @@ def test_analyses_refuse_results_of_the_wrong_shape_and_changed_data(tiny_toy, t
     (out / "results.json").write_text("[]")
     with pytest.raises(ValueError, match="not a results file"):
         Run(out)
+
+
+@pytest.mark.parametrize("damage", [lambda b: b[: len(b) // 2], lambda b: b"garbage" * 10])
+def test_unreadable_weights_name_the_checkpoint(damage, tmp_path, word_tokenizer):
+    """A truncated or garbage model.safetensors in an otherwise complete checkpoint folder."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from hpr.models import load_model
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16)).save_pretrained(tmp_path)
+    word_tokenizer.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(damage(weights.read_bytes()))
+    with pytest.raises(ValueError, match="the checkpoint cannot be read"):
+        load_model(str(tmp_path), device="cpu")
