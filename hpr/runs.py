@@ -481,8 +481,8 @@ def reproduce(cfg: RunConfig, out: Path, device=None, progress: bool = True) -> 
         _check_inputs(out, recorded.get("inputs"), inputs)
     splits_path = out / "splits.json"
     if splits_path.exists():
-        recorded_split = {k: tuple(v) for k, v in read_json(splits_path, "splits").items()}
-        if recorded_split != split:
+        recorded_split = read_json(splits_path, "splits")
+        if not isinstance(recorded_split, dict) or {k: tuple(v) for k, v in recorded_split.items()} != split:
             raise ValueError(f"{splits_path} does not hold the split of this data and seed; pick another --out")
     out.mkdir(parents=True, exist_ok=True)
     _write_json(cfg_path, {"run": cfg.to_json(), "hpr_version": hpr.__version__, "inputs": inputs})
