@@ -4,22 +4,32 @@ ITI, Inference-Time Intervention (Li et al., NeurIPS 2023; ``likenneth/honest_ll
 a logistic-regression probe on the head output ``z`` ranks the heads by validation accuracy, the top K
 (K = 48) are edited. ``theta`` = unit mass-mean shift ``mean(z | true) - mean(z | false)`` (train + val),
 ``sigma`` = std of the train ``z . theta``. Features: ``z`` at the last token of each (question, MC2
-answer), as honest_llama's ``tqa_mc2`` bank (``features="answer_tokens"`` reads every answer token instead). Edit ``z[:, t, h] <- z[:, t, h] + alpha * sigma * theta`` at
+answer), as honest_llama's ``tqa_mc2`` bank. Edit ``z[:, t, h] <- z[:, t, h] + alpha * sigma * theta`` at
 the positions ``positions`` selects (:mod:`hpr.positions`); the default ``answer`` is the legacy
 honest_llama semantics: in MC scoring the answer tokens (its scorer shifts from the answer on), in
-generation the newest position of each pass. ``all`` (every position, the prompt included) is what the
-"baked-in" honest_* models do, and what this workbench did before editors declared their positions.
+generation the newest position of each pass.
+
+ITI, deliberate differences from the released code:
+- features are read in the run's scoring prompt (6-shot primer, ``Q: ... A:``), not a bare ``Q: ... A: ...``;
+- sigma comes from the train features, not from the ``tqa_gen_end_q`` bank (which includes the test fold);
+- one train/val/test split by question instead of 2-fold cross-validation;
+- options: ``features="answer_tokens"`` (every answer token a feature row) and ``positions="all"`` (every
+  position, as the "baked-in" honest_* models) give this workbench's earlier ITI, for comparison.
 
 CAA, Contrastive Activation Addition / mean-difference steering (Rimsky et al., ACL 2024). Per layer l:
 ``v_l = mean(resid_post | true answer tokens) - mean(resid_post | false answer tokens)`` (not normalised),
-over aligned (true, false) answer-token pairs. The run steers at one layer, as CAA: the best of HPR's
-layers on validation at multiplier 1 (CAA's layer sweeps), then the multiplier on validation at that
-layer; ``caa_layers="hpr_layers"`` adds the vectors at all of HPR's layers at once. Deliberate difference:
-CAA's A/B answers are one token and its vector is read there; TruthfulQA answers are sentences, so the
-vector averages every answer token.
-Edit at ``blocks.{l}.hook_resid_post``: ``x[:, t] <- x[:, t] + multiplier * v_l`` at the positions
-``positions`` selects; the default ``from_prompt_end`` is CAA's "from the end of the instruction on": the
-prompt's last token and every answer token (the newest token of each pass in generation).
+over aligned (true, false) answer-token pairs. Edit at ``blocks.{l}.hook_resid_post``:
+``x[:, t] <- x[:, t] + multiplier * v_l`` at the positions ``positions`` selects; the default
+``from_prompt_end`` is CAA's "from the end of the instruction on": the prompt's last token and every answer
+token (the newest token of each pass in generation). The run steers at one layer, as CAA.
+
+CAA, deliberate differences from the released code:
+- its A/B answers are one token and the vector is read there; TruthfulQA answers are sentences, so the
+  vector averages every answer token;
+- the layer is the best of HPR's top-k layers on validation at multiplier 1 (CAA sweeps every layer on its
+  behaviour data), then the multiplier is chosen on validation at that layer; vectors are not normalised
+  across behaviours (there is one behaviour);
+- option: ``caa_layers="hpr_layers"`` adds the vectors at all of HPR's layers at once.
 
 Both: math in float32, result cast back to the activation's dtype.
 """

@@ -14,9 +14,14 @@ Edit at ``blocks.{l}.hook_resid_post`` of each selected layer: activations with 
 by ``theta`` towards their reflection (norm preserved, see ``hpr.ops``); ``no_angle`` uses
 ``theta = gamma``, the plain reflection. Math in float32, cast back. Positions (:mod:`hpr.positions`):
 ``all`` by default, every position of every forward pass, as the official lm-eval path that gives MC1/MC2.
-Deliberate difference: the official ``generate()`` edits only the newest position of each pass, while
-``all`` also edits the prompt at prefill; ``positions="answer"`` gives the official generation (but then
-also edits only the answer tokens when scoring).
+
+Deliberate differences from the official code:
+- generation: the official ``generate()`` edits only the newest position of each pass, while ``all`` also
+  edits the prompt at prefill; ``positions="answer"`` gives the official generation (but then also edits
+  only the answer tokens when scoring);
+- training activations are read in the run's scoring prompt, not the model's chat template;
+- the last layer's probe is trained on the block's output, as every other layer (the official code reads
+  HF's last hidden state, which is after the final norm, and applies the probe before it).
 """
 
 from __future__ import annotations
