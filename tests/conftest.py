@@ -9,6 +9,24 @@ TINY = ToyWorldConfig(n_entities=16, questions_per_entity=2, n_docs=400, n_layer
                       d_mlp=64, n_ctx=64, vocab_size=400, steps=30, batch_size=8)
 
 
+@pytest.fixture(autouse=True)
+def no_hook_left_attached(monkeypatch):
+    """Fail a test that leaves a forward or backward hook on any TransformerLens hook point it touched."""
+    from transformer_lens.hook_points import HookPoint
+
+    touched = []
+    add_hook = HookPoint.add_hook
+
+    def recording(self, *args, **kwargs):
+        touched.append(self)
+        return add_hook(self, *args, **kwargs)
+
+    monkeypatch.setattr(HookPoint, "add_hook", recording)
+    yield
+    leaked = sorted({hp.name for hp in touched if hp.fwd_hooks or hp.bwd_hooks})
+    assert not leaked, f"hooks left attached at {leaked}"
+
+
 @pytest.fixture(scope="session")
 def toy_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("hpr-cache")
