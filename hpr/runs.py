@@ -291,6 +291,7 @@ def _fit_caa(fit: FitContext) -> None:
     pos, neg, _ = fit.train_pairs()
     layers = fit.probes["selected_layers"]
     caa = fit_caa(pos, neg, layers, 1.0).with_positions(fit.cfg.caa_positions)
+    del pos, neg  # the train split (GBs on a real model) is freed before the validation sweeps
     if fit.cfg.caa_layers == "single":  # CAA steers at one layer, found by a layer sweep at multiplier 1
         caa = fit.sweep("caa", [({"layer": layer, "multiplier": 1.0}, caa.with_layers((layer,))) for layer in layers],
                         {"candidate_layers": layers}, record="caa_layer_sweep")
@@ -343,6 +344,7 @@ def _fit_reptune(fit: FitContext) -> None:
     layers = fit.probes["selected_layers"]
     caa = fit_caa(pos, neg, layers, 1.0)  # the steering vectors: CAA's, from the train split
     vectors = {layer: caa.tensors[f"layer{layer}.vector"] for layer in layers}
+    del pos, neg, caa  # the train split is freed before training
     fit_reptune(fit.model, fit.parts["train"], fit.fmt, vectors, fit.cfg.reptune, layers,
                 progress=fit.progress).save(fit.editors_dir / "reptune", fit.model)
 
