@@ -271,3 +271,12 @@ def test_unreadable_weights_name_the_checkpoint(damage, tmp_path, word_tokenizer
     weights.write_bytes(damage(weights.read_bytes()))
     with pytest.raises(ValueError, match="the checkpoint cannot be read"):
         load_model(str(tmp_path), device="cpu")
+
+
+def test_a_header_only_csv_says_it_holds_no_questions(tmp_path):
+    from hpr.data import load_dataset
+
+    csv = tmp_path / "TruthfulQA.csv"
+    csv.write_text("Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers,Source\n")
+    with pytest.raises(DataError, match="holds no questions"):
+        load_dataset("truthfulqa", csv)

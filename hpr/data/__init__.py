@@ -43,7 +43,11 @@ def load_dataset(name: str, path: str | os.PathLike[str] | None = None) -> tuple
         from hpr.data.truthfulqa import load_truthfulqa
 
         path = path or os.environ.get(TRUTHFULQA_ENV) or None
-        return load_truthfulqa(path) if path else _truthfulqa_from_hub()
+        questions = load_truthfulqa(path) if path else _truthfulqa_from_hub()
+        if not questions:  # e.g. a CSV with its header only
+            raise DataError(f"{path or 'the TruthfulQA hub dataset'} holds no questions. Fix: point --data-path at "
+                            "mc_task.json or a TruthfulQA.csv with rows.")
+        return questions
     if key == "jsonl":
         if not path:
             raise DataError("dataset 'jsonl' needs a file. Fix: pass --data-path to a .jsonl file (format: hpr.data.jsonl).")
