@@ -39,6 +39,7 @@ from torch import Tensor
 
 PROMPT_END, ANSWER, NEWEST = 1, 2, 4
 MODES = ("all", "answer", "from_prompt_end", "prompt_end")
+HELP = f"positions edited (hpr.positions): {' | '.join(MODES)}"  # every editor config's positions field
 _SELECTS = {"answer": ANSWER | NEWEST, "from_prompt_end": PROMPT_END | ANSWER | NEWEST, "prompt_end": PROMPT_END}
 _EVERY_TOKEN_IS_ANSWER = object()
 

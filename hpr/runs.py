@@ -455,16 +455,15 @@ def _prepared(cfg: RunConfig, device):
     return questions, split, model, round(time.perf_counter() - t0, 2)
 
 
-def _parquet_is_intact(path: Path) -> bool:
-    """Whether a predictions file exists and reads; a damaged one is reported and scored again."""
+def _saved_predictions(path: Path) -> pd.DataFrame | None:
+    """A method's saved predictions, or None when there are none or they are damaged (reported; scored again)."""
     if not path.exists():
-        return False
+        return None
     try:
-        pd.read_parquet(path)
-        return True
+        return pd.read_parquet(path)
     except Exception as e:  # noqa: BLE001 - pyarrow's own error types
         log.warning("%s is damaged (%s); scoring again", path, e)
-        return False
+        return None
 
 
 def reproduce(cfg: RunConfig, out: Path, device=None, progress: bool = True) -> dict:
@@ -545,13 +544,15 @@ def reproduce(cfg: RunConfig, out: Path, device=None, progress: bool = True) -> 
     for method in cfg.methods:
         editor = None if method == "base" else load_editor(editors_dir / method)
         path = out / "predictions" / f"{method}.parquet"
-        if not _parquet_is_intact(path):
+        df = _saved_predictions(path)
+        if df is None:
             path.parent.mkdir(exist_ok=True)
             df = evaluate.predictions(model, parts["test"], fmt, method, editor, cfg.batch_size, progress)
             tmp = path.with_name(path.name + ".tmp")
             df.to_parquet(tmp, index=False)
             os.replace(tmp, path)
-        frames.append(pd.read_parquet(path))
+            df = pd.read_parquet(path)  # as written, so a fresh run and a resumed one concatenate the same frames
+        frames.append(df)
         before, after = _answer_norms(model, parts["test"], fmt, editor, cfg.batch_size, out, method)
         if base_norms is None:
             base_norms = after if editor is None else _answer_norms(model, parts["test"], fmt, None,

@@ -47,9 +47,10 @@ from torch import Tensor
 from hpr.activations import gather_continuations
 from hpr.data.prompts import PromptFormat
 from hpr.data.schema import MCQuestion
-from hpr.editors.base import Editor, Hook, register
+from hpr.editors.base import Editor, Hook, distinct_layers, register
 from hpr.encoding import encode_all
 from hpr.models import head_z_hook, resid_post_hook
+from hpr.positions import HELP as POSITIONS_HELP
 from hpr.positions import check_mode
 
 Head = tuple[int, int]
@@ -69,7 +70,7 @@ ITI_FEATURES = ("last_token", "answer_tokens")
 class ITIConfig:
     heads: tuple[Head, ...] = field(default=(), metadata={"help": "edited heads as (layer, head), 0-based"})
     alpha: float = field(default=15.0, metadata={"help": "shift strength in units of the head's std"})
-    positions: str = field(default="answer", metadata={"help": "positions edited (hpr.positions): all | answer | from_prompt_end | prompt_end"})
+    positions: str = field(default="answer", metadata={"help": POSITIONS_HELP})
 
     def __post_init__(self):
         # JSON round trips give lists of lists; normalise so equality and hashing work.
@@ -311,12 +312,10 @@ class ITIEditor(Editor):
 class CAAConfig:
     layers: tuple[int, ...] = field(default=(), metadata={"help": "edited layers (0-based blocks)"})
     multiplier: float = field(default=1.0, metadata={"help": "scale of the added mean-difference vector"})
-    positions: str = field(default="from_prompt_end", metadata={"help": "positions edited (hpr.positions): all | answer | from_prompt_end | prompt_end"})
+    positions: str = field(default="from_prompt_end", metadata={"help": POSITIONS_HELP})
 
     def __post_init__(self):
-        layers = tuple(int(layer) for layer in self.layers)
-        if len(set(layers)) != len(layers) or any(layer < 0 for layer in layers):
-            raise ValueError(f"CAA layers must be distinct non-negative ints, got {self.layers!r}")
+        layers = distinct_layers(self.layers, "CAA")
         object.__setattr__(self, "layers", layers)
         object.__setattr__(self, "multiplier", float(self.multiplier))
         check_mode(self.positions, "CAA positions")

@@ -26,6 +26,14 @@ Hook = tuple[str, Callable]
 REGISTRY: dict[str, type[Editor]] = {}
 
 
+def distinct_layers(layers, method: str) -> tuple[int, ...]:
+    """``layers`` as a tuple of ints, or a ``ValueError`` if any repeats or is negative (an editor config's check)."""
+    checked = tuple(int(layer) for layer in layers)
+    if len(set(checked)) != len(checked) or any(layer < 0 for layer in checked):
+        raise ValueError(f"{method} layers must be distinct non-negative ints, got {layers!r}")
+    return checked
+
+
 def register(cls: type[Editor]) -> type[Editor]:
     REGISTRY[cls.method] = cls
     return cls

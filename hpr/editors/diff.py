@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from hpr.editors.base import Editor, Hook, register
+from hpr.editors.base import Editor, Hook, distinct_layers, register
 from hpr.editors.hpr import HPRTrainConfig, mlp, reference_optimizer, stacked_mlp
+from hpr.positions import HELP as POSITIONS_HELP
 from hpr.positions import check_mode
 
 
@@ -36,12 +37,10 @@ from hpr.positions import check_mode
 class DiffConfig:
     layers: tuple[int, ...] = field(default=(), metadata={"help": "edited layers (0-based blocks)"})
     scale: float = field(default=1.0, metadata={"help": "multiplier of the predicted shift (0 = base model)"})
-    positions: str = field(default="all", metadata={"help": "positions edited (hpr.positions): all | answer | from_prompt_end | prompt_end"})
+    positions: str = field(default="all", metadata={"help": POSITIONS_HELP})
 
     def __post_init__(self):
-        layers = tuple(int(layer) for layer in self.layers)
-        if len(set(layers)) != len(layers) or any(layer < 0 for layer in layers):
-            raise ValueError(f"Diff layers must be distinct non-negative ints, got {self.layers!r}")
+        layers = distinct_layers(self.layers, "Diff")
         object.__setattr__(self, "layers", layers)
         object.__setattr__(self, "scale", float(self.scale))
         check_mode(self.positions, "Diff positions")

@@ -34,7 +34,8 @@ import torch
 from torch import Tensor, nn
 
 from hpr import ops
-from hpr.editors.base import Editor, register
+from hpr.editors.base import Editor, distinct_layers, register
+from hpr.positions import HELP as POSITIONS_HELP
 from hpr.positions import check_mode
 
 
@@ -42,12 +43,10 @@ from hpr.positions import check_mode
 class HPRConfig:
     layers: tuple[int, ...] = field(default=(), metadata={"help": "edited layers (0-based blocks)"})
     no_angle: bool = field(default=False, metadata={"help": "ablation: plain Householder reflection"})
-    positions: str = field(default="all", metadata={"help": "positions edited (hpr.positions): all | answer | from_prompt_end | prompt_end"})
+    positions: str = field(default="all", metadata={"help": POSITIONS_HELP})
 
     def __post_init__(self):
-        layers = tuple(int(layer) for layer in self.layers)
-        if len(set(layers)) != len(layers) or any(layer < 0 for layer in layers):
-            raise ValueError(f"HPR layers must be distinct non-negative ints, got {self.layers!r}")
+        layers = distinct_layers(self.layers, "HPR")
         object.__setattr__(self, "layers", layers)
         check_mode(self.positions, "HPR positions")
 

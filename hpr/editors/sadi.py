@@ -38,6 +38,7 @@ from hpr.activations import last_token_activations
 from hpr.data.prompts import PromptFormat
 from hpr.data.schema import MCQuestion
 from hpr.editors.base import Editor, Hook, register
+from hpr.positions import HELP as POSITIONS_HELP
 from hpr.positions import check_mode
 
 LEVELS = ("heads", "hidden", "neurons")
@@ -69,7 +70,7 @@ class SADIConfig:
     delta: float = field(default=1.0, metadata={"help": "scale of the masked elements (0 = base model)"})
     mode: str = field(default="additive", metadata={"help": "additive (paper): A + delta*M*A; "
                                                             "multiplicative (code): masked A times delta"})
-    positions: str = field(default="prompt_end", metadata={"help": "positions edited (hpr.positions): all | answer | from_prompt_end | prompt_end"})
+    positions: str = field(default="prompt_end", metadata={"help": POSITIONS_HELP})
 
     def __post_init__(self):
         if self.level not in LEVELS:

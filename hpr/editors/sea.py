@@ -42,7 +42,8 @@ from torch import Tensor
 from hpr.activations import last_token_activations, resid_names
 from hpr.data.prompts import PromptFormat
 from hpr.data.schema import MCQuestion
-from hpr.editors.base import Editor, Hook, register
+from hpr.editors.base import Editor, Hook, distinct_layers, register
+from hpr.positions import HELP as POSITIONS_HELP
 from hpr.positions import check_mode
 
 NORMALIZE = ("l2_norm", "average")
@@ -52,12 +53,10 @@ NORMALIZE = ("l2_norm", "average")
 class SEAConfig:
     layers: tuple[int, ...] = field(default=(), metadata={"help": "edited layers (0-based blocks)"})
     normalize: str = field(default="l2_norm", metadata={"help": "l2_norm: keep each token's norm; average: halve"})
-    positions: str = field(default="all", metadata={"help": "positions edited (hpr.positions): all | answer | from_prompt_end | prompt_end"})
+    positions: str = field(default="all", metadata={"help": POSITIONS_HELP})
 
     def __post_init__(self):
-        layers = tuple(int(layer) for layer in self.layers)
-        if len(set(layers)) != len(layers) or any(layer < 0 for layer in layers):
-            raise ValueError(f"SEA layers must be distinct non-negative ints, got {self.layers!r}")
+        layers = distinct_layers(self.layers, "SEA")
         if self.normalize not in NORMALIZE:
             raise ValueError(f"SEA normalize must be one of {NORMALIZE}, got {self.normalize!r}")
         object.__setattr__(self, "layers", layers)
