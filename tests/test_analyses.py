@@ -34,6 +34,10 @@ def test_measurements_on_a_tiny_run(tiny_run):
     dm = analysis.direction_magnitude(run.model, questions, run.fmt, {"hpr": editors["hpr"]}, first)
     assert torch.allclose(torch.tensor(dm["norm_ratio"].values), torch.tensor(1.0), atol=1e-5)
     assert (dm["cosine"] <= 1 + 1e-6).all()
+    whole = analysis.resid_tokens(run.model, questions, run.fmt, editors["hpr"])
+    some = analysis.resid_tokens(run.model, questions, run.fmt, editors["hpr"], layers=[first, 0], max_tokens=5)
+    assert some.shape == (5, 2, whole.shape[-1])  # only the answers holding the first 5 tokens were run
+    assert torch.allclose(some, whole[:5][:, [first, 0]], atol=1e-5)
     norms = analysis.norm_quantiles(run.model, questions, run.fmt, {"base": None, "iti200": editors["iti200"]})
     assert len(norms) == 2 * run.results["n_layers"]
     by = norms.set_index(["group", "layer"])["median"]
