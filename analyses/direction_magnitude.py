@@ -4,14 +4,14 @@ Per token: cos(h_edited, h_base) against ||h_edited|| / ||h_base|| for every met
 predicted angle theta against the reflection angle gamma for the test tokens it edits.
 """
 
-from hpr import activations, analysis, figures
+from hpr import analysis, figures
 
 
 def make(run: analysis.Run, args) -> dict:
     layer = max(run.results["selected_layers"])
     editors = run.editors(args.methods)
     samples = analysis.direction_magnitude(run.model, run.questions("test"), run.fmt, editors, layer)
-    angles = analysis.hpr_angles(run.editor("hpr"), activations.load(run.folder / "activations" / "test").acts)
+    angles = analysis.split_hpr_angles(run.editor("hpr"), run.folder / "activations" / "test")
     summary = samples.groupby("method", sort=False).agg(
         cosine_mean=("cosine", "mean"), norm_ratio_mean=("norm_ratio", "mean"),
         norm_ratio_max_dev=("norm_ratio", lambda r: float((r - 1).abs().max()))).reset_index()

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from hpr import generation, ops, positions
+from hpr import activations, generation, ops, positions
 from hpr.activations import gather_continuations, resid_names
 from hpr.data.prompts import PromptFormat
 from hpr.data.schema import MCQuestion
@@ -264,6 +264,15 @@ def hpr_angles(editor, acts: torch.Tensor) -> pd.DataFrame:
         theta = gamma if editor.config.no_angle else _hpr_theta(editor, layer, h)
         rows.append(pd.DataFrame({"layer": layer, "theta": theta.numpy(), "gamma": gamma.numpy()}))
     return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["layer", "theta", "gamma"])
+
+
+def split_hpr_angles(editor, folder: Path) -> pd.DataFrame:
+    """:func:`hpr_angles` over a split's saved activations, one shard at a time (a test split is GBs on a real
+    model); rows are in the same order as on the whole split: by layer, then token."""
+    frames = [frame for shard in activations.load_shards(folder) if len(frame := hpr_angles(editor, shard.acts))]
+    if not frames:
+        return pd.DataFrame(columns=["layer", "theta", "gamma"])
+    return pd.concat(frames).sort_values("layer", kind="stable").reset_index(drop=True)
 
 
 def _hpr_theta(editor, layer: int, h: torch.Tensor) -> torch.Tensor:

@@ -4,10 +4,11 @@ import importlib
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
-from hpr import analysis
+from hpr import activations, analysis
 
 ANALYSES = Path(__file__).resolve().parent.parent / "analyses"
 
@@ -22,7 +23,7 @@ def tiny_run(toy_cache, tmp_path_factory):
         yield out
 
 
-def test_measurements_on_a_tiny_run(tiny_run):
+def test_measurements_on_a_tiny_run(tiny_run, tmp_path):
     run = analysis.Run(tiny_run, device="cpu")
     questions = run.questions("test")[:4]
     editors = run.editors(["base", "hpr", "iti200"])
@@ -38,6 +39,11 @@ def test_measurements_on_a_tiny_run(tiny_run):
     some = analysis.resid_tokens(run.model, questions, run.fmt, editors["hpr"], layers=[first, 0], max_tokens=5)
     assert some.shape == (5, 2, whole.shape[-1])  # only the answers holding the first 5 tokens were run
     assert torch.allclose(some, whole[:5][:, [first, 0]], atol=1e-5)
+    test_acts = tmp_path / "acts"
+    activations.collect(run.model, run.questions("test"), run.fmt, test_acts, questions_per_shard=3)
+    by_shard = analysis.split_hpr_angles(editors["hpr"], test_acts)
+    assert len(list(activations.shard_paths(test_acts))) > 1  # the shards really are read one by one
+    pd.testing.assert_frame_equal(by_shard, analysis.hpr_angles(editors["hpr"], activations.load(test_acts).acts))
     norms = analysis.norm_quantiles(run.model, questions, run.fmt, {"base": None, "iti200": editors["iti200"]})
     assert len(norms) == 2 * run.results["n_layers"]
     by = norms.set_index(["group", "layer"])["median"]
