@@ -73,7 +73,7 @@ def main(argv: list[str]) -> dict:
     from bench.models import questions
     from hpr import activations
     from hpr.data import QA_PRIMER, PromptFormat, split_ids
-    from hpr.models import load_model
+    from hpr.sources import load_model
     from hpr.scoring import encode_all
 
     mode, ckpt, out, n_q, per_shard, batch, store, primer = argv

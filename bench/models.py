@@ -5,7 +5,7 @@ text (the QA primer, questions and answers), so prompts tokenize to realistic le
 their real vocabulary sizes (embedding and unembedding cost are part of the forward pass), the ids the
 tokenizer produces are simply a subset of them. Checkpoints are cached under the bench cache directory
 (``bench/.cache`` by default) keyed by their shape, and loaded through the same path a user's local
-checkpoint takes (:func:`hpr.models.load_model`).
+checkpoint takes (:func:`hpr.sources.load_model`).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ TOKENIZER_VOCAB = 8192
 
 
 def questions():
-    from hpr.data import load_dataset
+    from hpr.sources import load_dataset
 
     return load_dataset("truthfulqa", str(TRUTHFULQA))
 
@@ -135,6 +135,6 @@ def checkpoint(shape: Shape, cache: Path) -> Path:
 
 def load(shape: Shape, cache: Path):
     """``hpr.load_model`` on the cached checkpoint, on CPU, float32."""
-    from hpr.models import load_model
+    from hpr.sources import load_model
 
     return load_model(str(checkpoint(shape, cache)), device="cpu")

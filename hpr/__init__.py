@@ -11,7 +11,8 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY = {
-    "load_model": ("hpr.models", "load_model"),
+    "load_model": ("hpr.sources", "load_model"),
+    "load_dataset": ("hpr.sources", "load_dataset"),
     "load_editor": ("hpr.editors", "load_editor"),
 }
 

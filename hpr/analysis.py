@@ -23,6 +23,7 @@ from hpr.data.prompts import PromptFormat
 from hpr.data.schema import MCQuestion
 from hpr.encoding import encode_all, encode_context, pad_token_id
 from hpr.evaluate import true_answer_pairs
+from hpr.sources import load_dataset, load_model, prompt_format
 
 
 _RESULT_KEYS = {"model": str, "dataset": str, "splits": dict, "n_layers": int, "probe_accuracy": dict,
@@ -82,17 +83,13 @@ class Run:
     def model(self):
         import hpr
 
-        return hpr.load_model(self.config["model"], device=self.device, dtype=self.config.get("dtype"))
+        return load_model(self.config["model"], device=self.device, dtype=self.config.get("dtype"))
 
     @cached_property
     def fmt(self) -> PromptFormat:
-        from hpr.runs import prompt_format
-
         return prompt_format(self.config["dataset"])
 
     def questions(self, split: str = "test") -> list[MCQuestion]:
-        from hpr.data import load_dataset
-
         from hpr.runs import dataset_fingerprint
 
         questions = load_dataset(self.config["dataset"], self.config.get("data_path"))

@@ -42,7 +42,7 @@ def _toyworld(args) -> int:
     import dataclasses
 
     from hpr.toyworld import DEFAULT
-    from hpr.toyworld.diagnose import diagnose, format_report, seed_table
+    from hpr.toy_diagnose import diagnose, format_report, seed_table
 
     seeds = args.seed or [DEFAULT.seed]
     reports = []

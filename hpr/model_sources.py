@@ -2,7 +2,7 @@
 
 ``load_model("smollm2")`` and ``load_model("path/to/file.gguf")`` both end up in the same place as
 ``load_model("path/to/checkpoint-dir")``: this module turns the GGUF into a local Hugging Face checkpoint
-directory once, and :func:`hpr.models.load_model` loads that directory exactly as it loads any other
+directory once, and :func:`hpr.models.load_checkpoint` loads that directory exactly as it loads any other
 (``hpr.models._load_hf``: offline, unprocessed ``HookedTransformer``).
 
 What is converted
@@ -30,7 +30,7 @@ Why cache at all
     the converted directory loads like any checkpoint.
 
 Where the cache lives
-    ``$HPR_CACHE_DIR`` (default ``~/.cache/hpr-workbench``; :func:`hpr.toyworld.build.cache_root`), next to the
+    ``$HPR_CACHE_DIR`` (default ``~/.cache/hpr-workbench``; :func:`hpr.cache.cache_root`), next to the
     toy model:
 
     * ``gguf-<sha256 prefix>-<size in bytes>/`` for a GGUF file, keyed by its content (sha256 of the file, read
@@ -65,6 +65,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from hpr.cache import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +154,6 @@ def resolve_source(name_or_path: str) -> str | None:
 
 def named_model_dir(name: str) -> Path:
     """The cached checkpoint directory of a named model, converted from its GGUF on first use."""
-    from hpr.toyworld.build import cache_root
-
     source = NAMED_MODELS[name]
     final = cache_root() / source.cache_key(name)
     if (final / DONE_MARKER).is_file():
@@ -166,8 +166,6 @@ def named_model_dir(name: str) -> Path:
 
 def gguf_model_dir(gguf_path: Path) -> Path:
     """The cached checkpoint directory of a GGUF file (keyed by its content), converted on first use."""
-    from hpr.toyworld.build import cache_root
-
     gguf_path = gguf_path.resolve()
     check_magic(gguf_path)
     digest, size = file_digest(gguf_path)

@@ -2,7 +2,7 @@
 
 Everything else in hpr talks to a ``HookedTransformer`` through hook names
 (:func:`resid_post_hook`, :func:`head_z_hook`) and the object returned by
-:func:`load_model`, so moving to TL 4's TransformerBridge should touch this file only.
+:func:`load_checkpoint`, so moving to TL 4's TransformerBridge should touch this file only.
 
 Weights are loaded *without* TL's processing (no LayerNorm folding, no centering of
 writing weights or unembed, no value-bias folding), so activation norms are the
@@ -169,30 +169,19 @@ def model_dtype(dtype: torch.dtype | str | None, device: torch.device | str) -> 
     return resolved
 
 
-def load_model(
+def load_checkpoint(
     name_or_path: str,
     device: torch.device | str | None = None,
     dtype: torch.dtype | str | None = None,
 ) -> "HookedTransformer":
-    """Load a model as an (unprocessed) ``HookedTransformer``.
+    """Load a Hugging Face checkpoint as an (unprocessed) ``HookedTransformer``.
 
-    ``name_or_path`` is ``"toy"`` (the embedded default model), a named pretrained model
-    (``"smollm2"``; see :mod:`hpr.model_sources`), a GGUF file (``path/to/file.gguf``;
-    converted once into the cache, then loaded as a checkpoint directory), a local Hugging
-    Face checkpoint directory (config.json + weights + tokenizer; loaded fully offline), or
-    a Hugging Face hub id (needs network or the hub cache).
+    ``name_or_path`` is a local checkpoint directory (config.json + weights + tokenizer; loaded fully
+    offline) or a hub id (needs network or the hub cache). Names ("toy", "smollm2") and GGUF files are
+    :func:`hpr.sources.load_model`'s.
     """
     device = check_device(device)
     dtype = model_dtype(dtype, device)
-
-    if name_or_path == "toy":
-        from hpr.toyworld import load_toy_model
-
-        return load_toy_model(device=device, dtype=dtype)
-
-    from hpr.model_sources import resolve_source  # named models and GGUF files: a cached checkpoint directory
-
-    name_or_path = resolve_source(name_or_path) or name_or_path
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():

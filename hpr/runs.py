@@ -30,7 +30,7 @@ import torch
 
 import hpr
 from hpr import activations, evaluate, metrics
-from hpr.data import PromptFormat, apply_split, load_dataset, split_groups, split_ids
+from hpr.data import apply_split, split_groups, split_ids
 from hpr.editors import load_editor
 from hpr.editors.additive import ITI_FEATURES, ITI_PRESETS, answer_head_activations, fit_caa, fit_iti
 from hpr.editors.diff import train_diff
@@ -43,6 +43,7 @@ from hpr.editors.sadi import RELEASED_GRIDS, fit_sadi, mean_differences
 from hpr.editors.sea import fit_sea, last_layers, sea_activations
 from hpr.models import check_device, model_dtype, model_fingerprint
 from hpr.positions import check_mode
+from hpr.sources import load_dataset, load_model, prompt_format, toy_world_record
 
 log = logging.getLogger(__name__)
 # RunConfig fields added when editors began to declare their positions: absent means "all".
@@ -203,24 +204,6 @@ def _write_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2))
     os.replace(tmp, path)
-
-
-def prompt_format(dataset: str, truthful: bool = False) -> PromptFormat:
-    """The scoring prompt; for the toy world, ``truthful=True`` gives the truthful-speaker header."""
-    from hpr.toyworld import PRIMER, TRUTHFUL_PRIMER
-
-    if dataset == "toy":
-        return PromptFormat(primer=TRUTHFUL_PRIMER if truthful else PRIMER, separator="\n")
-    return PromptFormat()
-
-
-def toy_world_record() -> dict:
-    """Which world built the toy model: generator version, cache key and every parameter (seed included)."""
-    import hpr.toyworld
-    from hpr.toyworld.world import WORLD_VERSION
-
-    config = hpr.toyworld.DEFAULT
-    return {"world_version": WORLD_VERSION, "key": config.key(), "config": dataclasses.asdict(config)}
 
 
 @dataclass
@@ -451,7 +434,7 @@ def _prepared(cfg: RunConfig, device):
         raise ValueError(f"{len(questions)} question(s) leave the {' and '.join(empty)} split(s) empty with "
                          f"fractions {tuple(cfg.fractions)}: use at least {needed} questions (--limit, or more data)")
     t0 = time.perf_counter()
-    model = hpr.load_model(cfg.model, device=device, dtype=dtype)
+    model = load_model(cfg.model, device=device, dtype=dtype)
     return questions, split, model, round(time.perf_counter() - t0, 2)
 
 

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from hpr.data import load_dataset
+from hpr.sources import load_dataset
 
 TRUTHFULQA = os.environ.get("HPR_TRUTHFULQA_PATH", "/work/shared/data/truthfulqa")
 

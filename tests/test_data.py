@@ -15,11 +15,11 @@ from hpr.data import (
     MCQuestion,
     PromptFormat,
     apply_split,
-    load_dataset,
     split_ids,
 )
 from hpr.data.jsonl import load_jsonl
 from hpr.data.truthfulqa import load_truthfulqa
+from hpr.sources import load_dataset
 
 TQA_DIR = Path(__file__).resolve().parents[2] / "shared/data/truthfulqa"
 needs_tqa = pytest.mark.skipif(

@@ -227,7 +227,7 @@ def test_an_editor_refuses_another_model_of_the_same_shape(tmp_path):
 def test_a_checkpoint_without_a_tokenizer_says_so(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from hpr.models import load_model
+    from hpr.sources import load_model
 
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50, n_positions=16)).save_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="has no tokenizer files"):
@@ -263,7 +263,7 @@ def test_unreadable_weights_name_the_checkpoint(damage, tmp_path, word_tokenizer
     """A truncated or garbage model.safetensors in an otherwise complete checkpoint folder."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from hpr.models import load_model
+    from hpr.sources import load_model
 
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16)).save_pretrained(tmp_path)
     word_tokenizer.save_pretrained(tmp_path)
@@ -274,7 +274,7 @@ def test_unreadable_weights_name_the_checkpoint(damage, tmp_path, word_tokenizer
 
 
 def test_a_header_only_csv_says_it_holds_no_questions(tmp_path):
-    from hpr.data import load_dataset
+    from hpr.sources import load_dataset
 
     csv = tmp_path / "TruthfulQA.csv"
     csv.write_text("Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers,Source\n")

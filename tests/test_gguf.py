@@ -21,7 +21,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from transformers.convert_slow_tokenizer import bytes_to_unicode  # noqa: E402
 
 import hpr.model_sources as sources  # noqa: E402
-from hpr.models import SUPPORTED_MODEL_TYPES, load_model  # noqa: E402
+from hpr.models import SUPPORTED_MODEL_TYPES  # noqa: E402
+from hpr.sources import load_model  # noqa: E402
 
 N_HEAD, N_KV_HEAD, D_MODEL, D_MLP, N_LAYERS = 4, 2, 64, 128, 2
 SPECIALS = ["<s>", "</s>"]

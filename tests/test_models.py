@@ -36,10 +36,10 @@ from hpr.models import (
     SUPPORTED_MODEL_TYPES,
     _resolve_dtype,
     head_z_hook,
-    load_model,
     model_dtype,
     resid_post_hook,
 )
+from hpr.sources import load_model
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
 WORDS = SPECIALS + [f"w{i}" for i in range(60)]

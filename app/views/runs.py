@@ -13,7 +13,7 @@ import streamlit as st
 
 import workbench as wb
 from hpr import runs
-from hpr.data import load_dataset
+from hpr.sources import load_dataset
 from hpr.editors.hpr import HPRTrainConfig
 
 MAX_UPLOAD_MB = 20

@@ -33,6 +33,8 @@ from typing import Any
 from hpr.data.schema import Choice, DataError, MCQuestion
 from hpr.data.validate import Where, check_question, check_unique_ids, parse_label, require_field, require_text
 
+TRUTHFULQA_ENV = "HPR_TRUTHFULQA_PATH"
+HF_TRUTHFULQA = ("truthfulqa/truthful_qa", "multiple_choice")
 JSON_NAME = "mc_task.json"
 CSV_NAME = "TruthfulQA.csv"
 CSV_COLUMNS = ("Question", "Best Answer", "Correct Answers", "Incorrect Answers")
@@ -60,6 +62,22 @@ def load_truthfulqa(path: str | os.PathLike[str]) -> tuple[MCQuestion, ...]:
     if suffix == ".csv":
         return _load_csv(p)
     raise DataError(f"{p}: unknown file type {suffix!r}. Fix: use a .json, .jsonl or .csv TruthfulQA file.")
+
+
+def truthfulqa_from_hub() -> tuple[MCQuestion, ...]:
+    """The HF ``multiple_choice`` validation split; its rows are mc_task.json in the same order."""
+    repo, config = HF_TRUTHFULQA
+    try:
+        import datasets
+
+        rows = datasets.load_dataset(repo, config)["validation"]
+    except Exception as e:  # ImportError, no network, hub errors: all mean "use a local file"
+        raise DataError(
+            f"TruthfulQA: no local path given and the HF hub dataset {repo!r} ({config!r}) could not be loaded "
+            f"({type(e).__name__}: {e}). Fix: pass --data-path to a local mc_task.json or TruthfulQA.csv "
+            f"(or a folder holding one), or set {TRUTHFULQA_ENV}."
+        ) from e
+    return from_records(rows, f"hf:{repo}/{config}/validation")
 
 
 def from_records(records: Iterable[Mapping[str, Any]], source: str) -> tuple[MCQuestion, ...]:

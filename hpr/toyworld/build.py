@@ -19,14 +19,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from hpr.cache import cache_root
 from hpr.toyworld.tokenizer import END_OF_DOC, train_tokenizer
 from hpr.toyworld.world import ToyWorldConfig, build_world, generate_corpus
 
 log = logging.getLogger(__name__)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("HPR_CACHE_DIR") or Path.home() / ".cache" / "hpr-workbench")
 
 
 def model_dir(config: ToyWorldConfig) -> Path:
@@ -142,7 +139,7 @@ def load_built(folder: Path, device=None, dtype=None):
     model = new_hooked_transformer(record["model_cfg"], tokenizer)
     model.load_state_dict(load_file(folder / "model.safetensors"), strict=True)
     model.eval()
-    model.requires_grad_(False)  # inference only, as hpr.models.load_model
+    model.requires_grad_(False)  # inference only, as hpr.models.load_checkpoint
     model.to(dtype or torch.float32)
     model.to(device or "cpu")
     use_matmul_layout(model)

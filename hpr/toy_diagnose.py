@@ -22,6 +22,7 @@ import pandas as pd
 
 from hpr import activations, evaluate, metrics
 from hpr.data import apply_split, split_groups, split_ids
+from hpr.sources import prompt_format
 from hpr.toyworld.world import ToyWorldConfig, build_world, mc_dataset
 
 FRACTIONS = (0.4, 0.1, 0.5)
@@ -58,7 +59,6 @@ def mc_breakdown(predictions: pd.DataFrame, questions) -> dict:
 def diagnose(config: ToyWorldConfig, progress: bool = True, batch_size: int = 32) -> dict:
     """Build (or find) the world's model and measure it. Returns a JSON-ready dict."""
     from hpr.editors.hpr import HPREditor, HPRTrainConfig, probe_accuracy, top_k_layers, train_layerwise
-    from hpr.runs import prompt_format
     from hpr.toyworld.build import ensure_built, load_built
 
     folder = ensure_built(config, progress=progress)

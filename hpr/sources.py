@@ -1,0 +1,79 @@
+"""Names to things: the one place where a model or dataset name (the toy world among them) becomes a model,
+questions and a prompt format.
+
+The toy world, GGUF files and named pretrained models are sources like any checkpoint or file; this module sits
+above all of them (:mod:`hpr.models`, :mod:`hpr.model_sources`, :mod:`hpr.data`, :mod:`hpr.toyworld`), so none of
+them needs to know the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+
+from hpr.data import DataError, MCQuestion, PromptFormat
+from hpr.data.truthfulqa import TRUTHFULQA_ENV, load_truthfulqa, truthfulqa_from_hub
+from hpr.model_sources import resolve_source
+from hpr.models import check_device, load_checkpoint, model_dtype
+from hpr.toyworld import DEFAULT, PRIMER, TRUTHFUL_PRIMER, load_toy_model, toy_dataset
+from hpr.toyworld.world import WORLD_VERSION
+
+DATASETS = ("truthfulqa", "jsonl", "toy")
+
+
+def load_model(name_or_path: str, device: torch.device | str | None = None,
+               dtype: torch.dtype | str | None = None):
+    """Load a model as an (unprocessed) ``HookedTransformer``.
+
+    ``name_or_path`` is ``"toy"`` (the embedded default model), a named pretrained model (``"smollm2"``; see
+    :mod:`hpr.model_sources`), a GGUF file (``path/to/file.gguf``; converted once into the cache, then loaded as
+    a checkpoint directory), a local Hugging Face checkpoint directory (config.json + weights + tokenizer;
+    loaded fully offline), or a Hugging Face hub id (needs network or the hub cache).
+    """
+    device = check_device(device)
+    dtype = model_dtype(dtype, device)
+    if name_or_path == "toy":
+        return load_toy_model(device=device, dtype=dtype)
+    # named models and GGUF files: a cached checkpoint directory
+    return load_checkpoint(resolve_source(name_or_path) or name_or_path, device, dtype)
+
+
+def load_dataset(name: str, path: str | os.PathLike[str] | None = None) -> tuple[MCQuestion, ...]:
+    """Load dataset ``name`` (one of :data:`DATASETS`).
+
+    * ``truthfulqa``: ``path`` (a folder, ``mc_task.json``, a JSONL of HF rows or ``TruthfulQA.csv``),
+      else ``$HPR_TRUTHFULQA_PATH``, else the HF hub via the optional ``datasets`` package.
+    * ``jsonl``: the generic format of :mod:`hpr.data.jsonl`; ``path`` is required.
+    * ``toy``: the synthetic toy world of :mod:`hpr.toyworld` (no files, for tests and demos).
+    """
+    key = name.strip().lower()
+    if key == "truthfulqa":
+        path = path or os.environ.get(TRUTHFULQA_ENV) or None
+        questions = load_truthfulqa(path) if path else truthfulqa_from_hub()
+        if not questions:  # e.g. a CSV with its header only
+            raise DataError(f"{path or 'the TruthfulQA hub dataset'} holds no questions. Fix: point --data-path at "
+                            "mc_task.json or a TruthfulQA.csv with rows.")
+        return questions
+    if key == "jsonl":
+        if not path:
+            raise DataError("dataset 'jsonl' needs a file. Fix: pass --data-path to a .jsonl file (format: hpr.data.jsonl).")
+        from hpr.data.jsonl import load_jsonl
+
+        return load_jsonl(path)
+    if key == "toy":
+        return toy_dataset()
+    raise DataError(f"unknown dataset {name!r}. Fix: use one of {', '.join(DATASETS)}.")
+
+
+def prompt_format(dataset: str, truthful: bool = False) -> PromptFormat:
+    """The scoring prompt; for the toy world, ``truthful=True`` gives the truthful-speaker header."""
+    if dataset == "toy":
+        return PromptFormat(primer=TRUTHFUL_PRIMER if truthful else PRIMER, separator="\n")
+    return PromptFormat()
+
+
+def toy_world_record() -> dict:
+    """Which world built the toy model: generator version, cache key and every parameter (seed included)."""
+    return {"world_version": WORLD_VERSION, "key": DEFAULT.key(), "config": dataclasses.asdict(DEFAULT)}
