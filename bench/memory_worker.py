@@ -8,17 +8,24 @@ each with its longest answer, so the KV cache holds ``BATCH`` context rows) or `
 the shards and loading them back); prints one JSON line. Each mode runs in its own process so that every growth starts
 from the same state (model loaded, nothing else allocated): the allocator keeps what a first call freed, so
 a second measurement in one process would see less. RSS is sampled by a thread every half millisecond
-(psutil); ``ru_maxrss`` would report the peak of model loading.
+(psutil); ``ru_maxrss`` would report the peak of model loading. ``run_in_fresh_process`` is the parent's side:
+it starts one such process and reads its line back.
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import os
+import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+
+from bench.timing import STEADY_HEAP
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def peak_growth(fn, marks: dict | None = None):
@@ -121,6 +128,19 @@ def main(argv: list[str]) -> dict:
             "disk_bytes": sum(p.stat().st_size for p in shards), "largest_shard_bytes": max(tokens) * row_bytes,
             "result_f32_bytes": int(result.acts.numel() * 4), "collect_peak_bytes": int(grown),
             "shards_peak_bytes": int(marks.get("shards_peak_bytes", -1)), "load_peak_bytes": int(marks["end"])}
+
+
+def run_in_fresh_process(mode: str, ckpt: Path, out: Path, questions: int, per_shard: int, batch: int, store: str,
+                         primer: bool) -> dict:
+    """One step (``mode``) in a fresh process; its JSON record. The arguments are those of ``main``."""
+    # The default allocator in the workers: a heap that keeps freed memory would hide RSS growth.
+    env = {k: v for k, v in os.environ.items() if k not in STEADY_HEAP}
+    cmd = [sys.executable, "-m", "bench.memory_worker", mode, str(ckpt), str(out), str(questions), str(per_shard),
+           str(batch), store, "primer" if primer else "noprimer"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=False, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory worker failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":
