@@ -13,7 +13,8 @@ def build_editors(model, names: tuple[str, ...], seed: int = 0) -> dict:
     """Editors with random but well-formed parameters (the cost of an edit does not depend on the values,
     except SEA's, whose cost follows the ranks of its projections: see its details). Built together from one
     generator, in the order of ``names``: building one alone would draw different parameters."""
-    from hpr.editors.additive import CAAEditor, ITIEditor
+    from hpr.editors.caa import CAAEditor
+    from hpr.editors.iti import ITIEditor
     from hpr.editors.hpr import HPREditor, LayerwiseHPR
     from hpr.editors.sadi import fit_sadi
     from hpr.editors.sea import fit_sea, last_layers

@@ -8,10 +8,7 @@ and each method's editor, so every analysis script is a few lines.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
 import pandas as pd
@@ -23,93 +20,7 @@ from hpr.data.prompts import PromptFormat
 from hpr.data.schema import MCQuestion
 from hpr.encoding import encode_all, encode_context, pad_token_id
 from hpr.evaluate import true_answer_pairs
-from hpr.sources import load_dataset, load_model, prompt_format
-
-
-_RESULT_KEYS = {"model": str, "dataset": str, "splits": dict, "n_layers": int, "probe_accuracy": dict,
-                "selected_layers": list, "methods": dict, "flip_rates": dict, "norm_change": dict,
-                "norm_change_vs_base": dict}
-
-
-def check_results(results, path: Path) -> dict:
-    """``results`` if it has the shape ``hpr reproduce`` writes, else a ``ValueError`` naming what is wrong."""
-    def bad(problem):
-        return ValueError(f"{path} is not a results file of hpr reproduce ({problem}); rerun hpr reproduce into "
-                          "its folder to rebuild it")
-
-    if not isinstance(results, dict):
-        raise bad(f"a JSON {type(results).__name__}, not an object")
-    for key, kind in _RESULT_KEYS.items():
-        if not isinstance(results.get(key), kind):
-            raise bad(f"{key!r} is missing or not a {kind.__name__}")
-    for method, row in results["methods"].items():
-        if not isinstance(row, dict) or not all(isinstance(row.get(k), (int, float))
-                                                for k in ("mc1", "mc2", "mc1_stderr", "mc2_stderr")):
-            raise bad(f"methods[{method!r}] lacks numbers mc1, mc2, mc1_stderr, mc2_stderr")
-    if not all(isinstance(results["probe_accuracy"].get(s), list) for s in ("val", "test")):
-        raise bad("probe_accuracy lacks its val and test lists")
-    if not isinstance(results["splits"].get("test"), int):
-        raise bad("splits lacks the test count")
-    return results
-
-
-@dataclass
-class Run:
-    """A finished run folder (``hpr reproduce``), opened for analysis."""
-
-    folder: Path
-    device: str | None = None
-
-    def __post_init__(self):
-        self.folder = Path(self.folder)
-        path = self.folder / "results.json"
-        if not path.exists():
-            raise FileNotFoundError(f"{self.folder} is not a finished run folder (no results.json); run "
-                                    f"`hpr reproduce --out {self.folder} ...` first")
-        from hpr.runs import read_json
-
-        self.results = check_results(read_json(path, "results"), path)
-        record = read_json(self.folder / "config.json", "run config")
-        if not isinstance(record, dict) or not isinstance(record.get("run"), dict):
-            raise ValueError(f"{self.folder / 'config.json'} holds no run settings; rerun hpr reproduce")
-        self.config = record["run"]
-        self.inputs = record.get("inputs", {})
-
-    @property
-    def methods(self) -> list[str]:
-        return list(self.results["methods"])
-
-    @cached_property
-    def model(self):
-        import hpr
-
-        return load_model(self.config["model"], device=self.device, dtype=self.config.get("dtype"))
-
-    @cached_property
-    def fmt(self) -> PromptFormat:
-        return prompt_format(self.config["dataset"])
-
-    def questions(self, split: str = "test") -> list[MCQuestion]:
-        from hpr.runs import dataset_fingerprint
-
-        questions = load_dataset(self.config["dataset"], self.config.get("data_path"))
-        if self.config.get("limit") is not None:
-            questions = questions[: self.config["limit"]]
-        recorded = self.inputs.get("dataset_sha256")
-        if recorded is not None and recorded != dataset_fingerprint(questions):
-            raise ValueError(f"the data at {self.config.get('data_path') or self.config['dataset']} changed since "
-                             f"{self.folder} was run (its fingerprint differs); restore it, or rerun into a new folder")
-        ids = set(json.loads((self.folder / "splits.json").read_text())[split])
-        return [q for q in questions if q.id in ids]
-
-    def editor(self, method: str):
-        """The method's editor, or None for ``base``."""
-        from hpr.editors import load_editor
-
-        return None if method == "base" else load_editor(self.folder / "editors" / method, device=self.device)
-
-    def editors(self, methods: Sequence[str] | None = None) -> dict:
-        return {m: self.editor(m) for m in (methods or self.methods)}
+from hpr.runs.folder import Run, check_results  # noqa: F401 - the run-folder reader, for the analyses
 
 
 # ------------------------------------------------------------------------------------ frames from results

@@ -11,22 +11,81 @@ from pathlib import Path
 
 
 def _reproduce(args) -> int:
-    from hpr.editors.hpr import HPRTrainConfig
-    from hpr.runs import METHODS, RunConfig, format_results, reproduce
+    from hpr.editors import default_labels
+    from hpr.runs import RunConfig, format_results, reproduce
 
     # "--methods base hpr" and "--methods base,hpr" both work; an empty list is refused by RunConfig
-    methods = METHODS if args.methods is None else tuple(m for arg in args.methods for m in arg.split(",") if m)
+    labels = default_labels() if args.methods is None else tuple(m for arg in args.methods for m in arg.split(",") if m)
     cfg = RunConfig(model=args.model, dtype=args.dtype, dataset=args.dataset, data_path=args.data_path,
-                    methods=methods, limit=args.limit, seed=args.seed,
-                    batch_size=args.batch_size, fp16_activations=args.fp16_activations,
-                    hpr=HPRTrainConfig(top_k=args.top_k), iti_k=args.iti_k, iti_positions=args.iti_positions,
-                    iti_features=args.iti_features,
-                    caa_positions=args.caa_positions, sadi_level=args.sadi_level, sadi_mode=args.sadi_mode,
-                    sadi_positions=args.sadi_positions, sadi_grid=args.sadi_grid)
+                    methods=labels, limit=args.limit, seed=args.seed, batch_size=args.batch_size,
+                    fp16_activations=args.fp16_activations, settings=_method_settings(args))
     results = reproduce(cfg, Path(args.out), device=args.device, progress=not args.quiet)
     print(format_results(results))
     print(f"run folder: {args.out} (results.json has everything)")
     return 0
+
+
+# Flags kept from before they were generated, for the commands in papers' READMEs: alias -> generated flag.
+FLAG_ALIASES = {"--top-k": "--hpr-top-k"}
+
+
+def _setting_flags(parser: argparse.ArgumentParser) -> None:
+    """``--<method>-<field>`` for every field of every registered method's settings, typed and with its help."""
+    import dataclasses
+    import typing
+
+    from hpr.editors import methods
+
+    aliases = {new: old for old, new in FLAG_ALIASES.items()}
+    for name, method in methods().items():
+        if method.settings is None:
+            continue
+        group = parser.add_argument_group(f"{name} settings", method.summary)
+        hints = typing.get_type_hints(method.settings)
+        for f in dataclasses.fields(method.settings):
+            if f.name == "seed":  # the run's --seed seeds every training
+                continue
+            flag = f"--{name}-{f.name.replace('_', '-')}"
+            kind = hints[f.name]
+            options = dict(dest=f"{name}.{f.name}", default=None, metavar=f.name.upper(),
+                           help=f"{f.metadata.get('help', '')} (default: {_shown(f.default)})")
+            if typing.get_origin(kind) is tuple:
+                options.update(nargs="+", type=typing.get_args(kind)[0])
+            elif kind is bool:
+                options.update(type=_boolean, metavar="true|false")
+            else:
+                options.update(type=kind, choices=f.metadata.get("choices"))
+                if f.name == "positions":
+                    from hpr.positions import MODES
+
+                    options["choices"] = MODES
+            group.add_argument(*[flag] + ([aliases[flag]] if flag in aliases else []), **options)
+
+
+def _shown(default) -> str:
+    return " ".join(map(str, default)) if isinstance(default, tuple) else str(default)
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() == "true"
+
+
+def _method_settings(args) -> dict:
+    """Each method's settings: its defaults, with the flags given on the command line."""
+    import dataclasses
+
+    from hpr.editors import methods
+
+    settings = {}
+    for name, method in methods().items():
+        if method.settings is None:
+            continue
+        given = {f.name: getattr(args, f"{name}.{f.name}", None) for f in dataclasses.fields(method.settings)}
+        settings[name] = method.settings(**{k: tuple(v) if isinstance(v, list) else v
+                                            for k, v in given.items() if v is not None})
+    return settings
 
 
 def _build_toy(args) -> int:
@@ -58,8 +117,8 @@ def _toyworld(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hpr.positions import MODES
-    from hpr.runs import METHODS, RunConfig
+    from hpr.editors import default_labels
+    from hpr.runs import RunConfig
 
     parser = argparse.ArgumentParser(prog="hpr", description="Activation editing workbench (HPR and baselines)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -74,32 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--data-path", default=None, help="file or folder for truthfulqa / jsonl")
     rep.add_argument("--out", required=True, help="run folder")
     rep.add_argument("--methods", nargs="+", default=None,
-                     help=f"any of: {' '.join(METHODS)}, space- or comma-separated (default: all)")
+                     help=f"any of: {' '.join(default_labels())}, or iti<alpha>; space- or comma-separated (default: all)")
     rep.add_argument("--limit", type=int, default=None, help="use only the first N questions")
     rep.add_argument("--seed", type=int, default=0)
     rep.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
-    rep.add_argument("--top-k", type=int, default=5, help="HPR edits the k layers with the best val probe")
-    rep.add_argument("--iti-k", type=int, default=48, help="ITI edits the K heads with the best val probe")
-    modes = ", ".join(MODES)
-    rep.add_argument("--iti-positions", default=RunConfig.iti_positions, choices=MODES,
-                     help=f"ITI: positions edited ({modes}; default: the answer tokens, as honest_llama's scorer)")
-    rep.add_argument("--iti-features", default=RunConfig.iti_features, choices=["last_token", "answer_tokens"],
-                     help="ITI: probes, directions and stds from the last token of each answer (honest_llama) or "
-                          "from every answer token")
-    rep.add_argument("--caa-positions", default=RunConfig.caa_positions, choices=MODES,
-                     help="CAA: positions edited (default: from the prompt's end on, as CAA)")
-    rep.add_argument("--sadi-positions", default=RunConfig.sadi_positions, choices=MODES,
-                     help="SADI: positions edited (default: the prompt's last token, as the released code)")
-    rep.add_argument("--sadi-grid", default=RunConfig.sadi_grid, choices=["small", "released"],
-                     help="SADI: (k, delta) tried on val: small (k 1-8, delta 0.5-5) or the released script's grid "
-                          "(heads: k up to 10, delta 5-80; 96 settings)")
-    rep.add_argument("--sadi-level", default="heads", choices=["heads", "hidden", "neurons"],
-                     help="SADI: which elements the mask selects")
-    rep.add_argument("--sadi-mode", default="additive", choices=["additive", "multiplicative"],
-                     help="SADI: A + delta*M*A (paper) or masked A times delta (released code)")
     rep.add_argument("--fp16-activations", action="store_true", help="store cached activations in float16")
     rep.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     rep.add_argument("--quiet", action="store_true", help="no progress bars")
+    _setting_flags(rep)
     rep.set_defaults(func=_reproduce)
 
     toy = sub.add_parser("build-toy", help="build (or find) the cached embedded toy model")

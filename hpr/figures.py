@@ -16,11 +16,7 @@ import plotly.graph_objects as go
 
 # Okabe & Ito (2008), colour-blind safe; black is kept for the unedited model.
 OKABE_ITO = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#999999")
-METHOD_COLORS = {
-    "base": "#000000", "hpr": "#0072B2", "hpr_no_angle": "#56B4E9", "iti15": "#E69F00", "iti200": "#D55E00",
-    "caa": "#009E73", "diff": "#CC79A7", "sea": "#F0E442", "sadi": "#999999", "lora": "#8C564B",
-    "reptune": "#17BECF", "true answers": "#009E73", "false answers": "#D55E00",
-}
+GROUP_COLORS = {"true answers": "#009E73", "false answers": "#D55E00"}
 FIGURE_FORMATS = ("png", "svg", "pdf")
 TABLE_FORMATS = ("csv", "md", "tex")
 _LAYOUT = dict(template="simple_white", font=dict(family="Arial", size=13), width=760, height=430,
@@ -28,10 +24,11 @@ _LAYOUT = dict(template="simple_white", font=dict(family="Arial", size=13), widt
 
 
 def color(name: str) -> str:
-    """The colour of a method (or group) in every figure; unknown names get a stable palette colour."""
-    if name in METHOD_COLORS:
-        return METHOD_COLORS[name]
-    return OKABE_ITO[sum(map(ord, name)) % len(OKABE_ITO)]
+    """The colour of a method (each registers its own: :mod:`hpr.editors.registry`) or group in every figure;
+    unknown names get a stable palette colour."""
+    from hpr.editors.registry import colour_of
+
+    return colour_of(name) or GROUP_COLORS.get(name) or OKABE_ITO[sum(map(ord, name)) % len(OKABE_ITO)]
 
 
 def _layout(fig: go.Figure, title: str, x: str, y: str, **extra) -> go.Figure:

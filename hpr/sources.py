@@ -17,7 +17,8 @@ from hpr.data import DataError, MCQuestion, PromptFormat
 from hpr.data.truthfulqa import TRUTHFULQA_ENV, load_truthfulqa, truthfulqa_from_hub
 from hpr.model_sources import resolve_source
 from hpr.models import check_device, load_checkpoint, model_dtype
-from hpr.toyworld import DEFAULT, PRIMER, TRUTHFUL_PRIMER, load_toy_model, toy_dataset
+from hpr import toyworld
+from hpr.toyworld import PRIMER, TRUTHFUL_PRIMER, load_toy_model, toy_dataset
 from hpr.toyworld.world import WORLD_VERSION
 
 DATASETS = ("truthfulqa", "jsonl", "toy")
@@ -76,4 +77,5 @@ def prompt_format(dataset: str, truthful: bool = False) -> PromptFormat:
 
 def toy_world_record() -> dict:
     """Which world built the toy model: generator version, cache key and every parameter (seed included)."""
-    return {"world_version": WORLD_VERSION, "key": DEFAULT.key(), "config": dataclasses.asdict(DEFAULT)}
+    world = toyworld.DEFAULT  # read now: tests and notebooks may point "toy" at another world
+    return {"world_version": WORLD_VERSION, "key": world.key(), "config": dataclasses.asdict(world)}

@@ -101,7 +101,7 @@ def test_last_token_activations_match_whole_sequences(fmt, tiny_lm):
 
 def test_probe_accuracy_read_shard_by_shard_equals_the_whole_split(tiny_lm, tmp_path):
     from hpr.editors.hpr import probe_accuracy
-    from hpr.runs import split_probe_accuracy
+    from hpr.editors.hpr import split_probe_accuracy
 
     model = tiny_lm("gpt2-like")
     got = activations.collect(model, _questions(7), PRIMED, tmp_path, questions_per_shard=3, batch_size=4)

@@ -7,7 +7,7 @@ import pytest
 
 from hpr import metrics
 from hpr.cli import main
-from hpr.runs import METHODS
+from hpr.editors import default_labels
 
 
 def test_reproduce_tiny_toy(tiny_toy, tmp_path):
@@ -20,7 +20,7 @@ def test_reproduce_tiny_toy(tiny_toy, tmp_path):
     assert results["selected_layers"] == [0, 1]  # top-5 capped by the layer count
     assert results["toy_world"]["key"] == tiny_toy.key()  # which world (version, seed, config) built the model
     assert results["toy_world"]["config"]["seed"] == tiny_toy.seed
-    methods = set(METHODS)
+    methods = set(default_labels())
     assert {"base", "hpr", "hpr_no_angle", "iti15", "iti200", "caa", "diff", "sea", "sadi"} <= methods
     assert set(results["methods"]) == methods
     assert 0 <= results["toy_ceiling"]["mc1"] <= 1  # the base model scored after a truthful-source header

@@ -7,16 +7,8 @@ import torch
 from hpr import generation, positions
 from hpr.data.prompts import PromptFormat
 from hpr.editors import load_editor
-from hpr.editors.additive import (
-    ITI_PRESETS,
-    CAAEditor,
-    ITIConfig,
-    ITIEditor,
-    answer_head_activations,
-    fit_caa,
-    fit_iti,
-    top_k_heads,
-)
+from hpr.editors.caa import CAAEditor, fit_caa
+from hpr.editors.iti import ITI_PRESETS, ITIConfig, ITIEditor, answer_head_activations, fit_iti, top_k_heads
 from hpr.models import new_hooked_transformer
 
 CFG = {"n_layers": 3, "d_model": 32, "n_heads": 2, "d_head": 16, "d_mlp": 64, "n_ctx": 16, "d_vocab": 50,

@@ -14,7 +14,7 @@ PACKAGE = ROOT / "hpr"
 
 # Lowest first. A module may import from its own layer and any layer before it.
 LAYERS = [
-    ("foundations", ["hpr", "hpr.cache", "hpr.ops", "hpr.positions", "hpr.metrics", "hpr.figures", "hpr.encoding"]),
+    ("foundations", ["hpr", "hpr.cache", "hpr.ops", "hpr.positions", "hpr.metrics", "hpr.encoding"]),
     ("data", ["hpr.data"]),
     ("models", ["hpr.models", "hpr.model_sources"]),
     ("toy world", ["hpr.toyworld"]),  # a data-and-model source, nothing more
@@ -23,7 +23,7 @@ LAYERS = [
     ("editors", ["hpr.editors"]),
     ("evaluation", ["hpr.evaluate"]),
     ("runs", ["hpr.runs"]),
-    ("entry points", ["hpr.cli", "hpr.analysis", "hpr.toy_diagnose"]),
+    ("entry points", ["hpr.cli", "hpr.analysis", "hpr.figures", "hpr.toy_diagnose"]),
 ]
 
 

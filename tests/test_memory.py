@@ -13,7 +13,7 @@ from bench.memory_worker import peak_growth
 from hpr import activations
 from hpr.data import PromptFormat
 from hpr.data.schema import Choice, MCQuestion
-from hpr.editors.additive import answer_head_activations
+from hpr.editors.iti import answer_head_activations
 
 SLACK = 80 * 2**20  # allocator noise (~50 MB seen under load); a leak of one batch per batch is ~5x this
 

@@ -11,7 +11,8 @@ import torch
 from hpr import positions
 from hpr.data.prompts import PromptFormat
 from hpr.editors import load_editor
-from hpr.editors.additive import CAAEditor, ITIEditor
+from hpr.editors.caa import CAAEditor
+from hpr.editors.iti import ITIEditor
 from hpr.editors.diff import DiffEditor, train_diff
 from hpr.editors.hpr import HPREditor, HPRTrainConfig, LayerwiseHPR
 from hpr.editors.lora import LoRAConfig, LoRAEditor

@@ -5,7 +5,7 @@ import torch
 
 import hpr
 from hpr.data.prompts import PromptFormat
-from hpr.editors.additive import CAAEditor
+from hpr.editors.caa import CAAEditor
 from hpr.editors.hpr import HPREditor, LayerwiseHPR
 from hpr.encoding import encode_all
 from hpr.evaluate import edit_norm_change, norm_change_vs_base

@@ -1,6 +1,8 @@
 """RunConfig: the ``--dtype`` option, the editors' positions, their validation, and run folders written before
 either existed."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -24,18 +26,44 @@ def test_older_run_configs_read_as_float32_and_still_resume():
     assert not same_settings(None, RunConfig())
 
 
+def _before_the_registry(recorded: dict) -> dict:
+    """A run config as written before each method's settings were its own: flat on the run (``iti_k``)."""
+    from hpr.editors import methods
+
+    flat = dict(recorded)
+    for name, method in methods().items():
+        if method.flat_settings:
+            nested = flat.pop(name)
+            flat.update({old: nested[new] for old, new in method.flat_settings.items()})
+    return flat
+
+
 def test_older_run_configs_read_as_what_those_versions_did_so_they_do_not_resume_as_the_new_defaults():
-    recorded = RunConfig().to_json()
-    for name in ("iti_positions", "caa_positions", "sadi_positions", "iti_features"):
-        del recorded[name]
+    recorded = _before_the_registry(RunConfig().to_json())
+    assert {"iti_k", "sadi_k", "sea_k_ratio", "caa_multipliers"} <= set(recorded)
+    assert RunConfig.from_json(recorded) == RunConfig()  # every setting recorded: the same run
+    for name in ("iti_positions", "caa_positions", "sadi_positions", "iti_features", "caa_layers"):
+        del recorded[name]  # written before the editors declared their positions
     old = RunConfig.from_json(recorded)
-    assert (old.iti_positions, old.caa_positions, old.sadi_positions) == ("all", "all", "all")
-    assert old.iti_features == "answer_tokens"
+    assert (old.iti.positions, old.caa.positions, old.sadi.positions) == ("all", "all", "all")
+    assert (old.iti.features, old.caa.layers) == ("answer_tokens", "hpr_layers")
     assert not same_settings(recorded, RunConfig())
-    assert same_settings(recorded, RunConfig(iti_positions="all", caa_positions="all", sadi_positions="all",
-                                             iti_features="answer_tokens"))
-    with pytest.raises(ValueError, match="iti_positions must be one of"):
-        RunConfig(iti_positions="answers")
+    as_then = RunConfig().with_settings(
+        iti=dataclasses.replace(RunConfig().iti, positions="all", features="answer_tokens"),
+        caa=dataclasses.replace(RunConfig().caa, positions="all", layers="hpr_layers"),
+        sadi=dataclasses.replace(RunConfig().sadi, positions="all"))
+    assert same_settings(recorded, as_then)
+    with pytest.raises(ValueError, match="iti.positions must be one of"):
+        dataclasses.replace(RunConfig().iti, positions="answers")
+
+
+def test_a_method_setting_missing_from_a_new_record_means_its_old_behaviour():
+    recorded = RunConfig().to_json()
+    del recorded["sadi"]["positions"]
+    assert RunConfig.from_json(recorded).sadi.positions == "all"
+    recorded["sadi"]["no_such_setting"] = 1
+    with pytest.raises(ValueError, match="unknown fields"):
+        RunConfig.from_json(recorded)
 
 
 def test_the_run_seed_seeds_every_training():
@@ -74,8 +102,8 @@ def test_the_released_sadi_grid_is_searched_on_validation(tiny_toy, tmp_path):
     tried = {(row["k"], row["delta"]) for row in sweep["val"]}
     assert tried == {(min(k, n_heads), d) for k in ks for d in deltas}
     assert sweep["chosen"] in sweep["val"]
-    with pytest.raises(ValueError, match="sadi_grid"):
-        RunConfig(sadi_grid="wide")
+    with pytest.raises(ValueError, match="sadi.grid"):
+        dataclasses.replace(RunConfig().sadi, grid="wide")
 
 
 @pytest.mark.parametrize("dtype, message", [("float8", "Unsupported dtype 'float8'"),

@@ -1,5 +1,6 @@
 """Runs: open a finished run folder (instant: results.json only) or start a new run with hpr.runs.reproduce."""
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -13,8 +14,8 @@ import streamlit as st
 
 import workbench as wb
 from hpr import runs
+from hpr.editors import default_labels, methods
 from hpr.sources import load_dataset
-from hpr.editors.hpr import HPRTrainConfig
 
 MAX_UPLOAD_MB = 20
 
@@ -76,10 +77,13 @@ if dataset.startswith("truthfulqa"):
     data_path = c2.text_input("mc_task.json, TruthfulQA.csv or their folder")
 elif dataset == "jsonl upload":
     upload = c2.file_uploader(f"JSON lines (≤ {MAX_UPLOAD_MB} MB; format: hpr.data.jsonl)", type=["jsonl", "json"])
-methods = st.multiselect("Methods", runs.METHODS, default=list(runs.METHODS))
+registered = methods()
+labels = st.multiselect("Methods", default_labels(), default=list(default_labels()),
+                        help="; ".join(f"{m.name}: {m.summary}" for m in registered.values()))
 c1, c2, c3, c4 = st.columns(4)
-top_k = c1.number_input("HPR top-k layers", 1, 256, HPRTrainConfig().top_k)
-iti_k = c2.number_input("ITI K heads", 1, 4096, runs.RunConfig().iti_k)
+defaults = runs.RunConfig().settings
+top_k = c1.number_input("HPR top-k layers", 1, 256, defaults["hpr"].top_k)
+iti_k = c2.number_input("ITI K heads", 1, 4096, defaults["iti"].k)
 limit = c3.number_input("Question limit (0: all)", 0, 1_000_000, 0)
 seed = c4.number_input("Seed", 0, 2**31 - 1, 0)
 # A fixed key and a default set once: a default in the widget's signature (a timestamp) would make every
@@ -92,7 +96,7 @@ if st.button("Start", type="primary", icon=":material/play_arrow:"):
     with wb.shows_errors("The run failed"):
         if not model.strip():
             raise ValueError("name a model: a checkpoint folder or a hub id")
-        if not methods:
+        if not labels:
             raise ValueError("pick at least one method")
         if kind == "GGUF file" and not Path(model.strip()).expanduser().is_file():
             raise FileNotFoundError(f"{model} is not a file")
@@ -116,10 +120,11 @@ if st.button("Start", type="primary", icon=":material/play_arrow:"):
         elif name == "jsonl":
             raise ValueError("upload a JSON-lines file first")
         n = len(load_dataset(name, data_path or None))  # a wrong path or format fails here, before any work
-        cfg = runs.RunConfig(model=model.strip(), dtype=dtype, dataset=name, data_path=data_path or None, methods=tuple(methods),
-                             limit=int(limit) or None, seed=int(seed), hpr=HPRTrainConfig(top_k=int(top_k)),
-                             iti_k=int(iti_k))
-        with st.status(f"Running {len(methods)} methods on {n} questions into `{out_dir}`...", expanded=True) as status:
+        settings = {"hpr": dataclasses.replace(defaults["hpr"], top_k=int(top_k)),
+                    "iti": dataclasses.replace(defaults["iti"], k=int(iti_k))}
+        cfg = runs.RunConfig(model=model.strip(), dtype=dtype, dataset=name, data_path=data_path or None,
+                             methods=tuple(labels), limit=int(limit) or None, seed=int(seed), settings=settings)
+        with st.status(f"Running {len(labels)} methods on {n} questions into `{out_dir}`...", expanded=True) as status:
             handler = logging.Handler(logging.INFO)
             handler.emit = lambda record: st.write(record.getMessage())
             logging.getLogger("hpr").addHandler(handler)

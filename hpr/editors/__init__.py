@@ -1,12 +1,10 @@
-"""Editors: one file per method, all behind :class:`hpr.editors.base.Editor`."""
+"""Editors: one file per method, all behind :class:`hpr.editors.base.Editor`, each registered as a
+:class:`hpr.editors.registry.Method` (its settings, fit step and run labels)."""
 
-from hpr.editors import additive as _additive  # noqa: F401  (registers iti, caa)
-from hpr.editors import diff as _diff  # noqa: F401  (registers diff)
-from hpr.editors import hpr as _hpr  # noqa: F401  (registers hpr)
-from hpr.editors import lora as _lora  # noqa: F401  (registers lora)
-from hpr.editors import reptune as _reptune  # noqa: F401  (registers reptune)
-from hpr.editors import sadi as _sadi  # noqa: F401  (registers sadi)
-from hpr.editors import sea as _sea  # noqa: F401  (registers sea)
 from hpr.editors.base import REGISTRY, Editor, load_editor
+from hpr.editors.registry import BASE, FitContext, Method, default_labels, method_of, methods
 
-__all__ = ["REGISTRY", "Editor", "load_editor"]
+methods()  # imports every editor module of this package: each registers its editor and its method
+
+__all__ = ["BASE", "REGISTRY", "Editor", "FitContext", "Method", "default_labels", "load_editor", "method_of",
+           "methods"]

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from hpr.editors.base import Editor, Hook, distinct_layers, register
 from hpr.editors.hpr import HPRTrainConfig, mlp, reference_optimizer, stacked_mlp
+from hpr.editors.registry import FitContext, Method, register_method
 from hpr.positions import HELP as POSITIONS_HELP
 from hpr.positions import check_mode
 
@@ -144,3 +145,19 @@ class DiffEditor(Editor):
         for layer in self.config.layers:
             self._params(layer)  # fail before anything attaches
         return self.resid_post_hooks(model, self.config.layers)
+
+
+# ------------------------------------------------------------------------------------------------ in a run
+
+
+def fit_step(fit: FitContext) -> None:
+    """Trained with HPR's settings (schedule, epochs, seed) at HPR's layers, so the two differ in the edit only."""
+    if fit.done("diff"):
+        return
+    pos, neg, _ = fit.train_pairs()
+    fit.save("diff", train_diff(pos, neg, fit.layers, fit.settings["hpr"], fit.progress))
+
+
+register_method(Method(
+    name="diff", summary="Learned difference: an MLP adds a learned vector to negative activations (no norm kept)",
+    labels=("diff",), colours={"diff": "#CC79A7"}, order=30, fit=fit_step))

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from hpr import ops
 from hpr.editors.base import Editor, distinct_layers, register
+from hpr.editors.registry import FitContext, Method, register_method
 from hpr.positions import HELP as POSITIONS_HELP
 from hpr.positions import check_mode
 
@@ -238,3 +239,56 @@ class HPREditor(Editor):
         if missing or not self.config.no_angle and any(not self._angle_params(l) for l in self.config.layers):
             raise ValueError(f"HPR editor state is missing tensors for layers {missing or self.config.layers}")
         return self.resid_post_hooks(model, self.config.layers)
+
+
+# ------------------------------------------------------------------------------------------------ in a run
+
+
+def split_probe_accuracy(probe: Tensor, folder) -> list[float]:
+    """:func:`probe_accuracy` over every aligned pair of a split, read one shard at a time (pairs never cross
+    shards): the same counts as on the whole split, in one shard's memory."""
+    from hpr import activations
+
+    correct, total = 0.0, 0
+    for shard in activations.load_shards(folder):
+        pos, neg, _ = shard.pair_rows()
+        correct = correct + torch.tensor(probe_accuracy(probe, pos, neg)) * (2 * len(pos))
+        total += 2 * len(pos)
+    return (correct / total).tolist()
+
+
+def fit_step(fit: FitContext) -> None:
+    """Train the probes and angle networks of every layer, keep the best validation epoch, select the top-k
+    layers by validation probe accuracy (every other method edits those layers too) and write ``probes.json``.
+
+    ``hpr_all_layers`` (every layer's probe and angle network) serves the top-k sweep of the analyses.
+    """
+    labels = ("hpr", "hpr_no_angle", "hpr_all_layers")
+    if all([fit.done(label) for label in labels]) and (fit.out / "probes.json").exists():
+        return
+    settings: HPRTrainConfig = fit.settings["hpr"]
+    pos, neg, _ = fit.train_pairs()
+    epoch_val: list[float] = []  # pooled val probe accuracy after each epoch: picks the epoch kept
+
+    def score_epoch(net):
+        per_layer = split_probe_accuracy(net.probe.detach(), fit.acts_dir / "val")
+        epoch_val.append(sum(per_layer) / len(per_layer))  # every layer has the same tokens: pooled
+        return epoch_val[-1]
+
+    net = train_layerwise(pos, neg, settings, progress=fit.progress, score_epoch=score_epoch)
+    del pos, neg
+    probe = net.probe.detach()
+    acc = {name: split_probe_accuracy(probe, fit.acts_dir / name) for name in ("train", "val", "test")}
+    layers = top_k_layers(acc["val"], settings.top_k)
+    fit.save("hpr", HPREditor.from_layerwise(net, layers))
+    fit.save("hpr_no_angle", HPREditor.from_layerwise(net, layers, no_angle=True))
+    fit.save("hpr_all_layers", HPREditor.from_layerwise(net, tuple(range(fit.model.cfg.n_layers))))
+    best_epoch = 1 + max(range(len(epoch_val)), key=lambda i: (epoch_val[i], -i)) if epoch_val else settings.epochs
+    fit.write_json("probes.json", {"accuracy": acc, "selected_layers": list(layers),
+                                   "epoch_val_accuracy": epoch_val, "kept_epoch": best_epoch})
+
+
+register_method(Method(
+    name="hpr", summary="Householder Pseudo-Rotation: reflect about the probe's hyperplane, rotate to a learned angle",
+    labels=("hpr", "hpr_no_angle"), colours={"hpr": "#0072B2", "hpr_no_angle": "#56B4E9"}, order=0, fit=fit_step,
+    settings=HPRTrainConfig, absent_means={"select_epoch": "last"}))

@@ -49,6 +49,7 @@ from hpr.continuations import shared_prefix_forward
 from hpr.data.prompts import PromptFormat
 from hpr.data.schema import MCQuestion
 from hpr.editors.base import Editor, Hook, register
+from hpr.editors.registry import FitContext, Method, register_method
 from hpr.encoding import Encoded, encode_all, pad_token_id
 
 TARGETS = ("q", "k", "v")  # the attention projections an adapter can sit on, in the order TL computes them
@@ -372,3 +373,18 @@ def fit_lora(model, questions: Sequence[MCQuestion], fmt: PromptFormat, layers: 
             p.requires_grad_(flag)
     editor.tensors.update({k: v.detach().cpu().clone() for k, v in params.items()})
     return editor
+
+
+# ------------------------------------------------------------------------------------------------ in a run
+
+
+def fit_step(fit: FitContext) -> None:
+    if fit.done("lora"):
+        return
+    fit.save("lora", fit_lora(fit.model, fit.parts["train"], fit.fmt, fit.layers, fit.settings["lora"],
+                              fit.batch_size, fit.progress))
+
+
+register_method(Method(
+    name="lora", summary="LoRA: low-rank adapters on the attention projections, fine-tuned on true answers",
+    labels=("lora",), colours={"lora": "#8C564B"}, order=60, fit=fit_step, settings=LoRATrainConfig))

@@ -6,7 +6,7 @@ Objective, per batch of ``(context, answer)`` sequences of the train questions (
 * representation loss (tune *in*): ``L_rep = mean_{l, t} (1 - cos(resid_post_l[t], v_l)) / 2`` over the
   target blocks ``l`` and the answer (continuation) tokens ``t`` of both the true and the false answers;
   0 when aligned with ``v_l``, 1 when anti-aligned. ``v_l`` is the CAA direction of block ``l``
-  (mean ``resid_post`` at true answer tokens minus at false answer tokens, see :func:`hpr.editors.additive.fit_caa`).
+  (mean ``resid_post`` at true answer tokens minus at false answer tokens, see :func:`hpr.editors.caa.fit_caa`).
 * token loss: ``token_loss_scale * CE`` on the continuation tokens of the TRUE answers only (the
   reference divides its CE by 100), so the model keeps producing sensible answers while its
   representations are pulled towards ``v``.
@@ -64,6 +64,7 @@ from hpr.continuations import shared_prefix_forward
 from hpr.data.prompts import PromptFormat
 from hpr.data.schema import MCQuestion
 from hpr.editors.base import Editor, Hook, register
+from hpr.editors.registry import FitContext, Method, register_method
 from hpr.models import resid_post_hook
 from hpr.encoding import Encoded, encode_all, pad_token_id
 
@@ -379,3 +380,25 @@ class RepTuneEditor(Editor):
             with torch.no_grad():
                 for n, p in targets.items():
                     p.copy_(original[n])
+
+
+# ------------------------------------------------------------------------------------------------ in a run
+
+
+def fit_step(fit: FitContext) -> None:
+    if fit.done("reptune"):
+        return
+    from hpr.editors.caa import fit_caa
+
+    pos, neg, _ = fit.train_pairs()
+    layers = fit.layers
+    caa = fit_caa(pos, neg, layers, 1.0)  # the steering vectors: CAA's, from the train split
+    vectors = {layer: caa.tensors[f"layer{layer}.vector"] for layer in layers}
+    del pos, neg, caa  # the train split is freed before training
+    fit.save("reptune", fit_reptune(fit.model, fit.parts["train"], fit.fmt, vectors, fit.settings["reptune"], layers,
+                                    progress=fit.progress))
+
+
+register_method(Method(
+    name="reptune", summary="Representation tuning: fine-tune the weights towards CAA's vectors at HPR's layers",
+    labels=("reptune",), colours={"reptune": "#17BECF"}, order=70, fit=fit_step, settings=RepTuneTrainConfig))

@@ -38,6 +38,7 @@ from hpr.activations import last_token_activations
 from hpr.data.prompts import PromptFormat
 from hpr.data.schema import MCQuestion
 from hpr.editors.base import Editor, Hook, register
+from hpr.editors.registry import FitContext, Method, register_method
 from hpr.positions import HELP as POSITIONS_HELP
 from hpr.positions import check_mode
 
@@ -188,3 +189,59 @@ class SADIEditor(Editor):
 
         layers = sorted({layer for layer, _ in self.config.elements})
         return [(level_hook(self.config.level, layer), make(layer)) for layer in layers]
+
+
+# ------------------------------------------------------------------------------------------------ in a run
+
+GRIDS = ("small", "released")
+
+
+@dataclass(frozen=True)
+class SADISettings:
+    level: str = field(default="heads", metadata={"help": "which elements the mask selects", "choices": LEVELS})
+    mode: str = field(default="additive", metadata={
+        "help": "additive: A + delta*M*A (paper) | multiplicative: masked A times delta (released code)",
+        "choices": MODES})
+    k: tuple[int, ...] = field(default=(1, 2, 4, 8), metadata={"help": "mask sizes tried on val"})
+    deltas: tuple[float, ...] = field(default=(0.5, 1.0, 2.0, 5.0), metadata={"help": "deltas tried on val (best MC1)"})
+    grid: str = field(default="small", metadata={
+        "help": "(k, delta) tried on val: small (k x deltas) | released (the released script's grid for the level)",
+        "choices": GRIDS})
+    positions: str = field(default="prompt_end", metadata={
+        "help": "positions edited (hpr.positions; default: the prompt's last token, as the released code)"})
+
+    def __post_init__(self):
+        if self.level not in LEVELS or self.mode not in MODES:
+            raise ValueError(f"sadi.level must be one of {LEVELS} and sadi.mode one of {MODES}, "
+                             f"got {self.level!r} and {self.mode!r}")
+        if self.grid not in GRIDS:
+            raise ValueError(f"sadi.grid must be 'small' or 'released', got {self.grid!r}")
+        for name in ("k", "deltas"):
+            if not getattr(self, name):
+                raise ValueError(f"sadi.{name} is empty: give at least one value")
+        if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.k):
+            raise ValueError(f"sadi.k must be whole numbers >= 1, got {self.k!r}")
+        object.__setattr__(self, "k", tuple(self.k))
+        object.__setattr__(self, "deltas", tuple(float(d) for d in self.deltas))
+        check_mode(self.positions, "sadi.positions")
+
+
+def fit_step(fit: FitContext) -> None:
+    if fit.done("sadi"):
+        return
+    settings: SADISettings = fit.settings["sadi"]
+    diff = mean_differences(fit.model, fit.parts["train"], fit.fmt, settings.level, fit.batch_size, fit.progress)
+    ks, deltas = RELEASED_GRIDS[settings.level] if settings.grid == "released" else (settings.k, settings.deltas)
+    candidates = [({"k": k, "delta": delta},
+                   fit_sadi(diff, k, delta, settings.level, settings.mode, fit.model.cfg.d_model)
+                   .with_positions(settings.positions))
+                  for k in sorted({min(k, diff.numel()) for k in ks}) for delta in deltas]
+    fit.save("sadi", fit.sweep("sadi", candidates, {"level": settings.level, "mode": settings.mode}))
+
+
+register_method(Method(
+    name="sadi", summary="Semantics-Adaptive Dynamic Intervention: scale the elements most moved by truth",
+    labels=("sadi",), colours={"sadi": "#999999"}, order=50, fit=fit_step, settings=SADISettings,
+    flat_settings={"sadi_level": "level", "sadi_mode": "mode", "sadi_k": "k", "sadi_deltas": "deltas",
+                   "sadi_grid": "grid", "sadi_positions": "positions"},
+    absent_means={"positions": "all"}))

@@ -43,6 +43,7 @@ from hpr.activations import last_token_activations, resid_names
 from hpr.data.prompts import PromptFormat
 from hpr.data.schema import MCQuestion
 from hpr.editors.base import Editor, Hook, distinct_layers, register
+from hpr.editors.registry import FitContext, Method, register_method
 from hpr.positions import HELP as POSITIONS_HELP
 from hpr.positions import check_mode
 
@@ -218,3 +219,33 @@ class SEAEditor(Editor):
         for layer in self.config.layers:
             self.projections(layer)  # fail before anything attaches
         return self.resid_post_hooks(model, self.config.layers)
+
+
+# ------------------------------------------------------------------------------------------------ in a run
+
+
+@dataclass(frozen=True)
+class SEASettings:
+    k_ratio: float = field(default=0.998, metadata={"help": "explained-variance cutoff of the spectra"})
+    max_new_tokens: int = field(default=32, metadata={"help": "length limit of the greedy base answers"})
+
+    def __post_init__(self):
+        if not 0 < self.k_ratio <= 1:
+            raise ValueError(f"sea.k_ratio must be in (0, 1], got {self.k_ratio!r}")
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"sea.max_new_tokens must be a whole number >= 1, got {self.max_new_tokens!r}")
+
+
+def fit_step(fit: FitContext) -> None:
+    if fit.done("sea"):
+        return
+    settings: SEASettings = fit.settings["sea"]
+    base, pos, neg = sea_activations(fit.model, fit.parts["train"], fit.fmt, settings.max_new_tokens,
+                                     fit.batch_size, fit.progress)
+    fit.save("sea", fit_sea(base, pos, neg, last_layers(fit.model.cfg.n_layers), settings.k_ratio))
+
+
+register_method(Method(
+    name="sea", summary="Spectral Editing of Activations: project onto the positive and off the negative spectra",
+    labels=("sea",), colours={"sea": "#F0E442"}, order=40, fit=fit_step, settings=SEASettings,
+    flat_settings={"sea_k_ratio": "k_ratio", "sea_max_new_tokens": "max_new_tokens"}))

@@ -16,27 +16,13 @@ ITI, deliberate differences from the released code:
 - options: ``features="answer_tokens"`` (every answer token a feature row) and ``positions="all"`` (every
   position, as the "baked-in" honest_* models) give this workbench's earlier ITI, for comparison.
 
-CAA, Contrastive Activation Addition / mean-difference steering (Rimsky et al., ACL 2024). Per layer l:
-``v_l = mean(resid_post | true answer tokens) - mean(resid_post | false answer tokens)`` (not normalised),
-over aligned (true, false) answer-token pairs. Edit at ``blocks.{l}.hook_resid_post``:
-``x[:, t] <- x[:, t] + multiplier * v_l`` at the positions ``positions`` selects; the default
-``from_prompt_end`` is CAA's "from the end of the instruction on": the prompt's last token and every answer
-token (the newest token of each pass in generation). The run steers at one layer, as CAA.
-
-CAA, deliberate differences from the released code:
-- its A/B answers are one token and the vector is read there; TruthfulQA answers are sentences, so the
-  vector averages every answer token;
-- the layer is the best of HPR's top-k layers on validation at multiplier 1 (CAA sweeps every layer on its
-  behaviour data), then the multiplier is chosen on validation at that layer; vectors are not normalised
-  across behaviours (there is one behaviour);
-- option: ``caa_layers="hpr_layers"`` adds the vectors at all of HPR's layers at once.
-
-Both: math in float32, result cast back to the activation's dtype.
+Math in float32, result cast back to the activation's dtype.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -47,9 +33,10 @@ from torch import Tensor
 from hpr.activations import gather_continuations
 from hpr.data.prompts import PromptFormat
 from hpr.data.schema import MCQuestion
-from hpr.editors.base import Editor, Hook, distinct_layers, register
+from hpr.editors.base import Editor, Hook, register
+from hpr.editors.registry import FitContext, Method, register_method
 from hpr.encoding import encode_all
-from hpr.models import head_z_hook, resid_post_hook
+from hpr.models import head_z_hook
 from hpr.positions import HELP as POSITIONS_HELP
 from hpr.positions import check_mode
 
@@ -61,9 +48,6 @@ ITI_PRESETS: dict[str, float] = {"iti15": 15.0, "iti200": 200.0}
 # Where ITI's probe, direction and std features are read: the last token of each (question, answer), as
 # honest_llama, or every answer token (this workbench's earlier variant, kept for comparison).
 ITI_FEATURES = ("last_token", "answer_tokens")
-
-
-# --------------------------------------------------------------------------------------------------- ITI
 
 
 @dataclass(frozen=True)
@@ -305,94 +289,61 @@ class ITIEditor(Editor):
         return [(head_z_hook(layer), make(layer)) for layer in layers]
 
 
-# --------------------------------------------------------------------------------------------------- CAA
+# ------------------------------------------------------------------------------------------------ in a run
 
 
 @dataclass(frozen=True)
-class CAAConfig:
-    layers: tuple[int, ...] = field(default=(), metadata={"help": "edited layers (0-based blocks)"})
-    multiplier: float = field(default=1.0, metadata={"help": "scale of the added mean-difference vector"})
-    positions: str = field(default="from_prompt_end", metadata={"help": POSITIONS_HELP})
+class ITISettings:
+    k: int = field(default=48, metadata={"help": "heads edited: the top K by validation probe accuracy"})
+    positions: str = field(default="answer", metadata={
+        "help": "positions edited (hpr.positions; default: the answer tokens, as honest_llama's scorer)"})
+    features: str = field(default="last_token", metadata={
+        "help": "probe/direction/std features: last_token (honest_llama) | answer_tokens (every answer token)",
+        "choices": ITI_FEATURES})
 
     def __post_init__(self):
-        layers = distinct_layers(self.layers, "CAA")
-        object.__setattr__(self, "layers", layers)
-        object.__setattr__(self, "multiplier", float(self.multiplier))
-        check_mode(self.positions, "CAA positions")
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"iti.k must be a whole number >= 1, got {self.k!r}")
+        check_mode(self.positions, "iti.positions")
+        if self.features not in ITI_FEATURES:
+            raise ValueError(f"iti.features must be one of {ITI_FEATURES}, got {self.features!r}")
 
 
-def fit_caa(pos: Tensor, neg: Tensor, layers: Sequence[int], multiplier: float) -> CAAEditor:
-    """``v_l = mean_i pos[i, l] - mean_i neg[i, l]`` for each of ``layers``, from ``[N, n_layers, d_model]``.
-
-    ``pos``/``neg`` are the aligned true/false answer tokens of
-    :meth:`hpr.activations.AnswerActivations.pairs` (so ``v_l`` is also the mean pairwise difference).
-    """
-    if pos.ndim != 3 or pos.shape != neg.shape or len(pos) == 0:
-        raise ValueError(f"pos and neg must both be [N, n_layers, d_model] with N > 0, "
-                         f"got {tuple(pos.shape)} and {tuple(neg.shape)}")
-    n_layers = pos.shape[1]
-    bad = [layer for layer in layers if not 0 <= layer < n_layers]
-    if bad:
-        raise ValueError(f"CAA layers {bad} out of range for {n_layers} layers")
-    chunk = 256  # pos/neg may be Rows: summed block by block in float64 (256 rows: ~35 MB on a 30x576 model)
-    total = torch.zeros(pos.shape[1:], dtype=torch.float64)
-    for a in range(0, len(pos), chunk):
-        total += (pos[a : a + chunk].double() - neg[a : a + chunk].double()).sum(0)
-    diff = (total / len(pos)).float()  # [layers, d_model]
-    return CAAEditor.from_vectors({layer: diff[layer] for layer in layers}, multiplier, n_layers)
+ALPHA_LABEL = r"iti(\d+(?:\.\d+)?)"
 
 
-@register
-class CAAEditor(Editor):
-    method = "caa"
-    config_cls = CAAConfig
+def iti_alpha(label: str) -> float | None:
+    """``iti15`` -> 15.0, ``iti2.5`` -> 2.5: ITI at any alpha, named by it; None for other labels."""
+    match = re.fullmatch(ALPHA_LABEL, label)
+    return float(match.group(1)) if match else None
 
-    @classmethod
-    def from_vectors(cls, vectors: Mapping[int, Tensor], multiplier: float, n_layers: int) -> CAAEditor:
-        """Build from per-layer steering vectors ``[d_model]`` (used as given, not normalised)."""
-        shapes = {tuple(v.shape) for v in vectors.values()}
-        if len(shapes) != 1 or len(next(iter(shapes))) != 1:
-            raise ValueError(f"CAA needs at least one vector, all 1-D of length d_model; got shapes {shapes}")
-        tensors = {f"layer{layer}.vector": v.detach().float().cpu().clone() for layer, v in vectors.items()}
-        d_model = next(iter(shapes))[0]
-        return cls(CAAConfig(layers=tuple(sorted(vectors)), multiplier=multiplier), tensors, d_model, n_layers)
 
-    def with_multiplier(self, multiplier: float) -> CAAEditor:
-        """The same vectors with another multiplier."""
-        config = dataclasses.replace(self.config, multiplier=multiplier)
-        return self._derived(config, self.tensors, self.d_model, self.n_layers)
+def fit_step(fit: FitContext) -> None:
+    """One fit (heads, directions, stds) for every alpha asked for, the two presets always."""
+    settings: ITISettings = fit.settings["iti"]
+    alphas = {label: iti_alpha(label) for label in set(fit.labels) | set(ITI_PRESETS) if iti_alpha(label) is not None}
+    if all(fit.done(label) for label in alphas):
+        return
+    if fit.done("iti15"):
+        from hpr.editors.base import load_editor
 
-    def with_layers(self, layers: Sequence[int]) -> CAAEditor:
-        """The same vectors at a subset of the layers (e.g. the single layer CAA steers at)."""
-        missing = sorted(set(layers) - set(self.config.layers))
-        if missing:
-            raise ValueError(f"CAA editor has no vectors for layers {missing}; it has {list(self.config.layers)}")
-        config = dataclasses.replace(self.config, layers=tuple(sorted(layers)))
-        tensors = {f"layer{layer}.vector": self.tensors[f"layer{layer}.vector"] for layer in config.layers}
-        return self._derived(config, tensors, self.d_model, self.n_layers)
+        iti = load_editor(fit.editors_dir / "iti15")
+    else:
+        heads = {name: answer_head_activations(fit.model, fit.parts[name], fit.fmt, fit.batch_size, fit.progress,
+                                               settings.features)
+                 for name in ("train", "val")}
+        iti, head_acc = fit_iti(heads["train"], heads["val"], ITI_PRESETS["iti15"], k=settings.k,
+                                d_model=fit.model.cfg.d_model, progress=fit.progress)
+        iti = iti.with_positions(settings.positions)
+        fit.write_json("iti_heads.json", {"val_accuracy": head_acc.tolist(), "heads": list(iti.config.heads)})
+    for label, alpha in sorted(alphas.items()):
+        if not fit.done(label):
+            fit.save(label, iti.with_alpha(alpha))
 
-    def shift(self, layer: int) -> Tensor:
-        """``multiplier * v_layer`` ``[d_model]`` (float32)."""
-        key = f"layer{layer}.vector"
-        if key not in self.tensors:
-            raise ValueError(f"CAA editor state is missing tensor {key!r}")
-        return self.config.multiplier * self.tensors[key].float()
 
-    def edit(self, layer: int, x: Tensor) -> Tensor:
-        """``x [..., d_model]`` of ``layer`` after the edit: ``x + multiplier * v_layer``."""
-        return (x.float() + self.shift(layer).to(x.device)).to(x.dtype)
-
-    def hooks(self, model) -> list[Hook]:
-        bad = [layer for layer in self.config.layers if layer >= model.cfg.n_layers]
-        if bad:
-            raise ValueError(f"CAA layers {bad} out of range for a {model.cfg.n_layers}-layer model")
-        device = model.cfg.device
-
-        def make(layer: int):
-            shift = self.shift(layer).to(device)  # built once, before any hook attaches
-
-            def hook(x, hook):
-                return (x.float() + shift.to(x.device)).to(x.dtype)
-            return hook
-
-        return [(resid_post_hook(layer), make(layer)) for layer in self.config.layers]
+register_method(Method(
+    name="iti", summary="Inference-Time Intervention: per-head shifts along probe directions (alpha 15 and 200)",
+    labels=tuple(ITI_PRESETS), colours={"iti15": "#E69F00", "iti200": "#D55E00"}, order=10, fit=fit_step,
+    settings=ITISettings, label_pattern=ALPHA_LABEL,
+    flat_settings={"iti_k": "k", "iti_positions": "positions", "iti_features": "features"},
+    absent_means={"positions": "all", "features": "answer_tokens"}))

@@ -1,0 +1,245 @@
+"""``reproduce``: the whole pipeline into one run folder (:mod:`hpr.runs.folder`); every finished step is
+skipped on rerun.
+
+Steps, in order: check the settings against the folder; collect the answer activations of each split; fit HPR
+(its probes select every method's layers); fit each other method asked for (registry order; ITI at every alpha
+shares one fit); score every method on the test split; write ``results.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+import hpr
+from hpr import activations, evaluate, metrics
+from hpr.data import apply_split, split_groups, split_ids
+from hpr.data.prompts import PromptFormat
+from hpr.editors import BASE, FitContext, load_editor, method_of, methods
+from hpr.models import check_device, model_dtype, model_fingerprint
+from hpr.runs.config import FEW_TEST_QUESTIONS, RunConfig, settings_differences
+from hpr.runs.folder import (
+    check_inputs,
+    dataset_fingerprint,
+    editor_is_intact,
+    read_json,
+    saved_predictions,
+    write_json,
+    write_parquet,
+)
+from hpr.sources import load_dataset, load_model, prompt_format, toy_world_record
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Pipeline:
+    """One run in progress: its settings, folder, model and split questions, and each step's wall time."""
+
+    cfg: RunConfig
+    out: Path
+    model: object
+    parts: dict
+    fmt: PromptFormat
+    progress: bool
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def timed(self, name: str, step, *args):
+        t0 = time.perf_counter()
+        result = step(self, *args)
+        self.timings[name] = round(time.perf_counter() - t0, 2)
+        return result
+
+    def fit_context(self, probes: dict | None) -> FitContext:
+        cfg = self.cfg
+        return FitContext(
+            settings=cfg.settings, labels=cfg.methods, model=self.model, parts=self.parts, fmt=self.fmt,
+            acts_dir=self.out / "activations", editors_dir=self.out / "editors", out=self.out,
+            batch_size=cfg.batch_size, progress=self.progress, score_on_val=self.val_mc, probes=probes,
+            # loaded from disk per use, so no split's activations stay in memory while other methods fit
+            train_pairs=lambda: activations.load(self.out / "activations" / "train").pair_rows(),
+            is_saved=editor_is_intact)
+
+    def val_mc(self, label: str, editor) -> dict:
+        """MC1/MC2 of ``editor`` on the validation split (the only split any method is tuned on)."""
+        val = evaluate.predictions(self.model, self.parts["val"], self.fmt, label, editor, self.cfg.batch_size)
+        row = metrics.summarize(metrics.question_scores(val))[label]
+        return {"mc1": row["mc1"], "mc2": row["mc2"]}
+
+
+def reproduce(cfg: RunConfig, out: Path, device=None, progress: bool = True) -> dict:
+    out = Path(out)
+    questions, split, model, load_s = _prepared(cfg, device)
+    _claim_folder(cfg, out, questions, split, model)
+    run = Pipeline(cfg, out, model, apply_split(questions, split), prompt_format(cfg.dataset), progress,
+                   {"load_model": load_s})
+    run.timed("activations", collect_activations)
+    probes = run.timed("hpr_training", fit_hpr)
+    for method in _methods_to_fit(cfg):
+        run.timed(f"fit_{method}", fit_method, method, probes)
+    preds, norm_change, norm_vs_base = run.timed("evaluation", evaluate_test_split)
+    results = summarize(run, split, probes, preds, norm_change, norm_vs_base)
+    write_json(out / "results.json", results)
+    return results
+
+
+def _prepared(cfg: RunConfig, device):
+    """Device, dtype, data, split and model, all checked before anything is written."""
+    device = check_device(device)
+    dtype = model_dtype(cfg.dtype, device)
+    questions = load_dataset(cfg.dataset, cfg.data_path)
+    if cfg.limit is not None:
+        questions = questions[: cfg.limit]
+    split = split_ids([q.id for q in questions], cfg.fractions, cfg.seed, split_groups(questions))
+    empty = [name for name, ids in split.items() if not ids]
+    if empty:
+        needed = math.ceil(1 / min(cfg.fractions))
+        raise ValueError(f"{len(questions)} question(s) leave the {' and '.join(empty)} split(s) empty with "
+                         f"fractions {tuple(cfg.fractions)}: use at least {needed} questions (--limit, or more data)")
+    t0 = time.perf_counter()
+    model = load_model(cfg.model, device=device, dtype=dtype)
+    return questions, split, model, round(time.perf_counter() - t0, 2)
+
+
+def _claim_folder(cfg: RunConfig, out: Path, questions, split: dict, model) -> None:
+    """Refuse a folder holding another run (other settings, data, model or split); then record this one's."""
+    inputs = {"dataset_sha256": dataset_fingerprint(questions), "n_questions": len(questions),
+              "model_fingerprint": model_fingerprint(model)}
+    cfg_path, splits_path = out / "config.json", out / "splits.json"
+    if cfg_path.exists():
+        recorded = read_json(cfg_path, "run config")
+        differences = settings_differences(recorded.get("run"), cfg) if isinstance(recorded, dict) else ["unreadable"]
+        if differences:
+            raise ValueError(f"{out} holds a run with other settings ({'; '.join(differences)}); pick another --out "
+                             "or rerun with the same settings to resume")
+        check_inputs(out, recorded.get("inputs"), inputs)
+    if splits_path.exists():
+        recorded_split = read_json(splits_path, "splits")
+        if not isinstance(recorded_split, dict) or {k: tuple(v) for k, v in recorded_split.items()} != split:
+            raise ValueError(f"{splits_path} does not hold the split of this data and seed; pick another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(cfg_path, {"run": cfg.to_json(), "hpr_version": hpr.__version__, "inputs": inputs})
+    write_json(splits_path, {k: list(v) for k, v in split.items()})
+
+
+def collect_activations(run: Pipeline) -> None:
+    for name in ("train", "val", "test"):  # written to disk; each step loads what it needs
+        activations.collect(run.model, run.parts[name], run.fmt, run.out / "activations" / name,
+                            batch_size=run.cfg.batch_size, fp16=run.cfg.fp16_activations, progress=run.progress,
+                            load_result=False)
+
+
+def fit_hpr(run: Pipeline) -> dict:
+    """HPR's fit, always: its probes select the layers of every method. Returns ``probes.json``."""
+    methods()["hpr"].fit(run.fit_context(None))
+    return read_json(run.out / "probes.json", "probe accuracy")
+
+
+def _methods_to_fit(cfg: RunConfig) -> list[str]:
+    """The methods behind the labels asked for, HPR aside (it always fits), in registry order."""
+    asked = {method_of(label).name for label in cfg.methods if label != BASE}
+    return [name for name, m in methods().items() if name in asked and name != "hpr" and m.fit is not None]
+
+
+def fit_method(run: Pipeline, method: str, probes: dict) -> None:
+    methods()[method].fit(run.fit_context(probes))
+
+
+def evaluate_test_split(run: Pipeline):
+    """Each label's test predictions (cached per label) and its per-layer norm change, against its own input
+    and against the unedited model."""
+    frames, norm_change, norm_vs_base = [], {}, {}
+    base_norms = None  # resid_post norms of the unedited pass at the test answers, computed once
+    for label in run.cfg.methods:
+        editor = None if label == BASE else load_editor(run.out / "editors" / label)
+        frames.append(_test_predictions(run, label, editor))
+        before, after = _answer_norms(run, editor, label)
+        if base_norms is None:
+            base_norms = after if editor is None else _answer_norms(run, None, BASE)[1]
+        norm_change[label] = evaluate._mean_relative_change(after, before)
+        norm_vs_base[label] = evaluate._mean_relative_change(after, base_norms)
+    preds = pd.concat(frames, ignore_index=True)
+    write_parquet(preds, run.out / "predictions.parquet")
+    return preds, norm_change, norm_vs_base
+
+
+def _test_predictions(run: Pipeline, label: str, editor) -> pd.DataFrame:
+    path = run.out / "predictions" / f"{label}.parquet"
+    df = saved_predictions(path)
+    if df is None:
+        df = evaluate.predictions(run.model, run.parts["test"], run.fmt, label, editor, run.cfg.batch_size,
+                                  run.progress)
+        write_parquet(df, path)
+        df = pd.read_parquet(path)  # as written, so a fresh run and a resumed one concatenate the same frames
+    return df
+
+
+def _answer_norms(run: Pipeline, editor, label: str):
+    """:func:`hpr.evaluate.answer_norms` of ``label`` on the test split, kept beside its predictions."""
+    import os
+
+    from safetensors.torch import load_file, save_file
+
+    path = run.out / "predictions" / f"{label}.norms.safetensors"
+    if path.exists():
+        try:
+            saved = load_file(path)
+            return saved["before"], saved["after"]
+        except Exception as e:  # noqa: BLE001 - safetensors' own errors or a missing key: a damaged cache
+            log.warning("%s is damaged (%s); measuring again", path, e)
+    before, after = evaluate.answer_norms(run.model, run.parts["test"], run.fmt, editor, run.cfg.batch_size)
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"before": before.contiguous(), "after": after.contiguous()}, tmp)
+    os.replace(tmp, path)
+    return before, after
+
+
+def summarize(run: Pipeline, split: dict, probes: dict, preds: pd.DataFrame, norm_change: dict,
+              norm_vs_base: dict) -> dict:
+    cfg = run.cfg
+    scores = metrics.question_scores(preds)
+    summary = metrics.summarize(scores)
+    results = {
+        "model": cfg.model,
+        "dataset": cfg.dataset,
+        "splits": {k: len(v) for k, v in split.items()},
+        "n_layers": run.model.cfg.n_layers,
+        "probe_accuracy": {"val": probes["accuracy"]["val"], "test": probes["accuracy"]["test"]},
+        "selected_layers": probes["selected_layers"],
+        "methods": {m: {k: summary[m][k] for k in ("mc1", "mc1_stderr", "mc2", "mc2_stderr")} for m in cfg.methods},
+        "flip_rates": metrics.flip_rates(scores, base=BASE) if BASE in cfg.methods else {},
+        "norm_change": norm_change,
+        "norm_change_vs_base": norm_vs_base,
+        "timings_s": run.timings,
+    }
+    if cfg.model == "toy":
+        results["toy_world"] = toy_world_record()
+    if cfg.dataset == "toy":  # knowledge ceiling: the base model told that a truthful source speaks
+        ceiling = evaluate.predictions(run.model, run.parts["test"], prompt_format("toy", truthful=True), BASE)
+        row = metrics.summarize(metrics.question_scores(ceiling))[BASE]
+        results["toy_ceiling"] = {k: row[k] for k in ("mc1", "mc1_stderr", "mc2", "mc2_stderr")}
+    return results
+
+
+def format_results(results: dict) -> str:
+    """The headline table of a run: MC1/MC2 with standard errors, flips against base, norm change."""
+    lines = [f"{results['model']} on {results['dataset']}: {results['splits']['test']} test questions; "
+             f"HPR layers {results['selected_layers']}",
+             f"{'method':<13} {'MC1':>14} {'MC2':>14} {'f->t':>6} {'t->f':>6} {'max |dnorm|/norm':>17}"]
+    for method, row in results["methods"].items():
+        flips = results["flip_rates"].get(method, {})
+        norm = max(results.get("norm_change_vs_base", {}).get(method, [0.0]))
+        lines.append(f"{method:<13} {row['mc1']:>7.3f}±{row['mc1_stderr']:.3f} {row['mc2']:>7.3f}±{row['mc2_stderr']:.3f} "
+                     f"{flips.get('false_to_true', 0):>6.3f} {flips.get('true_to_false', 0):>6.3f} {norm:>17.3f}")
+    if results["splits"]["test"] < FEW_TEST_QUESTIONS:
+        lines.append(f"warning: only {results['splits']['test']} test questions: MC1/MC2 and their standard "
+                     "errors say little at this size")
+    if "toy_ceiling" in results:
+        lines.append(f"toy knowledge ceiling (truthful header): MC1 {results['toy_ceiling']['mc1']:.3f}")
+    return "\n".join(lines)
