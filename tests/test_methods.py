@@ -113,6 +113,20 @@ EDITORS = {
 }
 
 
+def test_every_registered_method_is_in_the_shared_editor_tests():
+    """A new method file registers itself; this fails until the tests below cover its editor too."""
+    from hpr.editors import REGISTRY, methods
+
+    def covered(name):
+        return [key for key in EDITORS if key == name or key.startswith(name + "_")]
+
+    missing = [name for name in methods() if not covered(name)]
+    assert not missing, f"registered methods with no entry in EDITORS: {missing}"
+    for name in methods():
+        for key in covered(name):
+            assert isinstance(EDITORS[key][0](), REGISTRY[name]), key  # the entry builds that method's editor
+
+
 def _tokens(seed=1):
     return torch.randint(0, 50, (2, 10), generator=torch.Generator().manual_seed(seed))
 
