@@ -12,12 +12,22 @@ def make(run: analysis.Run, args) -> dict:
     editors = run.editors(args.methods)
     samples = analysis.direction_magnitude(run.model, run.questions("test"), run.fmt, editors, layer)
     angles = analysis.split_hpr_angles(run.editor("hpr"), run.folder / "activations" / "test")
-    summary = samples.groupby("method", sort=False).agg(
-        cosine_mean=("cosine", "mean"), norm_ratio_mean=("norm_ratio", "mean"),
-        norm_ratio_max_dev=("norm_ratio", lambda r: float((r - 1).abs().max()))).reset_index()
-    return {"figures": {"direction_magnitude": figures.direction_magnitude(samples),
-                        "hpr_angles": figures.angle_histogram(angles)},
-            "tables": {"direction_magnitude": summary}}
+    summary = (
+        samples.groupby("method", sort=False)
+        .agg(
+            cosine_mean=("cosine", "mean"),
+            norm_ratio_mean=("norm_ratio", "mean"),
+            norm_ratio_max_dev=("norm_ratio", lambda r: float((r - 1).abs().max())),
+        )
+        .reset_index()
+    )
+    return {
+        "figures": {
+            "direction_magnitude": figures.direction_magnitude(samples),
+            "hpr_angles": figures.angle_histogram(angles),
+        },
+        "tables": {"direction_magnitude": summary},
+    }
 
 
 if __name__ == "__main__":

@@ -9,12 +9,21 @@ def make(run: analysis.Run, args) -> dict:
     questions = run.questions("test")[: args.prompts]
     prompts = [run.fmt.context(q) for q in questions]
     df = analysis.generations(run.model, prompts, run.editors(args.methods), args.max_new_tokens)
-    df["question"] = df["prompt"].map({p: q.question for p, q in zip(prompts, questions)})
+    df["question"] = df["prompt"].map({p: q.question for p, q in zip(prompts, questions, strict=True)})
     table = df.pivot(index="question", columns="method", values="text").reset_index()
     table = table[["question", *[m for m in (args.methods or run.methods) if m in table.columns]]]
-    settings = pd.DataFrame([{"decoding": "greedy", "max_new_tokens": args.max_new_tokens,
-                              "stop": "first newline", "kv_cache": True, "prompts": len(prompts),
-                              "prompt_format": "run's scoring prompt (test split)"}])
+    settings = pd.DataFrame(
+        [
+            {
+                "decoding": "greedy",
+                "max_new_tokens": args.max_new_tokens,
+                "stop": "first newline",
+                "kv_cache": True,
+                "prompts": len(prompts),
+                "prompt_format": "run's scoring prompt (test split)",
+            }
+        ]
+    )
     return {"tables": {"generations": table, "generations_settings": settings}}
 
 

@@ -21,8 +21,9 @@ def make(run: analysis.Run, args) -> dict:
         },
         "tables": {
             "norms_by_method": by_method,
-            "norm_change_vs_base": change.pivot(index="method", columns="layer",
-                                                values="relative_norm_change").reset_index(),
+            "norm_change_vs_base": change.pivot(
+                index="method", columns="layer", values="relative_norm_change"
+            ).reset_index(),
         },
     }
 

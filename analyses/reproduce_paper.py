@@ -11,8 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-from hpr import analysis
-
 import capability
 import direction_magnitude
 import flip_table
@@ -22,6 +20,8 @@ import norms
 import probe_accuracy
 import topk_sweep
 
+from hpr import analysis
+
 SCRIPTS = (probe_accuracy, norms, mc_table, flip_table, topk_sweep, generations, direction_magnitude, capability)
 
 
@@ -29,8 +29,10 @@ def make(run: analysis.Run, args) -> dict:
     outputs = {"figures": {}, "tables": {}}
     unknown = set(args.skip) - {script.__name__ for script in SCRIPTS}
     if unknown:
-        raise ValueError(f"--skip names unknown scripts {sorted(unknown)}; scripts: "
-                         f"{' '.join(script.__name__ for script in SCRIPTS)}")
+        raise ValueError(
+            f"--skip names unknown scripts {sorted(unknown)}; scripts: "
+            f"{' '.join(script.__name__ for script in SCRIPTS)}"
+        )
     for script in SCRIPTS:
         if script.__name__ in args.skip:
             print(f"{script.__name__:<20} skipped", file=sys.stderr)

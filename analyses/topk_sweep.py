@@ -23,8 +23,9 @@ def make(run: analysis.Run, args) -> dict:
         for split in ("val", "test"):
             preds = evaluate.predictions(run.model, run.questions(split), run.fmt, "hpr", editor)
             row = metrics.summarize(metrics.question_scores(preds))["hpr"]
-            rows.append({"k": k, "layers": " ".join(map(str, layers)), "split": split,
-                         "mc1": row["mc1"], "mc2": row["mc2"]})
+            rows.append(
+                {"k": k, "layers": " ".join(map(str, layers)), "split": split, "mc1": row["mc1"], "mc2": row["mc2"]}
+            )
     df = pd.DataFrame(rows)
     base = run.results["methods"]["base"]
     fig = figures.topk_sweep(df[df["split"] == "test"], {"mc1": base["mc1"], "mc2": base["mc2"]})

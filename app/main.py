@@ -6,7 +6,6 @@ the Runs page (kept in ``st.session_state.run_folder``); see app/workbench.py.
 """
 
 import streamlit as st
-
 import workbench as wb
 
 st.set_page_config(page_title="hpr workbench", page_icon=":material/rotate_right:", layout="wide")

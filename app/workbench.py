@@ -63,8 +63,10 @@ def inside_workspace(path: str | os.PathLike) -> Path:
     root = workspace()
     resolved = (root / Path(path).expanduser()).resolve()
     if not resolved.is_relative_to(root):
-        raise ValueError(f"{path} is outside the workspace {root}: the app reads and writes only under it "
-                         "(set HPR_APP_RUNS_ROOT to work elsewhere)")
+        raise ValueError(
+            f"{path} is outside the workspace {root}: the app reads and writes only under it "
+            "(set HPR_APP_RUNS_ROOT to work elsewhere)"
+        )
     return resolved
 
 
@@ -172,8 +174,14 @@ def shows_errors(what: str = ""):
 
 def table_download(df: pd.DataFrame, name: str) -> None:
     """The table as CSV, one click (markdown and LaTeX on the Export page)."""
-    st.download_button(f"Download {name}.csv", df.to_csv(index=False).encode(), f"{name}.csv", "text/csv",
-                       key=f"csv-{name}", icon=":material/download:")
+    st.download_button(
+        f"Download {name}.csv",
+        df.to_csv(index=False).encode(),
+        f"{name}.csv",
+        "text/csv",
+        key=f"csv-{name}",
+        icon=":material/download:",
+    )
 
 
 def figure_bytes(name: str, fig, fmt: str) -> bytes:
@@ -192,5 +200,12 @@ def table_bytes(name: str, df: pd.DataFrame, fmt: str) -> bytes:
         return next(p for p in paths if p.suffix == f".{fmt}").read_bytes()
 
 
-MIME = {"png": "image/png", "svg": "image/svg+xml", "pdf": "application/pdf", "html": "text/html",
-        "csv": "text/csv", "md": "text/markdown", "tex": "application/x-tex"}
+MIME = {
+    "png": "image/png",
+    "svg": "image/svg+xml",
+    "pdf": "application/pdf",
+    "html": "text/html",
+    "csv": "text/csv",
+    "md": "text/markdown",
+    "tex": "application/x-tex",
+}

@@ -58,12 +58,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="every measure at tiny sizes (seconds; values meaningless)")
     ap.add_argument("--out", type=Path, default=HERE / "results.json", help="where to write results.json")
-    ap.add_argument("--cache", type=Path, default=Path(os.environ.get("HPR_BENCH_CACHE", HERE / ".cache")),
-                    help="random checkpoints are saved here (reused between runs)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch intra-op threads (default 1: on a shared 2-core VM, 2-thread timings vary +-15 %%)")
-    ap.add_argument("--only", nargs="*", default=None, choices=GROUPS, metavar="NAME",
-                    help=f"subset of: {' '.join(GROUPS)}")
+    ap.add_argument(
+        "--cache",
+        type=Path,
+        default=Path(os.environ.get("HPR_BENCH_CACHE", HERE / ".cache")),
+        help="random checkpoints are saved here (reused between runs)",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: on a shared 2-core VM, 2-thread timings vary +-15 %%)",
+    )
+    ap.add_argument(
+        "--only", nargs="*", default=None, choices=GROUPS, metavar="NAME", help=f"subset of: {' '.join(GROUPS)}"
+    )
     return ap.parse_args(argv)
 
 
@@ -103,9 +112,16 @@ def main(argv: list[str] | None = None) -> list[Result]:
         sizes = SMOKE if args.smoke else FULL
         results = [judge(m) for m in measure_groups(args.only or list(GROUPS), sizes, args.cache, Path(tmp))]
     elapsed = time.perf_counter() - start
-    record = {"smoke": args.smoke, "elapsed_s": round(elapsed, 1), "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "allocator": {k: os.environ.get(k) for k in STEADY_HEAP},
-              "machine": platform.platform(), "cpu_count": os.cpu_count(), "results": results}
+    record = {
+        "smoke": args.smoke,
+        "elapsed_s": round(elapsed, 1),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "allocator": {k: os.environ.get(k) for k in STEADY_HEAP},
+        "machine": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "results": results,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2, default=str))
     print(table(results))

@@ -14,8 +14,8 @@ def build_editors(model, names: tuple[str, ...], seed: int = 0) -> dict:
     except SEA's, whose cost follows the ranks of its projections: see its details). Built together from one
     generator, in the order of ``names``: building one alone would draw different parameters."""
     from hpr.editors.caa import CAAEditor
-    from hpr.editors.iti import ITIEditor
     from hpr.editors.hpr import HPREditor, LayerwiseHPR
+    from hpr.editors.iti import ITIEditor
     from hpr.editors.sadi import fit_sadi
     from hpr.editors.sea import fit_sea, last_layers
 
@@ -30,11 +30,18 @@ def build_editors(model, names: tuple[str, ...], seed: int = 0) -> dict:
         elif name == "iti15":
             flat = torch.randperm(cfg.n_layers * cfg.n_heads, generator=g)[:48].tolist()
             heads = [(i // cfg.n_heads, i % cfg.n_heads) for i in flat]
-            out[name] = ITIEditor.from_heads({h: torch.randn(cfg.d_head, generator=g) for h in heads},
-                                             {h: 1.0 for h in heads}, 15.0, cfg.n_layers, cfg.n_heads, cfg.d_model)
+            out[name] = ITIEditor.from_heads(
+                {h: torch.randn(cfg.d_head, generator=g) for h in heads},
+                {h: 1.0 for h in heads},
+                15.0,
+                cfg.n_layers,
+                cfg.n_heads,
+                cfg.d_model,
+            )
         elif name == "caa":
-            out[name] = CAAEditor.from_vectors({l: torch.randn(cfg.d_model, generator=g) for l in top5}, 1.0,
-                                               cfg.n_layers)
+            out[name] = CAAEditor.from_vectors(
+                {l: torch.randn(cfg.d_model, generator=g) for l in top5}, 1.0, cfg.n_layers
+            )
         elif name == "sea":
             # Activations with a decaying spectrum, as residual streams have: the projections keep a few
             # directions rather than all of them (SEA's cost grows with their ranks).
@@ -45,6 +52,7 @@ def build_editors(model, names: tuple[str, ...], seed: int = 0) -> dict:
             neg = base + 0.1 * torch.randn(base.shape, generator=g) * scale
             out[name] = fit_sea(base, pos, neg, last_layers(cfg.n_layers))
         elif name == "sadi":
-            out[name] = fit_sadi(torch.randn(cfg.n_layers, cfg.n_heads, generator=g), 8, 1.0, "heads",
-                                 d_model=cfg.d_model)
+            out[name] = fit_sadi(
+                torch.randn(cfg.n_layers, cfg.n_heads, generator=g), 8, 1.0, "heads", d_model=cfg.d_model
+            )
     return out

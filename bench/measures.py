@@ -72,8 +72,10 @@ def forward_overhead(model, label: str, ids, name: str, editor, rounds: int) -> 
         value, details = overhead_estimates(paired(lambda: model(ids), edited, clock, rounds))
     details.update(model=label, batch_shape=list(ids.shape))
     if name == "sea":
-        details["projection_ranks"] = {l: [editor.tensors[f"layer{l}.keep"].shape[1],
-                                           editor.tensors[f"layer{l}.tail"].shape[1]] for l in editor.config.layers}
+        details["projection_ranks"] = {
+            l: [editor.tensors[f"layer{l}.keep"].shape[1], editor.tensors[f"layer{l}.tail"].shape[1]]
+            for l in editor.config.layers
+        }
     if name == "hpr":
         details["layers"] = list(editor.config.layers)
     return Measured(f"forward {name} / base [{label}]", f"forward {name}", value, details=details)
@@ -90,8 +92,14 @@ def generation(model, label: str, sizes: Sizes) -> Measured:
     clock = HookClock(editor, model)
 
     def gen():
-        return model.generate(ids, max_new_tokens=sizes.gen_tokens, do_sample=False, stop_at_eos=False,
-                              verbose=False, use_past_kv_cache=True)
+        return model.generate(
+            ids,
+            max_new_tokens=sizes.gen_tokens,
+            do_sample=False,
+            stop_at_eos=False,
+            verbose=False,
+            use_past_kv_cache=True,
+        )
 
     def gen_hpr():
         with clock.applied():
@@ -99,9 +107,13 @@ def generation(model, label: str, sizes: Sizes) -> Measured:
 
     slowdown, details = overhead_estimates(paired(gen, gen_hpr, clock, sizes.gen_rounds))
     v = 1 / slowdown  # tokens/s with HPR over tokens/s without
-    details.update(model=label, prompt_tokens=ids.shape[1], new_tokens=sizes.gen_tokens,
-                   end_to_end_tok_per_s_ratio=round(1 / details["end_to_end_median"], 4),
-                   base_tok_per_s=[round(sizes.gen_tokens / t, 2) for t in details["base_s"]])
+    details.update(
+        model=label,
+        prompt_tokens=ids.shape[1],
+        new_tokens=sizes.gen_tokens,
+        end_to_end_tok_per_s_ratio=round(1 / details["end_to_end_median"], 4),
+        base_tok_per_s=[round(sizes.gen_tokens / t, 2) for t in details["base_s"]],
+    )
     return Measured(f"generation tok/s hpr / base [{label}]", "generation", v, details=details)
 
 
@@ -139,11 +151,20 @@ def caching(model, label: str, sizes: Sizes, work: Path) -> Measured:
     times = interleaved({"forward": plain, "blocks": blocks, "collect": cached}, sizes.cache_rounds, warmup=False)
     r = ratios(times, "forward", "collect")  # throughput ratio = inverse time ratio
     v = statistics.median(r)
-    return Measured(f"caching throughput collect / forward [{label}]", "caching", v, details={
-        "model": label, "sequences": len(pairs), "padded_tokens": n_tokens, "ratios": [round(x, 4) for x in r],
-        "vs_forward_without_unembed": round(statistics.median(ratios(times, "blocks", "collect")), 4),
-        "forward_tok_per_s": [round(n_tokens / t, 1) for t in times["forward"]],
-        "collect_tok_per_s": [round(n_tokens / t, 1) for t in times["collect"]]})
+    return Measured(
+        f"caching throughput collect / forward [{label}]",
+        "caching",
+        v,
+        details={
+            "model": label,
+            "sequences": len(pairs),
+            "padded_tokens": n_tokens,
+            "ratios": [round(x, 4) for x in r],
+            "vs_forward_without_unembed": round(statistics.median(ratios(times, "blocks", "collect")), 4),
+            "forward_tok_per_s": [round(n_tokens / t, 1) for t in times["forward"]],
+            "collect_tok_per_s": [round(n_tokens / t, 1) for t in times["collect"]],
+        },
+    )
 
 
 def training(shape: M.Shape, sizes: Sizes) -> Measured:
@@ -168,8 +189,10 @@ def training(shape: M.Shape, sizes: Sizes) -> Measured:
     pos = torch.randn(n, L, d, generator=g) * 2.0 + 0.5 * direction
     cfg = HPRTrainConfig(epochs=sizes.train_epochs)
     nets = {}
-    sides = {"batched": lambda: nets.update(batched=train_layerwise(pos, neg, cfg)),
-             "loop": lambda: nets.update(loop=train_per_layer(pos, neg, cfg))}
+    sides = {
+        "batched": lambda: nets.update(batched=train_layerwise(pos, neg, cfg)),
+        "loop": lambda: nets.update(loop=train_per_layer(pos, neg, cfg)),
+    }
     small = (pos[: 4 * cfg.batch_size], neg[: 4 * cfg.batch_size])
     train_layerwise(*small, cfg), train_per_layer(*small, cfg)  # warm-up: first fused-optimiser call etc.
     times = interleaved(sides, 1, warmup=False)
@@ -179,13 +202,25 @@ def training(shape: M.Shape, sizes: Sizes) -> Measured:
     per_layer = [layer_losses(net, pos[:, [l]], neg[:, [l]]) for l, net in enumerate(nets["loop"])]
     loss_l = float(torch.cat(per_layer).mean())
     rel = abs(loss_b - loss_l) / abs(loss_l)
-    return Measured(f"HPR training speedup batched / per-layer loop [{shape.name}]", "training", speedup,
-                    checked={"loss_rel_diff": rel}, details={
-                        "layers": L, "d_model": d, "pairs": n, "steps": math.ceil(n / cfg.batch_size) * cfg.epochs,
-                        "threads": torch.get_num_threads(), "batched_s": round(times["batched"][0], 3),
-                        "loop_s": round(times["loop"][0], 3), "all_cores": all_cores,
-                        "final_loss_batched": round(loss_b, 5), "final_loss_loop": round(loss_l, 5),
-                        "loss_rel_diff": round(rel, 5)})
+    return Measured(
+        f"HPR training speedup batched / per-layer loop [{shape.name}]",
+        "training",
+        speedup,
+        checked={"loss_rel_diff": rel},
+        details={
+            "layers": L,
+            "d_model": d,
+            "pairs": n,
+            "steps": math.ceil(n / cfg.batch_size) * cfg.epochs,
+            "threads": torch.get_num_threads(),
+            "batched_s": round(times["batched"][0], 3),
+            "loop_s": round(times["loop"][0], 3),
+            "all_cores": all_cores,
+            "final_loss_batched": round(loss_b, 5),
+            "final_loss_loop": round(loss_l, 5),
+            "loss_rel_diff": round(rel, 5),
+        },
+    )
 
 
 def _on_all_cores(sides: dict) -> dict:
@@ -198,8 +233,12 @@ def _on_all_cores(sides: dict) -> dict:
     torch.set_num_threads(cores)
     t = interleaved(sides, 1, warmup=False)
     torch.set_num_threads(threads)
-    return {"threads": cores, "speedup": round(t["loop"][0] / t["batched"][0], 3),
-            "batched_s": round(t["batched"][0], 3), "loop_s": round(t["loop"][0], 3)}
+    return {
+        "threads": cores,
+        "speedup": round(t["loop"][0] / t["batched"][0], 3),
+        "batched_s": round(t["batched"][0], 3),
+        "loop_s": round(t["loop"][0], 3),
+    }
 
 
 def scoring(model, label: str, sizes: Sizes) -> Measured:
@@ -223,15 +262,24 @@ def scoring(model, label: str, sizes: Sizes) -> Measured:
         model(torch.zeros(1, 8, dtype=torch.long))  # warm-up
     times = interleaved({"batched": batched, "single": single}, sizes.score_rounds, warmup=False)
     speedup = statistics.median(ratios(times, "single", "batched"))
-    diff = max(abs(a - b) for a, b in zip(got["batched"], got["single"]))
-    return Measured(f"MC scoring speedup batched / one at a time [{label}]", "scoring", speedup,
-                    checked={"max_abs_diff": diff}, details={
-                        "model": label, "questions": len(qs), "pairs": len(pairs),
-                        "batched_s": [round(t, 3) for t in times["batched"]],
-                        "single_s": [round(t, 3) for t in times["single"]], "max_abs_diff": diff,
-                        "how": "batched: hpr.scoring.score (batch 16, each question's context once through a "
-                               "KV cache, logits only at answer tokens); one at a time: every pair run whole, full "
-                               "logits"})
+    diff = max(abs(a - b) for a, b in zip(got["batched"], got["single"], strict=True))
+    return Measured(
+        f"MC scoring speedup batched / one at a time [{label}]",
+        "scoring",
+        speedup,
+        checked={"max_abs_diff": diff},
+        details={
+            "model": label,
+            "questions": len(qs),
+            "pairs": len(pairs),
+            "batched_s": [round(t, 3) for t in times["batched"]],
+            "single_s": [round(t, 3) for t in times["single"]],
+            "max_abs_diff": diff,
+            "how": "batched: hpr.scoring.score (batch 16, each question's context once through a "
+            "KV cache, logits only at answer tokens); one at a time: every pair run whole, full "
+            "logits",
+        },
+    )
 
 
 def memory(shape: M.Shape, sizes: Sizes, cache: Path, work: Path) -> Measured:
@@ -239,20 +287,40 @@ def memory(shape: M.Shape, sizes: Sizes, cache: Path, work: Path) -> Measured:
     ckpt = M.checkpoint(shape, cache)
 
     def worker(mode: str, store: str) -> dict:
-        return run_in_fresh_process(mode, ckpt, work / f"mem-{store}", sizes.mem_questions, sizes.mem_per_shard,
-                                    sizes.mem_batch, store, primer=False)
+        return run_in_fresh_process(
+            mode,
+            ckpt,
+            work / f"mem-{store}",
+            sizes.mem_questions,
+            sizes.mem_per_shard,
+            sizes.mem_batch,
+            store,
+            primer=False,
+        )
 
-    runs = {store: {**worker("collect", store), "batch_peak_bytes": worker("batch", store)["batch_peak_bytes"]}
-            for store in ("fp32", "fp16")}
+    runs = {
+        store: {**worker("collect", store), "batch_peak_bytes": worker("batch", store)["batch_peak_bytes"]}
+        for store in ("fp32", "fp16")
+    }
     disk = runs["fp16"]["disk_bytes"] / runs["fp32"]["disk_bytes"]
     bounded = {}
     for store, r in runs.items():
         # One batch (its peak, measured alone in a fresh process) + one shard (in its stored dtype) + the
         # float32 AnswerActivations that collect returns (shards are written in place, loaded slice by slice).
         bound = r["batch_peak_bytes"] + r["largest_shard_bytes"] + r["result_f32_bytes"]
-        bounded[store] = {"peak_mb": round(r["collect_peak_bytes"] / 2**20, 1), "bound_mb": round(bound / 2**20, 1),
-                          "ok": r["collect_peak_bytes"] <= bound}
-    return Measured(f"activation store fp16 / fp32 disk [{shape.name}]", "activation store", disk,
-                    checked={"rss_within_bound": all(b["ok"] for b in bounded.values())},
-                    details={"rss": bounded, "runs": runs,
-                             "note": "train split questions, prompts without the primer (see README of bench)"})
+        bounded[store] = {
+            "peak_mb": round(r["collect_peak_bytes"] / 2**20, 1),
+            "bound_mb": round(bound / 2**20, 1),
+            "ok": r["collect_peak_bytes"] <= bound,
+        }
+    return Measured(
+        f"activation store fp16 / fp32 disk [{shape.name}]",
+        "activation store",
+        disk,
+        checked={"rss_within_bound": all(b["ok"] for b in bounded.values())},
+        details={
+            "rss": bounded,
+            "runs": runs,
+            "note": "train split questions, prompts without the primer (see README of bench)",
+        },
+    )

@@ -80,8 +80,8 @@ def main(argv: list[str]) -> dict:
     from bench.models import questions
     from hpr import activations
     from hpr.data import QA_PRIMER, PromptFormat, split_ids
-    from hpr.sources import load_model
     from hpr.scoring import encode_all
+    from hpr.sources import load_model
 
     mode, ckpt, out, n_q, per_shard, batch, store, primer = argv
     n_q, per_shard, batch = int(n_q), int(per_shard), int(batch)
@@ -116,27 +116,50 @@ def main(argv: list[str]) -> dict:
         return load(path)
 
     activations.load = marked_load
-    result, grown = peak_growth(lambda: activations.collect(model, qs, fmt, folder, questions_per_shard=per_shard,
-                                                            batch_size=batch, fp16=store == "fp16"), marks)
+    result, grown = peak_growth(
+        lambda: activations.collect(
+            model, qs, fmt, folder, questions_per_shard=per_shard, batch_size=batch, fp16=store == "fp16"
+        ),
+        marks,
+    )
     shards = sorted(folder.glob("shard-*.safetensors"))
     tokens = []
     for p in shards:
         with safe_open(p, framework="pt") as f:
             tokens.append(f.get_slice("acts").get_shape()[0])
     row_bytes = model.cfg.n_layers * model.cfg.d_model * (2 if store == "fp16" else 4)  # one answer token
-    return {**record, "answers": len(result.question_ids), "shards": len(shards),
-            "disk_bytes": sum(p.stat().st_size for p in shards), "largest_shard_bytes": max(tokens) * row_bytes,
-            "result_f32_bytes": int(result.acts.numel() * 4), "collect_peak_bytes": int(grown),
-            "shards_peak_bytes": int(marks.get("shards_peak_bytes", -1)), "load_peak_bytes": int(marks["end"])}
+    return {
+        **record,
+        "answers": len(result.question_ids),
+        "shards": len(shards),
+        "disk_bytes": sum(p.stat().st_size for p in shards),
+        "largest_shard_bytes": max(tokens) * row_bytes,
+        "result_f32_bytes": int(result.acts.numel() * 4),
+        "collect_peak_bytes": int(grown),
+        "shards_peak_bytes": int(marks.get("shards_peak_bytes", -1)),
+        "load_peak_bytes": int(marks["end"]),
+    }
 
 
-def run_in_fresh_process(mode: str, ckpt: Path, out: Path, questions: int, per_shard: int, batch: int, store: str,
-                         primer: bool) -> dict:
+def run_in_fresh_process(
+    mode: str, ckpt: Path, out: Path, questions: int, per_shard: int, batch: int, store: str, primer: bool
+) -> dict:
     """One step (``mode``) in a fresh process; its JSON record. The arguments are those of ``main``."""
     # The default allocator in the workers: a heap that keeps freed memory would hide RSS growth.
     env = {k: v for k, v in os.environ.items() if k not in STEADY_HEAP}
-    cmd = [sys.executable, "-m", "bench.memory_worker", mode, str(ckpt), str(out), str(questions), str(per_shard),
-           str(batch), store, "primer" if primer else "noprimer"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.memory_worker",
+        mode,
+        str(ckpt),
+        str(out),
+        str(questions),
+        str(per_shard),
+        str(batch),
+        store,
+        "primer" if primer else "noprimer",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=False, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"memory worker failed:\n{proc.stderr[-3000:]}")

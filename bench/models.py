@@ -82,11 +82,16 @@ def _train_tokenizer(path: Path, vocab: int):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                   unk_token="<|endoftext|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>"
+    )
     fast.save_pretrained(path)
 
 
@@ -97,14 +102,28 @@ def _hf_model(shape: Shape):
     torch.manual_seed(0)
     ids = dict(bos_token_id=0, eos_token_id=0)
     if shape.arch == "gpt2":
-        cfg = GPT2Config(n_layer=shape.n_layers, n_embd=shape.d_model, n_head=shape.n_heads, n_inner=shape.d_mlp,
-                         n_positions=shape.n_ctx, vocab_size=shape.vocab, **ids)
+        cfg = GPT2Config(
+            n_layer=shape.n_layers,
+            n_embd=shape.d_model,
+            n_head=shape.n_heads,
+            n_inner=shape.d_mlp,
+            n_positions=shape.n_ctx,
+            vocab_size=shape.vocab,
+            **ids,
+        )
         return GPT2LMHeadModel(cfg)
     if shape.arch == "llama":
-        cfg = LlamaConfig(hidden_size=shape.d_model, intermediate_size=shape.d_mlp, num_hidden_layers=shape.n_layers,
-                          num_attention_heads=shape.n_heads, num_key_value_heads=shape.n_kv_heads,
-                          max_position_embeddings=shape.n_ctx, vocab_size=shape.vocab,
-                          tie_word_embeddings=shape.tied, **ids)
+        cfg = LlamaConfig(
+            hidden_size=shape.d_model,
+            intermediate_size=shape.d_mlp,
+            num_hidden_layers=shape.n_layers,
+            num_attention_heads=shape.n_heads,
+            num_key_value_heads=shape.n_kv_heads,
+            max_position_embeddings=shape.n_ctx,
+            vocab_size=shape.vocab,
+            tie_word_embeddings=shape.tied,
+            **ids,
+        )
         return LlamaForCausalLM(cfg)
     raise ValueError(f"unknown arch {shape.arch!r}")
 

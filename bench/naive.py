@@ -19,14 +19,21 @@ from hpr import ops
 from hpr.editors.hpr import HPRTrainConfig, LayerwiseHPR
 
 
+def _copy_cells(into, rows, cols):
+    def hook(act, hook):
+        into.copy_(act[rows, cols])
+
+    return hook
+
+
 def _slice(net: LayerwiseHPR, layer: int) -> LayerwiseHPR:
     n_layers, d = net.probe.shape
     one = LayerwiseHPR(1, d, len(net.weights))
     with torch.no_grad():
         one.probe.copy_(net.probe[layer : layer + 1])
-        for w1, w in zip(one.weights, net.weights):
+        for w1, w in zip(one.weights, net.weights, strict=True):
             w1.copy_(w[layer : layer + 1])
-        for b1, b in zip(one.biases, net.biases):
+        for b1, b in zip(one.biases, net.biases, strict=True):
             b1.copy_(b[layer : layer + 1])
     return one
 
@@ -47,7 +54,8 @@ def train_per_layer(pos: Tensor, neg: Tensor, cfg: HPRTrainConfig) -> list[Layer
         target = ops.vector_angle(q, p)
         opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
+            opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm))
+        )
         for _ in range(cfg.epochs):
             for idx in torch.randperm(n, generator=gen).split(cfg.batch_size):
                 x = torch.cat([p[idx], q[idx]]).transpose(0, 1)  # [1, 2B, d]
@@ -112,14 +120,9 @@ def collect_whole_sequences(model, pairs, batch_size: int = 16) -> Tensor:
         rows = torch.tensor([i for i, e in enumerate(batch) for _ in range(e.n_cont)])
         cols = torch.tensor([t for e in batch for t in range(len(e.tokens) - e.n_cont, len(e.tokens))])
         span = slice(start, start + len(rows))
-
-        def keep(layer: int):
-            def hook(act, hook):
-                out[span, layer].copy_(act[rows, cols])
-            return hook
-
         names = [f"blocks.{layer}.hook_resid_post" for layer in range(n_layers)]
-        with model.hooks(fwd_hooks=[(name, keep(layer)) for layer, name in enumerate(names)]):
+        hooks = [(name, _copy_cells(out[span, layer], rows, cols)) for layer, name in enumerate(names)]
+        with model.hooks(fwd_hooks=hooks):
             model(ids.to(model.cfg.device), stop_at_layer=n_layers)
         start += len(rows)
     return out

@@ -64,10 +64,13 @@ def _warm(model):
 
 def _per_question_timings(times: dict, num: str, den: str, n: int) -> dict:
     """Raw seconds of both sides, their medians per question, and the per-round ratios."""
-    return {f"{num}_s": [round(t, 3) for t in times[num]], f"{den}_s": [round(t, 3) for t in times[den]],
-            f"{num}_s_per_question": round(statistics.median(times[num]) / n, 3),
-            f"{den}_s_per_question": round(statistics.median(times[den]) / n, 3),
-            "ratios": [round(x, 3) for x in ratios(times, num, den)]}
+    return {
+        f"{num}_s": [round(t, 3) for t in times[num]],
+        f"{den}_s": [round(t, 3) for t in times[den]],
+        f"{num}_s_per_question": round(statistics.median(times[num]) / n, 3),
+        f"{den}_s_per_question": round(statistics.median(times[den]) / n, 3),
+        "ratios": [round(x, 3) for x in ratios(times, num, den)],
+    }
 
 
 def collection(model, label: str, sizes: Sizes, batch: int = 16) -> Measured:
@@ -89,16 +92,26 @@ def collection(model, label: str, sizes: Sizes, batch: int = 16) -> Measured:
     speedup = statistics.median(ratios(times, "whole", "shared"))
     diff = float((got["whole"] - got["shared"]).abs().max())
     return Measured(
-        f"activation collection per question, whole sequences / shared contexts [{label}]", "realshape collection",
-        speedup, checked={"max_abs_diff": diff}, details={
-            "model": label, "questions": len(qs), "answers": len(pairs), "answer_tokens": int(got["shared"].shape[0]),
-            "batch_size": batch, **_per_question_timings(times, "whole", "shared", len(qs)), "max_abs_diff": diff,
+        f"activation collection per question, whole sequences / shared contexts [{label}]",
+        "realshape collection",
+        speedup,
+        checked={"max_abs_diff": diff},
+        details={
+            "model": label,
+            "questions": len(qs),
+            "answers": len(pairs),
+            "answer_tokens": int(got["shared"].shape[0]),
+            "batch_size": batch,
+            **_per_question_timings(times, "whole", "shared", len(qs)),
+            "max_abs_diff": diff,
             "max_abs_activation": float(got["whole"].abs().max()),
             "tokens_through_blocks": _token_counts(model, pairs, scoring=False),
             "how": "whole: bench.naive.collect_whole_sequences (every MC2 answer run whole, primer + question "
-                   "+ answer, right-padded batches of 16); shared: hpr.activations.answer_activations (primer "
-                   "once, each question once, each answer over its own tokens; hpr.continuations); both keep "
-                   "resid_post of every layer at the answer tokens and stop after the last block"})
+            "+ answer, right-padded batches of 16); shared: hpr.activations.answer_activations (primer "
+            "once, each question once, each answer over its own tokens; hpr.continuations); both keep "
+            "resid_post of every layer at the answer tokens and stop after the last block",
+        },
+    )
 
 
 def scoring(model, label: str, sizes: Sizes, batch: int = 16) -> Measured:
@@ -118,17 +131,26 @@ def scoring(model, label: str, sizes: Sizes, batch: int = 16) -> Measured:
     _warm(model)
     times = interleaved({"contexts": contexts, "primer": primer}, sizes.real_rounds, warmup=False)
     speedup = statistics.median(ratios(times, "contexts", "primer"))
-    diff = max(abs(a - b) for a, b in zip(got["contexts"], got["primer"]))
+    diff = max(abs(a - b) for a, b in zip(got["contexts"], got["primer"], strict=True))
     return Measured(
-        f"MC scoring per question, question contexts / shared primer [{label}]", "realshape scoring", speedup,
-        checked={"max_abs_diff": diff}, details={
-            "model": label, "questions": len(qs), "pairs": len(pairs), "batch_size": batch,
-            **_per_question_timings(times, "contexts", "primer", len(qs)), "max_abs_diff": diff,
+        f"MC scoring per question, question contexts / shared primer [{label}]",
+        "realshape scoring",
+        speedup,
+        checked={"max_abs_diff": diff},
+        details={
+            "model": label,
+            "questions": len(qs),
+            "pairs": len(pairs),
+            "batch_size": batch,
+            **_per_question_timings(times, "contexts", "primer", len(qs)),
+            "max_abs_diff": diff,
             "tokens_through_blocks": _token_counts(model, pairs, scoring=True),
             "how": "question contexts: bench.naive.score_question_contexts (each question's context, primer "
-                   "included, once into a KV cache, then its choices); shared primer: hpr.scoring.score (the "
-                   "primer once per call, then each question's text, then the choices); mc1 + mc2 choices, "
-                   "deduplicated; both take logits only where a choice token is predicted"})
+            "included, once into a KV cache, then its choices); shared primer: hpr.scoring.score (the "
+            "primer once per call, then each question's text, then the choices); mc1 + mc2 choices, "
+            "deduplicated; both take logits only where a choice token is predicted",
+        },
+    )
 
 
 def _mb(n_bytes: float) -> float:
@@ -142,11 +164,19 @@ def _memory_row(run: dict, batch_peak_bytes: int) -> tuple[dict, int]:
     # into the result. The plain peak - result is mostly how much freed heap of the writing phase glibc
     # still holds when the result is allocated: 65-250 MB from run to run, whatever the shard count.
     over = max(run["shards_peak_bytes"], run["load_peak_bytes"] - run["result_f32_bytes"])
-    row = {"shards": run["shards"], "answers": run["answers"], "peak_mb": _mb(run["collect_peak_bytes"]),
-           "result_f32_mb": _mb(run["result_f32_bytes"]), "largest_shard_mb": _mb(run["largest_shard_bytes"]),
-           "bound_mb": _mb(bound), "within_bound": run["collect_peak_bytes"] <= bound,
-           "writing_peak_mb": _mb(run["shards_peak_bytes"]), "loading_peak_mb": _mb(run["load_peak_bytes"]),
-           "overhead_mb": _mb(over), "peak_minus_result_mb": _mb(run["collect_peak_bytes"] - run["result_f32_bytes"])}
+    row = {
+        "shards": run["shards"],
+        "answers": run["answers"],
+        "peak_mb": _mb(run["collect_peak_bytes"]),
+        "result_f32_mb": _mb(run["result_f32_bytes"]),
+        "largest_shard_mb": _mb(run["largest_shard_bytes"]),
+        "bound_mb": _mb(bound),
+        "within_bound": run["collect_peak_bytes"] <= bound,
+        "writing_peak_mb": _mb(run["shards_peak_bytes"]),
+        "loading_peak_mb": _mb(run["load_peak_bytes"]),
+        "overhead_mb": _mb(over),
+        "peak_minus_result_mb": _mb(run["collect_peak_bytes"] - run["result_f32_bytes"]),
+    }
     return row, over
 
 
@@ -158,23 +188,37 @@ def peak_rss(shape: M.Shape, sizes: Sizes, cache: Path, work: Path) -> Measured:
     a few context rows where collect's has ``batch`` (at this shape 144 MB against 207 MB for batch 8)."""
     ckpt = M.checkpoint(shape, cache)
     n, per, b = sizes.real_mem_questions, sizes.real_mem_per_shard, sizes.real_mem_batch
-    runs = {q: run_in_fresh_process("collect", ckpt, work / f"realmem-{q}", q, per, b, "fp32", primer=True)
-            for q in (n, 2 * n)}
+    runs = {
+        q: run_in_fresh_process("collect", ckpt, work / f"realmem-{q}", q, per, b, "fp32", primer=True)
+        for q in (n, 2 * n)
+    }
     one = run_in_fresh_process("contexts", ckpt, work / "realmem-batch", 2 * n, per, b, "fp32", primer=True)
     rows, over = {}, {}
     for q, r in runs.items():
         rows[q], over[q] = _memory_row(r, one["batch_peak_bytes"])
     growth = over[2 * n] / over[n] if over[n] > 0 else float("inf")
     return Measured(
-        f"peak RSS of collect, train split [{shape.name}]", "realshape peak RSS", growth,
-        checked={"rss_within_bound": all(r["within_bound"] for r in rows.values()),
-                 "overhead_n_mb": over[n] / 2**20, "overhead_2n_mb": over[2 * n] / 2**20},
+        f"peak RSS of collect, train split [{shape.name}]",
+        "realshape peak RSS",
+        growth,
+        checked={
+            "rss_within_bound": all(r["within_bound"] for r in rows.values()),
+            "overhead_n_mb": over[n] / 2**20,
+            "overhead_2n_mb": over[2 * n] / 2**20,
+        },
         details={
-            "model": shape.name, "questions": [n, 2 * n], "per_shard": per, "batch_size": b, "store": "fp32",
-            "batch_peak_mb": _mb(one["batch_peak_bytes"]), "batch_tokens": one["batch_tokens"],
+            "model": shape.name,
+            "questions": [n, 2 * n],
+            "per_shard": per,
+            "batch_size": b,
+            "store": "fp32",
+            "batch_peak_mb": _mb(one["batch_peak_bytes"]),
+            "batch_tokens": one["batch_tokens"],
             "runs": {str(q): row for q, row in rows.items()},
             "raw": {str(q): r for q, r in runs.items()} | {"batch": one},
             "how": "bench.memory_worker in fresh processes (default allocator, RSS sampled every 0.5 ms): "
-                   "hpr.activations.collect with the QA primer, float32 shards, peaks of writing the shards and of "
-                   "loading them back into the result; overhead = max(writing peak, loading peak - result); "
-                   "value = overhead(2N) / overhead(N)"})
+            "hpr.activations.collect with the QA primer, float32 shards, peaks of writing the shards and of "
+            "loading them back into the result; overhead = max(writing peak, loading peak - result); "
+            "value = overhead(2N) / overhead(N)",
+        },
+    )

@@ -23,10 +23,18 @@ def judge(measured: Measured) -> Result:
             bound_name, outcome_name = check["shown_as"]
             details[bound_name], details[outcome_name] = round(bound, 1), holds
     ok = all(outcomes)
-    print(f"{'PASS' if ok else 'FAIL'}  {measured.name}: {measured.value:.3f} (target {target['text']})",
-          file=sys.stderr, flush=True)
-    return {"measure": measured.name, "value": float(measured.value), "target": target["text"], "pass": ok,
-            "details": details}
+    print(
+        f"{'PASS' if ok else 'FAIL'}  {measured.name}: {measured.value:.3f} (target {target['text']})",
+        file=sys.stderr,
+        flush=True,
+    )
+    return {
+        "measure": measured.name,
+        "value": float(measured.value),
+        "target": target["text"],
+        "pass": ok,
+        "details": details,
+    }
 
 
 def _holds(check: dict, quantities: dict) -> tuple[bool, float | None]:
@@ -43,6 +51,7 @@ def _holds(check: dict, quantities: dict) -> tuple[bool, float | None]:
 
 def table(results: list[Result]) -> str:
     """The printed table: one row per measurement, with the end-to-end cross-check of the edit overheads."""
+
     def note(r):
         d = r["details"]
         if "end_to_end_median" not in d:
@@ -51,8 +60,9 @@ def table(results: list[Result]) -> str:
         return f"end-to-end edited/base {d['end_to_end_median']:.3f} (IQR {lo:.3f}-{hi:.3f})"
 
     rows = [("measure", "value", "target", "pass", "cross-check")] + [
-        (r["measure"], f"{r['value']:.3f}", r["target"], "PASS" if r["pass"] else "FAIL", note(r)) for r in results]
+        (r["measure"], f"{r['value']:.3f}", r["target"], "PASS" if r["pass"] else "FAIL", note(r)) for r in results
+    ]
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)

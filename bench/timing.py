@@ -14,8 +14,11 @@ from collections.abc import Callable
 # glibc returns large freed blocks to the OS, so every forward pass page-faults its activations back in;
 # on this VM that made a GPT-2 forward 25 % slower and twice as noisy. Keeping the heap is set before the
 # interpreter starts (the variables are read once, at start-up), hence the re-exec in ``bench.__main__``.
-STEADY_HEAP = {"MALLOC_MMAP_THRESHOLD_": str(2**34), "MALLOC_TRIM_THRESHOLD_": str(2**36),
-               "MALLOC_TOP_PAD_": str(2**30)}
+STEADY_HEAP = {
+    "MALLOC_MMAP_THRESHOLD_": str(2**34),
+    "MALLOC_TRIM_THRESHOLD_": str(2**36),
+    "MALLOC_TOP_PAD_": str(2**30),
+}
 
 
 def interleaved(fns: dict[str, Callable[[], object]], rounds: int, warmup: bool = True) -> dict[str, list[float]]:
@@ -27,7 +30,7 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int, warmup: bool 
     names = list(fns)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
             t = time.perf_counter()
             fns[n]()
@@ -37,7 +40,7 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int, warmup: bool 
 
 def ratios(times: dict[str, list[float]], num: str, den: str) -> list[float]:
     """Per round, ``num``'s time over ``den``'s: each ratio pairs two calls taken back to back."""
-    return [a / b for a, b in zip(times[num], times[den])]
+    return [a / b for a, b in zip(times[num], times[den], strict=True)]
 
 
 class HookClock:
@@ -62,6 +65,7 @@ class HookClock:
             out = fn(x, hook)
             self.seconds += time.perf_counter() - t
             return out
+
         return hook
 
 
@@ -71,7 +75,7 @@ def paired(base: Callable[[], object], edited: Callable[[], object], clock: Hook
     base(), edited()
     out = {"base": [], "edited": [], "edit": []}
     for r in range(rounds):
-        for side in (("base", "edited") if r % 2 == 0 else ("edited", "base")):
+        for side in ("base", "edited") if r % 2 == 0 else ("edited", "base"):
             before = clock.seconds
             t = time.perf_counter()
             (base if side == "base" else edited)()
@@ -86,10 +90,14 @@ def overhead_estimates(t: dict) -> tuple[float, dict]:
     that same call minus the edit's own time, so machine noise hits numerator and denominator alike.
     ``end_to_end``: the median of per-round edited/base ratios; on a shared VM each call varies by
     5-15 %, which swamps a 1-3 % overhead, so it is reported as a cross-check with its quartiles."""
-    in_call = [e / (e - x) for e, x in zip(t["edited"], t["edit"])]
-    e2e = sorted(e / b for e, b in zip(t["edited"], t["base"]))
+    in_call = [e / (e - x) for e, x in zip(t["edited"], t["edit"], strict=True)]
+    e2e = sorted(e / b for e, b in zip(t["edited"], t["base"], strict=True))
     q = statistics.quantiles(e2e, n=4) if len(e2e) > 1 else [e2e[0]] * 3
     return statistics.median(in_call), {
-        "in_call_ratios": [round(x, 4) for x in in_call], "edit_s": [round(x, 4) for x in t["edit"]],
-        "end_to_end_median": round(statistics.median(e2e), 4), "end_to_end_quartiles": [round(q[0], 4), round(q[2], 4)],
-        "base_s": [round(x, 4) for x in t["base"]], "edited_s": [round(x, 4) for x in t["edited"]]}
+        "in_call_ratios": [round(x, 4) for x in in_call],
+        "edit_s": [round(x, 4) for x in t["edit"]],
+        "end_to_end_median": round(statistics.median(e2e), 4),
+        "end_to_end_quartiles": [round(q[0], 4), round(q[2], 4)],
+        "base_s": [round(x, 4) for x in t["base"]],
+        "edited_s": [round(x, 4) for x in t["edited"]],
+    }

@@ -25,9 +25,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from hpr.continuations import continuation_batches
 from hpr.data.prompts import PromptFormat
 from hpr.data.schema import MCQuestion
-from hpr.continuations import continuation_batches
 from hpr.encoding import Encoded, encode_all
 
 log = logging.getLogger(__name__)
@@ -38,8 +38,9 @@ def resid_names(n_layers: int) -> list[str]:
 
 
 @torch.inference_mode()
-def answer_activations(model, pairs: Sequence[tuple[str, str]], batch_size: int = 16,
-                       out: Tensor | None = None) -> list[Tensor]:
+def answer_activations(
+    model, pairs: Sequence[tuple[str, str]], batch_size: int = 16, out: Tensor | None = None
+) -> list[Tensor]:
     """For each ``(context, continuation)``: resid_post at its continuation tokens, ``[n_cont, layers, d]``.
 
     The answers' tokens are written, in order, into ``out`` (``[total answer tokens, layers, d]``, CPU, any
@@ -57,11 +58,28 @@ def answer_activations(model, pairs: Sequence[tuple[str, str]], batch_size: int 
     if tuple(out.shape) != shape:
         raise ValueError(f"out has shape {tuple(out.shape)}, expected {shape}")
     gather_continuations(model, encoded, resid_names(model.cfg.n_layers), out, batch_size)
-    return [out[a:b] for a, b in zip(starts[:-1], starts[1:])]
+    return [out[a:b] for a, b in zip(starts[:-1], starts[1:], strict=True)]
 
 
-def gather_continuations(model, encoded: Sequence[Encoded], names: Sequence[str], out: Tensor,
-                         batch_size: int = 16, last_only: bool = False, progress=False) -> Tensor:
+def _copy_cells(into: Tensor, targets: Tensor, rows: Tensor, cols: Tensor):
+    """A hook copying the activation at cells ``(rows, cols)`` into rows ``targets`` of ``into`` (a copy on the
+    CPU: nothing keeps the batch alive)."""
+
+    def hook(act, hook):
+        into.index_copy_(0, targets, act[rows, cols].to("cpu", into.dtype))
+
+    return hook
+
+
+def gather_continuations(
+    model,
+    encoded: Sequence[Encoded],
+    names: Sequence[str],
+    out: Tensor,
+    batch_size: int = 16,
+    last_only: bool = False,
+    progress=False,
+) -> Tensor:
     """Write hook ``names[k]``'s activations at the continuation tokens of ``encoded`` into ``out[:, k]``.
 
     ``out`` is ``[total continuation tokens, len(names), *act_shape]`` (every token of every continuation,
@@ -89,13 +107,8 @@ def gather_continuations(model, encoded: Sequence[Encoded], names: Sequence[str]
         else:
             rows, cols = batch.continuation_cells(predicting=False)
             targets = torch.cat([torch.arange(int(starts[i]), int(starts[i + 1])) for i in batch.index])
-
-        def keep(k: int):
-            def hook(act, hook):
-                out[:, k].index_copy_(0, targets, act[rows, cols].to("cpu", out.dtype))
-            return hook
-
-        with model.hooks(fwd_hooks=[(name, keep(k)) for k, name in enumerate(names)]):
+        hooks = [(name, _copy_cells(out[:, k], targets, rows, cols)) for k, name in enumerate(names)]
+        with model.hooks(fwd_hooks=hooks):
             batch.run(model, stop_at_layer=stop)
         del batch  # its row cache is freed before the next batch's is built
     if own_bar:
@@ -112,8 +125,9 @@ def _block_of(hook_name: str) -> int:
 
 
 @torch.inference_mode()
-def last_token_activations(model, pairs: Sequence[tuple[str, str]], names: Sequence[str],
-                           batch_size: int = 16, progress: bool = False) -> dict[str, Tensor]:
+def last_token_activations(
+    model, pairs: Sequence[tuple[str, str]], names: Sequence[str], batch_size: int = 16, progress: bool = False
+) -> dict[str, Tensor]:
     """For each ``(context, continuation)``, every hook in ``names`` at the last continuation token.
 
     Returns ``{name: [len(pairs), *act_shape]}`` (float32, CPU). SEA and SADI fit on these, as their
@@ -128,8 +142,15 @@ def last_token_activations(model, pairs: Sequence[tuple[str, str]], names: Seque
     rows = torch.tensor([where[p] for p in pairs])
     result = {}
     for shape, group in by_shape.items():
-        stacked = gather_continuations(model, encoded, group, torch.empty(len(unique), len(group), *shape),
-                                       batch_size, last_only=True, progress=progress)
+        stacked = gather_continuations(
+            model,
+            encoded,
+            group,
+            torch.empty(len(unique), len(group), *shape),
+            batch_size,
+            last_only=True,
+            progress=progress,
+        )
         result.update({name: stacked[rows, k] for k, name in enumerate(group)})  # copies: no view of stacked
     return {name: result[name] for name in names}
 
@@ -178,7 +199,7 @@ class AnswerActivations:
         with the i-th of the false one, truncated to the shorter (as the official HPR code).
         """
         by_question: dict[str, tuple[list[int], list[int]]] = {}
-        for j, (qid, truth) in enumerate(zip(self.question_ids, self.is_true)):
+        for j, (qid, truth) in enumerate(zip(self.question_ids, self.is_true, strict=True)):
             by_question.setdefault(qid, ([], []))[0 if truth else 1].append(j)
         pos_rows, neg_rows, q_rows = [], [], []
         for q, (trues, falses) in enumerate(by_question.values()):
@@ -224,9 +245,17 @@ def _shard_path(folder: Path, k: int) -> Path:
     return folder / f"shard-{k:05d}.safetensors"
 
 
-def collect(model, questions: Sequence[MCQuestion], fmt: PromptFormat, folder: Path,
-            questions_per_shard: int = 64, batch_size: int = 16, fp16: bool = False,
-            progress: bool = False, load_result: bool = True) -> AnswerActivations | None:
+def collect(
+    model,
+    questions: Sequence[MCQuestion],
+    fmt: PromptFormat,
+    folder: Path,
+    questions_per_shard: int = 64,
+    batch_size: int = 16,
+    fp16: bool = False,
+    progress: bool = False,
+    load_result: bool = True,
+) -> AnswerActivations | None:
     """Collect (or resume collecting) the answer activations of ``questions`` into ``folder``.
 
     Returns them loaded (:func:`load`), or None with ``load_result=False`` (only the shards are written).
@@ -236,8 +265,9 @@ def collect(model, questions: Sequence[MCQuestion], fmt: PromptFormat, folder: P
     folder.mkdir(parents=True, exist_ok=True)
     blocks = [questions[i : i + questions_per_shard] for i in range(0, len(questions), questions_per_shard)]
     buffer = acts = tensors = None
-    bar = tqdm(total=sum(len(q.mc2) for q in questions), desc=f"activations {folder.name}", disable=not progress,
-               unit="answer")
+    bar = tqdm(
+        total=sum(len(q.mc2) for q in questions), desc=f"activations {folder.name}", disable=not progress, unit="answer"
+    )
     for k, block in enumerate(blocks):
         path = _shard_path(folder, k)
         expected = [q.id for q in block for _ in q.mc2]
@@ -251,8 +281,9 @@ def collect(model, questions: Sequence[MCQuestion], fmt: PromptFormat, folder: P
         # shard (a fresh shard-sized allocation each time fragments the heap and holds on to its memory).
         if buffer is None or len(buffer) < sum(counts):
             buffer = None
-            buffer = torch.empty(sum(counts), model.cfg.n_layers, model.cfg.d_model,
-                                 dtype=torch.float16 if fp16 else torch.float32)
+            buffer = torch.empty(
+                sum(counts), model.cfg.n_layers, model.cfg.d_model, dtype=torch.float16 if fp16 else torch.float32
+            )
         acts = buffer[: sum(counts)]
         with torch.inference_mode():  # no graph: collection only reads the model
             gather_continuations(model, encoded, resid_names(model.cfg.n_layers), acts, batch_size, progress=bar)
@@ -279,8 +310,12 @@ def _shard_is_intact(path: Path, expected_ids: list[str], cfg) -> bool:
             meta = json.loads(f.metadata()["answers"])
             shape = f.get_slice("acts").get_shape()
             offsets = f.get_tensor("offsets")
-        intact = (meta["question_ids"] == expected_ids and len(offsets) == len(expected_ids) + 1
-                  and list(shape[1:]) == [cfg.n_layers, cfg.d_model] and int(offsets[-1]) == shape[0])
+        intact = (
+            meta["question_ids"] == expected_ids
+            and len(offsets) == len(expected_ids) + 1
+            and list(shape[1:]) == [cfg.n_layers, cfg.d_model]
+            and int(offsets[-1]) == shape[0]
+        )
     except Exception as e:  # noqa: BLE001 - safetensors' own error types, JSON, missing keys: all mean damaged
         log.warning("%s is damaged (%s); collecting it again", path, e)
         return False
@@ -299,7 +334,7 @@ _READ_BYTES = 16 << 20  # per read when loading a shard
 
 def shard_paths(folder: Path) -> list[Path]:
     """The shards of ``folder`` in order; each holds whole questions (every pair of a question is in one)."""
-    paths = []
+    paths: list[Path] = []
     while _shard_path(folder, len(paths)).exists():
         paths.append(_shard_path(folder, len(paths)))
     if not paths:
@@ -327,7 +362,7 @@ def _load_paths(paths: list[Path]) -> AnswerActivations:
     acts = torch.empty(sum(s[0] for s in shapes), *shapes[0][1:])
     offsets, qids, truths = [], [], []
     base = 0
-    for path, shape in zip(paths, shapes):
+    for path, shape in zip(paths, shapes, strict=True):
         step = max(1, _READ_BYTES // (acts[0].numel() * acts.element_size()))
         for a in range(0, shape[0], step):
             # The file is memory-mapped while open and the pages read count as ours until it closes: one

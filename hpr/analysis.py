@@ -22,14 +22,18 @@ from hpr.encoding import encode_all, encode_context, pad_token_id
 from hpr.evaluate import true_answer_pairs
 from hpr.runs.folder import Run, check_results  # noqa: F401 - the run-folder reader, for the analyses
 
-
 # ------------------------------------------------------------------------------------ frames from results
 
 
 def probe_frame(results: Mapping) -> pd.DataFrame:
     """``layer, split, accuracy`` for every layer and split in ``results["probe_accuracy"]``."""
-    return pd.DataFrame([{"layer": layer, "split": split, "accuracy": acc}
-                         for split, accs in results["probe_accuracy"].items() for layer, acc in enumerate(accs)])
+    return pd.DataFrame(
+        [
+            {"layer": layer, "split": split, "accuracy": acc}
+            for split, accs in results["probe_accuracy"].items()
+            for layer, acc in enumerate(accs)
+        ]
+    )
 
 
 def mc_frame(results: Mapping) -> pd.DataFrame:
@@ -49,8 +53,13 @@ def flip_frame(results: Mapping) -> pd.DataFrame:
 
 def norm_change_frame(results: Mapping, key: str = "norm_change_vs_base") -> pd.DataFrame:
     """``method, layer, relative_norm_change`` from ``results[key]``."""
-    return pd.DataFrame([{"method": m, "layer": layer, "relative_norm_change": v}
-                         for m, values in results[key].items() for layer, v in enumerate(values)])
+    return pd.DataFrame(
+        [
+            {"method": m, "layer": layer, "relative_norm_change": v}
+            for m, values in results[key].items()
+            for layer, v in enumerate(values)
+        ]
+    )
 
 
 # ------------------------------------------------------------------------------------------ measurements
@@ -63,9 +72,15 @@ def _applied(editor, model):
 
 
 @torch.inference_mode()
-def resid_tokens(model, questions: Sequence[MCQuestion], fmt: PromptFormat, editor=None,
-                 batch_size: int = 16, layers: Sequence[int] | None = None,
-                 max_tokens: int | None = None) -> torch.Tensor:
+def resid_tokens(
+    model,
+    questions: Sequence[MCQuestion],
+    fmt: PromptFormat,
+    editor=None,
+    batch_size: int = 16,
+    layers: Sequence[int] | None = None,
+    max_tokens: int | None = None,
+) -> torch.Tensor:
     """``hook_resid_post`` at every token of each question's true answer: ``[tokens, len(layers), d]``.
 
     ``layers`` defaults to every layer; ``max_tokens`` keeps the first tokens only, and only the answers that
@@ -100,12 +115,20 @@ def box_stats(values: torch.Tensor) -> dict:
     q1, median, q3 = torch.quantile(v, torch.tensor([0.25, 0.5, 0.75], dtype=v.dtype)).tolist()
     iqr = q3 - q1
     inside = v[(v >= q1 - 1.5 * iqr) & (v <= q3 + 1.5 * iqr)]
-    return {"q1": q1, "median": median, "q3": q3, "mean": float(v.mean()), "lowerfence": float(inside.min()),
-            "upperfence": float(inside.max()), "n": len(v)}
+    return {
+        "q1": q1,
+        "median": median,
+        "q3": q3,
+        "mean": float(v.mean()),
+        "lowerfence": float(inside.min()),
+        "upperfence": float(inside.max()),
+        "n": len(v),
+    }
 
 
-def norm_quantiles(model, questions: Sequence[MCQuestion], fmt: PromptFormat, editors: Mapping[str, object],
-                   batch_size: int = 16) -> pd.DataFrame:
+def norm_quantiles(
+    model, questions: Sequence[MCQuestion], fmt: PromptFormat, editors: Mapping[str, object], batch_size: int = 16
+) -> pd.DataFrame:
     """Per method and layer, box statistics of the per-token ``||h||`` at ``hook_resid_post`` (Fig. 4).
 
     Every token of every true answer counts (exact quantiles, no subsampling).
@@ -133,8 +156,15 @@ def true_false_norm_quantiles(acts) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def direction_magnitude(model, questions: Sequence[MCQuestion], fmt: PromptFormat, editors: Mapping[str, object],
-                        layer: int, max_tokens: int = 2000, batch_size: int = 16) -> pd.DataFrame:
+def direction_magnitude(
+    model,
+    questions: Sequence[MCQuestion],
+    fmt: PromptFormat,
+    editors: Mapping[str, object],
+    layer: int,
+    max_tokens: int = 2000,
+    batch_size: int = 16,
+) -> pd.DataFrame:
     """Per token at ``layer``: ``cos(h_edit, h_base)`` and ``||h_edit|| / ||h_base||`` for each method.
 
     Tokens are the first ``max_tokens`` true-answer tokens; tokens an edit leaves exactly unchanged are
@@ -190,8 +220,9 @@ def _hpr_theta(editor, layer: int, h: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def generations(model, prompts: Sequence[str], editors: Mapping[str, object], max_new_tokens: int = 24,
-                stop_at_newline: bool = True) -> pd.DataFrame:
+def generations(
+    model, prompts: Sequence[str], editors: Mapping[str, object], max_new_tokens: int = 24, stop_at_newline: bool = True
+) -> pd.DataFrame:
     """Greedy continuations of each prompt under each method: ``prompt, method, text``."""
     from hpr.editors.sea import newline_ids
 
@@ -283,18 +314,30 @@ def script_parser(description: str):
     parser.add_argument("--run", required=True, help="a finished run folder (hpr reproduce --out ...)")
     parser.add_argument("--out", default=None, help="where figures/ and tables/ go (default: the run folder)")
     parser.add_argument("--methods", nargs="+", default=None, help="methods to show (default: all in the run)")
-    parser.add_argument("--formats", nargs="*", default=list(FIGURE_FORMATS),
-                        help="figure formats besides HTML: png svg pdf (none: HTML only, no browser needed)")
+    parser.add_argument(
+        "--formats",
+        nargs="*",
+        default=list(FIGURE_FORMATS),
+        help="figure formats besides HTML: png svg pdf (none: HTML only, no browser needed)",
+    )
     parser.add_argument("--prompts", type=int, default=6, help="generations: first N test questions")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="generations: greedy tokens per prompt")
-    parser.add_argument("--neutral-text", default=None,
-                        help="capability: a text file of neutral passages (blank-line separated); the toy "
-                             "world has its own")
-    parser.add_argument("--topk", type=int, nargs="+", default=None,
-                        help="top-k sweep: the k values (default: every k from 1 to the number of layers; each "
-                             "k scores val and test once, so pick a few on a large model)")
-    parser.add_argument("--skip", nargs="+", default=(),
-                        help="reproduce_paper.py: scripts to leave out (e.g. topk_sweep capability)")
+    parser.add_argument(
+        "--neutral-text",
+        default=None,
+        help="capability: a text file of neutral passages (blank-line separated); the toy world has its own",
+    )
+    parser.add_argument(
+        "--topk",
+        type=int,
+        nargs="+",
+        default=None,
+        help="top-k sweep: the k values (default: every k from 1 to the number of layers; each "
+        "k scores val and test once, so pick a few on a large model)",
+    )
+    parser.add_argument(
+        "--skip", nargs="+", default=(), help="reproduce_paper.py: scripts to leave out (e.g. topk_sweep capability)"
+    )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     return parser
 

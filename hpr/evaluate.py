@@ -9,9 +9,9 @@ import pandas as pd
 import torch
 
 from hpr.activations import resid_names
+from hpr.continuations import continuation_batches
 from hpr.data.prompts import PromptFormat
 from hpr.data.schema import MCQuestion
-from hpr.continuations import continuation_batches
 from hpr.encoding import encode_all
 from hpr.scoring import score
 
@@ -20,20 +20,29 @@ def _applied(editor, model):
     return editor.applied(model) if editor is not None else contextlib.nullcontext()
 
 
-def predictions(model, questions: Sequence[MCQuestion], fmt: PromptFormat, method: str, editor=None,
-                batch_size: int = 16, progress: bool = False) -> pd.DataFrame:
+def predictions(
+    model,
+    questions: Sequence[MCQuestion],
+    fmt: PromptFormat,
+    method: str,
+    editor=None,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> pd.DataFrame:
     """One row per (question, task, choice): ``method, question_id, task, choice, is_true, loglik``."""
     rows = [(q, task, c) for q in questions for task in ("mc1", "mc2") for c in getattr(q, task)]
     with _applied(editor, model):
         ll = score(model, [(fmt.context(q), fmt.continuation(c.text)) for q, _, c in rows], batch_size, progress)
-    return pd.DataFrame({
-        "method": method,
-        "question_id": [q.id for q, _, _ in rows],
-        "task": [t for _, t, _ in rows],
-        "choice": [c.text for _, _, c in rows],
-        "is_true": [c.is_true for _, _, c in rows],
-        "loglik": ll,
-    })
+    return pd.DataFrame(
+        {
+            "method": method,
+            "question_id": [q.id for q, _, _ in rows],
+            "task": [t for _, t, _ in rows],
+            "choice": [c.text for _, _, c in rows],
+            "is_true": [c.is_true for _, _, c in rows],
+            "loglik": ll,
+        }
+    )
 
 
 def true_answer_pairs(questions: Sequence[MCQuestion], fmt: PromptFormat) -> list[tuple[str, str]]:
@@ -42,8 +51,9 @@ def true_answer_pairs(questions: Sequence[MCQuestion], fmt: PromptFormat) -> lis
 
 
 @torch.inference_mode()
-def answer_norms(model, questions: Sequence[MCQuestion], fmt: PromptFormat, editor=None,
-                 batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+def answer_norms(
+    model, questions: Sequence[MCQuestion], fmt: PromptFormat, editor=None, batch_size: int = 16
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``||h||`` at ``hook_resid_post`` of every layer at each true answer's tokens, ``(before, after)``.
 
     Both ``[tokens, layers]`` from one pass with ``editor`` applied: ``before`` is what the block computed at
@@ -63,6 +73,7 @@ def answer_norms(model, questions: Sequence[MCQuestion], fmt: PromptFormat, edit
             if reading:
                 norms = act[reading["rows"], reading["cols"]].float().norm(dim=-1)
                 store[:, k].index_copy_(0, reading["targets"], norms.cpu())
+
         return hook
 
     # The editor's hooks attach between the two recorders, so they see its input and its output.
@@ -83,8 +94,9 @@ def _mean_relative_change(new: torch.Tensor, old: torch.Tensor) -> list[float]:
     return ((new.double() - old.double()).abs() / old.double().clamp_min(1e-12)).mean(0).tolist()
 
 
-def edit_norm_change(model, questions: Sequence[MCQuestion], fmt: PromptFormat, editor,
-                     batch_size: int = 16) -> list[float]:
+def edit_norm_change(
+    model, questions: Sequence[MCQuestion], fmt: PromptFormat, editor, batch_size: int = 16
+) -> list[float]:
     """Per layer: mean over true-answer tokens of ``| ||h_out|| - ||h_in|| | / ||h_in||`` at ``hook_resid_post``.
 
     ``h_in`` is what the block computed at that hook in the edited forward pass, ``h_out`` what leaves the
@@ -95,8 +107,14 @@ def edit_norm_change(model, questions: Sequence[MCQuestion], fmt: PromptFormat, 
     return _mean_relative_change(after, before)
 
 
-def norm_change_vs_base(model, questions: Sequence[MCQuestion], fmt: PromptFormat, editor,
-                        batch_size: int = 16, base_norms: torch.Tensor | None = None) -> list[float]:
+def norm_change_vs_base(
+    model,
+    questions: Sequence[MCQuestion],
+    fmt: PromptFormat,
+    editor,
+    batch_size: int = 16,
+    base_norms: torch.Tensor | None = None,
+) -> list[float]:
     """Per layer: mean over true-answer tokens of ``| ||h_edit|| - ||h_base|| | / ||h_base||`` at ``hook_resid_post``.
 
     ``h_base`` comes from an unedited pass (``base_norms``: its ``answer_norms(...)[1]``, computed here if not

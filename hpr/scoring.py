@@ -16,8 +16,16 @@ from hpr import positions
 from hpr.continuations import continuation_batches
 from hpr.encoding import Encoded, encode_all, encode_context, encode_pair, pad_batch, pad_token_id
 
-__all__ = ["Encoded", "encode_all", "encode_context", "encode_pair", "final_logits", "pad_batch", "pad_token_id",
-           "score"]
+__all__ = [
+    "Encoded",
+    "encode_all",
+    "encode_context",
+    "encode_pair",
+    "final_logits",
+    "pad_batch",
+    "pad_token_id",
+    "score",
+]
 
 
 def final_logits(model, resid: Tensor) -> Tensor:
@@ -42,21 +50,27 @@ def _summed_logprobs(model, resid: Tensor, rows, positions, targets: list[int], 
 def _score_whole(model, batch: Sequence[Encoded], pad_id: int) -> list[float]:
     """Each sequence in full, right-padded; logits only where a continuation token is predicted."""
     ids, _ = pad_batch(batch, pad_id)
-    kinds = positions.whole_sequence_kinds([len(e.tokens) - e.n_cont for e in batch], [len(e.tokens) for e in batch],
-                                           ids.shape[1])
+    kinds = positions.whole_sequence_kinds(
+        [len(e.tokens) - e.n_cont for e in batch], [len(e.tokens) for e in batch], ids.shape[1]
+    )
     with positions.marked(kinds):
         resid = model(ids.to(model.cfg.device), stop_at_layer=model.cfg.n_layers)
-    rows, cols, targets = [], [], []
+    rows: list[int] = []
+    cols: list[int] = []
+    targets: list[int] = []
     for i, e in enumerate(batch):
         total = len(e.tokens)
         for t in range(total - e.n_cont, total):  # logits at t-1 predict token t
-            rows.append(i), cols.append(t - 1), targets.append(e.tokens[t])
+            rows.append(i)
+            cols.append(t - 1)
+            targets.append(e.tokens[t])
     return _summed_logprobs(model, resid, rows, cols, targets, [e.n_cont for e in batch])
 
 
 @torch.inference_mode()
-def score(model, pairs: Sequence[tuple[str, str]], batch_size: int = 16, progress: bool = False,
-          share_prefix: bool = True) -> list[float]:
+def score(
+    model, pairs: Sequence[tuple[str, str]], batch_size: int = 16, progress: bool = False, share_prefix: bool = True
+) -> list[float]:
     """Summed log-likelihood of each ``(context, continuation)`` under ``model`` (with whatever hooks are on it).
 
     Identical pairs are scored once. Continuations that share their context token for token (the choices
@@ -74,14 +88,16 @@ def score(model, pairs: Sequence[tuple[str, str]], batch_size: int = 16, progres
             resid = batch.run(model, stop_at_layer=model.cfg.n_layers)
             rows, cols = batch.continuation_cells(predicting=True)
             targets = [t for i in batch.index for t in encoded[i].tokens[len(encoded[i].tokens) - encoded[i].n_cont :]]
-            results.update(zip(batch.index, _summed_logprobs(model, resid, rows, cols, targets, batch.n_cont)))
+            results.update(
+                zip(batch.index, _summed_logprobs(model, resid, rows, cols, targets, batch.n_cont), strict=True)
+            )
             del batch, resid  # freed before the next batch's row cache is built
     else:
         pad_id = pad_token_id(model)
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].tokens))  # little padding
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            results.update(zip(idx, _score_whole(model, [encoded[i] for i in idx], pad_id)))
+            results.update(zip(idx, _score_whole(model, [encoded[i] for i in idx], pad_id), strict=True))
             bar.update(len(idx))
     bar.close()
     lookup = {p: results[i] for i, p in enumerate(unique)}

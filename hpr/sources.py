@@ -13,19 +13,18 @@ import os
 
 import torch
 
+from hpr import toyworld
 from hpr.data import DataError, MCQuestion, PromptFormat
 from hpr.data.truthfulqa import TRUTHFULQA_ENV, load_truthfulqa, truthfulqa_from_hub
 from hpr.model_sources import resolve_source
 from hpr.models import check_device, load_checkpoint, model_dtype
-from hpr import toyworld
 from hpr.toyworld import PRIMER, TRUTHFUL_PRIMER, load_toy_model, toy_dataset
 from hpr.toyworld.world import WORLD_VERSION
 
 DATASETS = ("truthfulqa", "jsonl", "toy")
 
 
-def load_model(name_or_path: str, device: torch.device | str | None = None,
-               dtype: torch.dtype | str | None = None):
+def load_model(name_or_path: str, device: torch.device | str | None = None, dtype: torch.dtype | str | None = None):
     """Load a model as an (unprocessed) ``HookedTransformer``.
 
     ``name_or_path`` is ``"toy"`` (the embedded default model), a named pretrained model (``"smollm2"``; see
@@ -54,12 +53,16 @@ def load_dataset(name: str, path: str | os.PathLike[str] | None = None) -> tuple
         path = path or os.environ.get(TRUTHFULQA_ENV) or None
         questions = load_truthfulqa(path) if path else truthfulqa_from_hub()
         if not questions:  # e.g. a CSV with its header only
-            raise DataError(f"{path or 'the TruthfulQA hub dataset'} holds no questions. Fix: point --data-path at "
-                            "mc_task.json or a TruthfulQA.csv with rows.")
+            raise DataError(
+                f"{path or 'the TruthfulQA hub dataset'} holds no questions. Fix: point --data-path at "
+                "mc_task.json or a TruthfulQA.csv with rows."
+            )
         return questions
     if key == "jsonl":
         if not path:
-            raise DataError("dataset 'jsonl' needs a file. Fix: pass --data-path to a .jsonl file (format: hpr.data.jsonl).")
+            raise DataError(
+                "dataset 'jsonl' needs a file. Fix: pass --data-path to a .jsonl file (format: hpr.data.jsonl)."
+            )
         from hpr.data.jsonl import load_jsonl
 
         return load_jsonl(path)

@@ -44,15 +44,19 @@ def mc_breakdown(predictions: pd.DataFrame, questions) -> dict:
     popular = {q.id: q.mc1[1].text for q in questions if contested[q.id]}
     scores = metrics.question_scores(predictions)
     scores["contested"] = scores["question_id"].map(contested)
-    out = {}
-    for name, rows in (("all", scores), ("contested", scores[scores.contested]),
-                       ("uncontested", scores[~scores.contested])):
+    out: dict[str, object] = {}
+    for name, rows in (
+        ("all", scores),
+        ("contested", scores[scores.contested]),
+        ("uncontested", scores[~scores.contested]),
+    ):
         out[name] = {"mc1": float(rows.mc1.mean()), "mc2": float(rows.mc2.mean()), "n": len(rows)}
     mc1 = predictions[predictions.task == "mc1"]
     top = mc1.loc[mc1.groupby(["method", "question_id"], sort=False)["loglik"].idxmax()]
     wrong = top[~top.is_true & top.question_id.isin(popular)]
-    out["popular_false_share"] = (float((wrong.choice == wrong.question_id.map(popular)).mean())
-                                  if len(wrong) else float("nan"))
+    out["popular_false_share"] = (
+        float((wrong.choice == wrong.question_id.map(popular)).mean()) if len(wrong) else float("nan")
+    )
     return out
 
 
@@ -80,23 +84,32 @@ def diagnose(config: ToyWorldConfig, progress: bool = True, batch_size: int = 32
         qs = parts[name]
         report[f"base_{name}"] = mc_breakdown(evaluate.predictions(model, qs, neutral, "base", None, batch_size), qs)
         report[f"ceiling_{name}"] = mc_breakdown(
-            evaluate.predictions(model, qs, truthful, "base", None, batch_size), qs)
+            evaluate.predictions(model, qs, truthful, "base", None, batch_size), qs
+        )
 
     with tempfile.TemporaryDirectory() as tmp:
-        acts = {name: activations.collect(model, parts[name], neutral, Path(tmp) / name, batch_size=batch_size)
-                for name in ("train", "val", "test")}
-        net = train_layerwise(*acts["train"].pairs()[:2], HPRTrainConfig(), progress=progress)
-        report["probe_accuracy"] = {name: [round(a, 3) for a in probe_accuracy(net.probe.detach(),
-                                                                                *acts[name].pairs()[:2])]
-                                    for name in ("train", "val", "test")}
+        pairs = {}
+        for name in ("train", "val", "test"):
+            activations.collect(model, parts[name], neutral, Path(tmp) / name, batch_size=batch_size, load_result=False)
+            pos, neg, _ = activations.load(Path(tmp) / name).pairs()
+            pairs[name] = (pos, neg)
+        net = train_layerwise(*pairs["train"], HPRTrainConfig(), progress=progress)
+        report["probe_accuracy"] = {
+            name: [round(a, 3) for a in probe_accuracy(net.probe.detach(), *pairs[name])]
+            for name in ("train", "val", "test")
+        }
     layers = top_k_layers(report["probe_accuracy"]["val"], HPRTrainConfig().top_k)
     report["hpr_layers"] = list(layers)
     for method, no_angle in (("hpr", False), ("hpr_no_angle", True)):
         editor = HPREditor.from_layerwise(net, layers, no_angle=no_angle)
         for name in ("val", "test"):
             qs = parts[name]
-            preds = pd.concat([evaluate.predictions(model, qs, neutral, "base", None, batch_size),
-                               evaluate.predictions(model, qs, neutral, method, editor, batch_size)])
+            preds = pd.concat(
+                [
+                    evaluate.predictions(model, qs, neutral, "base", None, batch_size),
+                    evaluate.predictions(model, qs, neutral, method, editor, batch_size),
+                ]
+            )
             row = mc_breakdown(preds[preds.method == method], qs)
             row["flips"] = metrics.flip_rates(metrics.question_scores(preds))[method]
             report[f"{method}_{name}"] = row
@@ -105,14 +118,19 @@ def diagnose(config: ToyWorldConfig, progress: bool = True, batch_size: int = 32
 
 def format_report(report: dict) -> str:
     """The diagnostics as a short human-readable table."""
+
     def mc(d):
-        return (f"MC1 {d['all']['mc1']:.3f}  MC2 {d['all']['mc2']:.3f}  "
-                f"(contested {d['contested']['mc1']:.2f} / uncontested {d['uncontested']['mc1']:.2f}; "
-                f"popular falsehood {d['popular_false_share']:.2f} of contested errors)")
+        return (
+            f"MC1 {d['all']['mc1']:.3f}  MC2 {d['all']['mc2']:.3f}  "
+            f"(contested {d['contested']['mc1']:.2f} / uncontested {d['uncontested']['mc1']:.2f}; "
+            f"popular falsehood {d['popular_false_share']:.2f} of contested errors)"
+        )
 
     timings = ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in report["build_timings_s"].items())
-    lines = [f"toy world {report['world_key']} (seed {report['config']['seed']})",
-             f"  build: {timings}; final loss {report['final_loss']:.3f}; load {report['load_s']:.1f} s"]
+    lines = [
+        f"toy world {report['world_key']} (seed {report['config']['seed']})",
+        f"  build: {timings}; final loss {report['final_loss']:.3f}; load {report['load_s']:.1f} s",
+    ]
     for split in ("val", "test"):
         lines.append(f"  {split}:")
         lines.append(f"    base      {mc(report[f'base_{split}'])}")
@@ -120,19 +138,24 @@ def format_report(report: dict) -> str:
         for method in ("hpr", "hpr_no_angle"):
             row = report[f"{method}_{split}"]
             flips = row["flips"]
-            lines.append(f"    {method:<9} {mc(row)}  f->t {flips['false_to_true']:.3f}  "
-                         f"t->f {flips['true_to_false']:.3f}")
+            lines.append(
+                f"    {method:<9} {mc(row)}  f->t {flips['false_to_true']:.3f}  t->f {flips['true_to_false']:.3f}"
+            )
     acc = report["probe_accuracy"]
-    lines.append("  probe accuracy by layer: " + "; ".join(
-        f"{s} " + " ".join(f"{a:.2f}" for a in acc[s]) for s in ("train", "val", "test")))
+    lines.append(
+        "  probe accuracy by layer: "
+        + "; ".join(f"{s} " + " ".join(f"{a:.2f}" for a in acc[s]) for s in ("train", "val", "test"))
+    )
     lines.append(f"  HPR layers (top-k by val): {report['hpr_layers']}")
     return "\n".join(lines)
 
 
 def seed_table(reports: list[dict]) -> str:
     """One markdown row per world seed: build time, base, ceiling, best val probe, HPR (test unless noted)."""
-    head = ("| seed | build s | base MC1 | contested errors -> popular | ceiling MC1 | best val probe "
-            "| HPR MC1 | HPR f->t / t->f | no-angle MC1 |")
+    head = (
+        "| seed | build s | base MC1 | contested errors -> popular | ceiling MC1 | best val probe "
+        "| HPR MC1 | HPR f->t / t->f | no-angle MC1 |"
+    )
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in reports:
         hpr_row, flips = r["hpr_test"], r["hpr_test"]["flips"]
@@ -141,5 +164,6 @@ def seed_table(reports: list[dict]) -> str:
             f"| {r['base_test']['all']['mc1']:.3f} | {r['base_test']['popular_false_share']:.2f} "
             f"| {r['ceiling_test']['all']['mc1']:.3f} | {max(r['probe_accuracy']['val']):.3f} "
             f"| {hpr_row['all']['mc1']:.3f} | {flips['false_to_true']:.3f} / {flips['true_to_false']:.3f} "
-            f"| {r['hpr_no_angle_test']['all']['mc1']:.3f} |")
+            f"| {r['hpr_no_angle_test']['all']['mc1']:.3f} |"
+        )
     return "\n".join(rows)

@@ -4,19 +4,26 @@ Offers the run's own figures and tables, and whatever the other pages computed i
 """
 
 import streamlit as st
-
 import workbench as wb
+
 from hpr import analysis, figures
 
 st.title("Export")
 run = wb.current_run()
 probe = analysis.probe_frame(run.results)
 mc = analysis.mc_frame(run.results)
-made = {"figures": {"probe_accuracy": figures.probe_accuracy(probe, run.results["selected_layers"]),
-                    "mc_scores": figures.mc_bars(mc)},
-        "tables": {"probe_accuracy": probe.pivot(index="layer", columns="split", values="accuracy").reset_index(),
-                   "mc_scores": mc, "flip_rates": analysis.flip_frame(run.results),
-                   "norm_change_vs_base": analysis.norm_change_frame(run.results)}}
+made = {
+    "figures": {
+        "probe_accuracy": figures.probe_accuracy(probe, run.results["selected_layers"]),
+        "mc_scores": figures.mc_bars(mc),
+    },
+    "tables": {
+        "probe_accuracy": probe.pivot(index="layer", columns="split", values="accuracy").reset_index(),
+        "mc_scores": mc,
+        "flip_rates": analysis.flip_frame(run.results),
+        "norm_change_vs_base": analysis.norm_change_frame(run.results),
+    },
+}
 for kind in made:
     made[kind].update(st.session_state.outputs[kind])
 st.caption("Figures and tables computed on the Norms, Results and Generations pages join these lists.")
@@ -34,18 +41,26 @@ if st.button("Prepare the file", icon=":material/build:"):
         st.session_state.export_file = (f"{name}.{fmt}", wb.figure_bytes(name, made["figures"][name], fmt))
 file_name, data = st.session_state.get("export_file", (None, None))
 if file_name == f"{name}.{fmt}":
-    st.download_button(f"Download {file_name}", data, file_name, wb.MIME[fmt], icon=":material/download:",
-                       key="download-figure")
+    st.download_button(
+        f"Download {file_name}", data, file_name, wb.MIME[fmt], icon=":material/download:", key="download-figure"
+    )
 st.plotly_chart(made["figures"][name], key=f"preview-{name}")
 
 st.subheader("Table")
 c1, c2 = st.columns(2)
 table_name = c1.selectbox("Table", list(made["tables"]))
-table_fmt = c2.selectbox("Format", ["csv", "md", "tex"], format_func={"csv": "CSV", "md": "markdown",
-                                                                      "tex": "LaTeX (booktabs)"}.get)
+table_fmt = c2.selectbox(
+    "Format", ["csv", "md", "tex"], format_func={"csv": "CSV", "md": "markdown", "tex": "LaTeX (booktabs)"}.get
+)
 table = made["tables"][table_name]
 with wb.shows_errors("Export failed"):
     data = wb.table_bytes(table_name, table, table_fmt)
-    st.download_button(f"Download {table_name}.{table_fmt}", data, f"{table_name}.{table_fmt}", wb.MIME[table_fmt],
-                       icon=":material/download:", key="download-table")
+    st.download_button(
+        f"Download {table_name}.{table_fmt}",
+        data,
+        f"{table_name}.{table_fmt}",
+        wb.MIME[table_fmt],
+        icon=":material/download:",
+        key="download-table",
+    )
     st.dataframe(table, hide_index=True)

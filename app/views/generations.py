@@ -1,15 +1,22 @@
 """Generations: greedy continuations of one prompt by the base model and the chosen methods, side by side."""
 
 import streamlit as st
-
 import workbench as wb
+
 from hpr import analysis
 from hpr.data.schema import MCQuestion
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def generate(folder: str, stamp: float, device: str, prompt: str, methods: tuple[str, ...], max_new_tokens: int,
-             stop_at_newline: bool):
+def generate(
+    folder: str,
+    stamp: float,
+    device: str,
+    prompt: str,
+    methods: tuple[str, ...],
+    max_new_tokens: int,
+    stop_at_newline: bool,
+):
     run = wb.with_model(wb.read_run(folder))
     editors = run.editors(list(methods))
     with wb.MODEL_LOCK:  # the shared model: no other session's edit may overlap this one
@@ -32,8 +39,12 @@ else:
         st.stop()
     picked = st.selectbox("Test question", range(len(questions)), format_func=lambda i: questions[i].question)
     prompt = run.fmt.context(questions[picked])
-    st.caption("True: " + ", ".join(c.text for c in questions[picked].mc2 if c.is_true) + " · False: " +
-               ", ".join(c.text for c in questions[picked].mc2 if not c.is_true))
+    st.caption(
+        "True: "
+        + ", ".join(c.text for c in questions[picked].mc2 if c.is_true)
+        + " · False: "
+        + ", ".join(c.text for c in questions[picked].mc2 if not c.is_true)
+    )
 edited = [m for m in run.methods if m != "base"]
 methods = st.multiselect("Methods beside base", edited, default=[m for m in ("hpr", "iti15") if m in edited])
 c1, c2 = st.columns(2)
@@ -47,7 +58,7 @@ with st.expander("The full prompt"):
     st.code(prompt[-2000:], language=None)
 with wb.shows_errors("Generation failed"), st.spinner("Generating..."):
     df = generate(str(run.folder), wb.stamp(run), wb.device(), prompt, ("base", *methods), max_new, stop)
-    for col, row in zip(st.columns(len(df)), df.itertuples()):
+    for col, row in zip(st.columns(len(df)), df.itertuples(), strict=True):
         col.markdown(f"**{row.method}**")
         col.code(row.text or "(nothing)", language=None, wrap_lines=True)
     table = df[["method", "text"]]

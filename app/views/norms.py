@@ -4,15 +4,18 @@ Computed by analyses/norms.py with the shared model (cached per run folder and m
 """
 
 import streamlit as st
-
 import workbench as wb
 
 PAPER_METHODS = ("base", "iti15", "iti200", "hpr")
 
 st.title("Norms")
 run = wb.current_run()
-methods = st.multiselect("Methods", run.methods, default=[m for m in PAPER_METHODS if m in run.methods],
-                         help="every token of prompt + true answer of the test questions")
+methods = st.multiselect(
+    "Methods",
+    run.methods,
+    default=[m for m in PAPER_METHODS if m in run.methods],
+    help="every token of prompt + true answer of the test questions",
+)
 if not methods:
     st.warning("Pick at least one method.")
     st.stop()

@@ -1,8 +1,8 @@
 """Results: MC1/MC2 table and bars (Table 1), flips against base (Table 3), the HPR top-k sweep (Fig. 6)."""
 
 import streamlit as st
-
 import workbench as wb
+
 from hpr import analysis, figures
 
 st.title("Results")
@@ -34,8 +34,10 @@ st.subheader("HPR: top-k edited layers")
 if "base" not in run.methods or not (run.folder / "editors" / "hpr_all_layers" / "config.json").exists():
     st.info("The top-k sweep needs the base model and HPR fitted on every layer (editors/hpr_all_layers).")
     st.stop()
-st.caption("MC1/MC2 as HPR edits the top-k layers by validation probe accuracy, k = 1 .. layers, on val and "
-           "test (analyses/topk_sweep.py; scores every question once per k and split).")
+st.caption(
+    "MC1/MC2 as HPR edits the top-k layers by validation probe accuracy, k = 1 .. layers, on val and "
+    "test (analyses/topk_sweep.py; scores every question once per k and split)."
+)
 if st.button("Compute the sweep", icon=":material/play_arrow:") or st.session_state.get(f"sweep:{run.folder}"):
     st.session_state[f"sweep:{run.folder}"] = True
     with wb.shows_errors("Cannot compute the sweep"), st.spinner("Scoring HPR at every k..."):

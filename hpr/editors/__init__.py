@@ -6,5 +6,14 @@ from hpr.editors.registry import BASE, FitContext, Method, default_labels, metho
 
 methods()  # imports every editor module of this package: each registers its editor and its method
 
-__all__ = ["BASE", "REGISTRY", "Editor", "FitContext", "Method", "default_labels", "load_editor", "method_of",
-           "methods"]
+__all__ = [
+    "BASE",
+    "REGISTRY",
+    "Editor",
+    "FitContext",
+    "Method",
+    "default_labels",
+    "load_editor",
+    "method_of",
+    "methods",
+]

@@ -48,8 +48,7 @@ class Editor:
     # Tensors that hold integers (shapes), not fitted values; every other tensor must be floating and finite.
     integer_tensors: ClassVar[frozenset[str]] = frozenset()
 
-    def __init__(self, config, tensors: dict[str, Tensor], d_model: int, n_layers: int,
-                 fitted_on: str | None = None):
+    def __init__(self, config, tensors: dict[str, Tensor], d_model: int, n_layers: int, fitted_on: str | None = None):
         self.config = config
         self.tensors = tensors
         self.d_model = d_model
@@ -76,7 +75,12 @@ class Editor:
             raise ValueError(
                 f"{self.method} editor was fitted on another model (fingerprint {self.fitted_on[:16]}; this "
                 f"model's is {theirs[:16]}), although the shapes match. Fit a new editor, or use "
-                "editor.for_any_model() to apply it anyway.")
+                "editor.for_any_model() to apply it anyway."
+            )
+
+    def edit(self, layer: int, h: Tensor) -> Tensor:
+        """``h`` of ``layer`` after the edit, for editors that rewrite activations (HPR, Diff, SEA, ITI, CAA)."""
+        raise NotImplementedError(f"{self.method} edits through its hooks only")
 
     def hooks(self, model) -> list[Hook]:
         """The editor's hooks, each position-wise on ``[batch, pos, ...]``; :meth:`position_hooks` restricts
@@ -92,7 +96,9 @@ class Editor:
         """The same editor editing ``mode``'s positions (:data:`hpr.positions.MODES`)."""
         if not any(f.name == "positions" for f in dataclasses.fields(self.config)):
             raise ValueError(f"{self.method} edits weights, at every position; it has no positions setting")
-        return self._derived(dataclasses.replace(self.config, positions=mode), self.tensors, self.d_model, self.n_layers)
+        return self._derived(
+            dataclasses.replace(self.config, positions=mode), self.tensors, self.d_model, self.n_layers
+        )
 
     def position_hooks(self, model) -> list[Hook]:
         """:meth:`hooks`, each applied only at the positions :attr:`positions` selects."""
@@ -120,6 +126,7 @@ class Editor:
 
             def hook(h, hook):
                 return edit(h)
+
             return hook
 
         return [(f"blocks.{layer}.hook_resid_post", make(layer)) for layer in layers]
@@ -156,17 +163,27 @@ class Editor:
             from hpr.models import model_fingerprint
 
             self.fitted_on = model_fingerprint(model)
-        config = {"method": self.method, "d_model": self.d_model, "n_layers": self.n_layers,
-                  "config": _jsonable(dataclasses.asdict(self.config))}
+        config = {
+            "method": self.method,
+            "d_model": self.d_model,
+            "n_layers": self.n_layers,
+            "config": _jsonable(dataclasses.asdict(self.config)),
+        }
         if self.fitted_on is not None:
             config["model_fingerprint"] = self.fitted_on
-        _atomic_write(folder / "state.safetensors",
-                      lambda p: save_file({k: v.contiguous().cpu() for k, v in self.tensors.items()}, p))
-        _atomic_write(folder / "config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2)))
+        _atomic_write(
+            folder / "state.safetensors",
+            lambda p: save_file({k: v.contiguous().cpu() for k, v in self.tensors.items()}, p),
+        )
+        _atomic_write(folder / "config.json", lambda p: _write_text(p, json.dumps(config, indent=2)))
 
 
 def _jsonable(d: dict) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def _write_text(path: str, text: str) -> None:
+    Path(path).write_text(text)
 
 
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
@@ -200,7 +217,7 @@ def load_editor(folder: str | Path, device=None) -> Editor:
     if unknown:
         raise ValueError(f"{path} has unknown fields for {method}: {sorted(unknown)}")
     for name, value in raw.items():
-        _check_type(path, name, fields[name], value)
+        _check_type(path, name, str(fields[name]), value)
     kwargs = {k: _tuples(v) for k, v in raw.items()}
     if "positions" in fields and "positions" not in raw:
         # Saved before editors declared their positions, when every editor edited every position.
@@ -230,10 +247,12 @@ def _tuples(value):
 def _check_type(path: Path, name: str, annotation: str, value) -> None:
     """A config value of the JSON type its field's annotation names (no ``"false"`` for a bool)."""
     kind = str(annotation).split("[")[0].strip()
-    ok = {"bool": lambda v: isinstance(v, bool),
-          "str": lambda v: isinstance(v, str),
-          "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-          "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-          "tuple": lambda v: isinstance(v, list)}.get(kind)
+    ok = {
+        "bool": lambda v: isinstance(v, bool),
+        "str": lambda v: isinstance(v, str),
+        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        "tuple": lambda v: isinstance(v, list),
+    }.get(kind)
     if ok is not None and not ok(value):
         raise ValueError(f"{path}: {name} must be a {kind}, got {value!r} ({type(value).__name__})")

@@ -11,7 +11,8 @@ CAA, deliberate differences from the released code:
 - the layer is the best of HPR's top-k layers on validation at multiplier 1 (CAA sweeps every layer on its
   behaviour data), then the multiplier is chosen on validation at that layer; vectors are not normalised
   across behaviours (there is one behaviour);
-- option: ``layers="hpr_layers"`` in :class:`CAASettings` (``--caa-layers hpr_layers``) adds the vectors at all of HPR's layers at once.
+- option: ``layers="hpr_layers"`` in :class:`CAASettings` (``--caa-layers hpr_layers``) adds the vectors at
+  all of HPR's layers at once.
 
 Math in float32, result cast back to the activation's dtype.
 """
@@ -30,6 +31,7 @@ from hpr.editors.registry import FitContext, Method, register_method
 from hpr.models import resid_post_hook
 from hpr.positions import HELP as POSITIONS_HELP
 from hpr.positions import check_mode
+
 
 @dataclass(frozen=True)
 class CAAConfig:
@@ -51,8 +53,9 @@ def fit_caa(pos: Tensor, neg: Tensor, layers: Sequence[int], multiplier: float) 
     :meth:`hpr.activations.AnswerActivations.pairs` (so ``v_l`` is also the mean pairwise difference).
     """
     if pos.ndim != 3 or pos.shape != neg.shape or len(pos) == 0:
-        raise ValueError(f"pos and neg must both be [N, n_layers, d_model] with N > 0, "
-                         f"got {tuple(pos.shape)} and {tuple(neg.shape)}")
+        raise ValueError(
+            f"pos and neg must both be [N, n_layers, d_model] with N > 0, got {tuple(pos.shape)} and {tuple(neg.shape)}"
+        )
     n_layers = pos.shape[1]
     bad = [layer for layer in layers if not 0 <= layer < n_layers]
     if bad:
@@ -116,6 +119,7 @@ class CAAEditor(Editor):
 
             def hook(x, hook):
                 return (x.float() + shift.to(x.device)).to(x.dtype)
+
             return hook
 
         return [(resid_post_hook(layer), make(layer)) for layer in self.config.layers]
@@ -128,13 +132,20 @@ CAA_LAYERS = ("single", "hpr_layers")
 
 @dataclass(frozen=True)
 class CAASettings:
-    positions: str = field(default="from_prompt_end", metadata={
-        "help": "positions edited (hpr.positions; default: from the prompt's end on, as CAA)"})
-    layers: str = field(default="single", metadata={
-        "help": "single (one of HPR's layers, chosen on val, as CAA) | hpr_layers (all of them at once)",
-        "choices": CAA_LAYERS})
-    multipliers: tuple[float, ...] = field(default=(0.5, 1.0, 2.0, 4.0, 8.0, 16.0),
-                                           metadata={"help": "multipliers tried on val (best MC1)"})
+    positions: str = field(
+        default="from_prompt_end",
+        metadata={"help": "positions edited (hpr.positions; default: from the prompt's end on, as CAA)"},
+    )
+    layers: str = field(
+        default="single",
+        metadata={
+            "help": "single (one of HPR's layers, chosen on val, as CAA) | hpr_layers (all of them at once)",
+            "choices": CAA_LAYERS,
+        },
+    )
+    multipliers: tuple[float, ...] = field(
+        default=(0.5, 1.0, 2.0, 4.0, 8.0, 16.0), metadata={"help": "multipliers tried on val (best MC1)"}
+    )
 
     def __post_init__(self):
         check_mode(self.positions, "caa.positions")
@@ -154,15 +165,30 @@ def fit_step(fit: FitContext) -> None:
     caa = fit_caa(pos, neg, layers, 1.0).with_positions(settings.positions)
     del pos, neg  # the train split (GBs on a real model) is freed before the validation sweeps
     if settings.layers == "single":  # CAA steers at one layer, found by a layer sweep at multiplier 1
-        caa = fit.sweep("caa", [({"layer": layer, "multiplier": 1.0}, caa.with_layers((layer,))) for layer in layers],
-                        {"candidate_layers": layers}, record="caa_layer_sweep")
-    best = fit.sweep("caa", [({"multiplier": m}, caa.with_multiplier(m)) for m in settings.multipliers],
-                     {"layers": list(caa.config.layers)})
+        caa = fit.sweep(
+            "caa",
+            [({"layer": layer, "multiplier": 1.0}, caa.with_layers((layer,))) for layer in layers],
+            {"candidate_layers": layers},
+            record="caa_layer_sweep",
+        )
+    best = fit.sweep(
+        "caa",
+        [({"multiplier": m}, caa.with_multiplier(m)) for m in settings.multipliers],
+        {"layers": list(caa.config.layers)},
+    )
     fit.save("caa", best)
 
 
-register_method(Method(
-    name="caa", summary="Contrastive Activation Addition: the mean true-minus-false residual, at one layer",
-    labels=("caa",), colours={"caa": "#009E73"}, order=20, fit=fit_step, settings=CAASettings,
-    flat_settings={"caa_positions": "positions", "caa_layers": "layers", "caa_multipliers": "multipliers"},
-    absent_means={"positions": "all", "layers": "hpr_layers"}))
+register_method(
+    Method(
+        name="caa",
+        summary="Contrastive Activation Addition: the mean true-minus-false residual, at one layer",
+        labels=("caa",),
+        colours={"caa": "#009E73"},
+        order=20,
+        fit=fit_step,
+        settings=CAASettings,
+        flat_settings={"caa_positions": "positions", "caa_layers": "layers", "caa_multipliers": "multipliers"},
+        absent_means={"positions": "all", "layers": "hpr_layers"},
+    )
+)

@@ -63,7 +63,7 @@ class LayerwiseDiff(nn.Module):
         widths = diff_widths(d_model, hidden_layers)
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
-        for d_in, d_out in zip(widths[:-1], widths[1:]):
+        for d_in, d_out in zip(widths[:-1], widths[1:], strict=True):
             bound = 1 / math.sqrt(d_in)  # nn.Linear's default init, per layer
             self.weights.append(nn.Parameter(torch.empty(n_layers, d_in, d_out).uniform_(-bound, bound)))
             self.biases.append(nn.Parameter(torch.empty(n_layers, 1, d_out).uniform_(-bound, bound)))
@@ -73,14 +73,16 @@ class LayerwiseDiff(nn.Module):
         return stacked_mlp(h, self.weights, self.biases)
 
 
-def train_diff(pos: Tensor, neg: Tensor, layers: Sequence[int], cfg: HPRTrainConfig,
-               progress: bool = False) -> DiffEditor:
+def train_diff(
+    pos: Tensor, neg: Tensor, layers: Sequence[int], cfg: HPRTrainConfig, progress: bool = False
+) -> DiffEditor:
     """Fit the shift networks of ``layers`` on aligned token pairs ``pos``/``neg`` ``[N, n_layers, d]``."""
     from tqdm.auto import tqdm
 
     if pos.ndim != 3 or pos.shape != neg.shape or len(pos) == 0:
-        raise ValueError(f"pos and neg must both be [N, n_layers, d_model] with N > 0, "
-                         f"got {tuple(pos.shape)} and {tuple(neg.shape)}")
+        raise ValueError(
+            f"pos and neg must both be [N, n_layers, d_model] with N > 0, got {tuple(pos.shape)} and {tuple(neg.shape)}"
+        )
     n, n_layers, d = pos.shape
     layers = tuple(sorted(int(layer) for layer in layers))
     bad = [layer for layer in layers if not 0 <= layer < n_layers]
@@ -108,7 +110,7 @@ def train_diff(pos: Tensor, neg: Tensor, layers: Sequence[int], cfg: HPRTrainCon
     bar.close()
     tensors = {}
     for j, layer in enumerate(layers):
-        for i, (w, b) in enumerate(zip(net.weights, net.biases)):
+        for i, (w, b) in enumerate(zip(net.weights, net.biases, strict=True)):
             tensors[f"layer{layer}.{i}.weight"] = w[j].detach().clone()
             tensors[f"layer{layer}.{i}.bias"] = b[j, 0].detach().clone()
     return DiffEditor(DiffConfig(layers=layers), tensors, d, n_layers)
@@ -158,6 +160,13 @@ def fit_step(fit: FitContext) -> None:
     fit.save("diff", train_diff(pos, neg, fit.layers, fit.settings["hpr"], fit.progress))
 
 
-register_method(Method(
-    name="diff", summary="Learned difference: an MLP adds a learned vector to negative activations (no norm kept)",
-    labels=("diff",), colours={"diff": "#CC79A7"}, order=30, fit=fit_step))
+register_method(
+    Method(
+        name="diff",
+        summary="Learned difference: an MLP adds a learned vector to negative activations (no norm kept)",
+        labels=("diff",),
+        colours={"diff": "#CC79A7"},
+        order=30,
+        fit=fit_step,
+    )
+)

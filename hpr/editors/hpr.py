@@ -63,8 +63,12 @@ class HPRTrainConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "global gradient-norm clip"})
     top_k: int = field(default=5, metadata={"help": "layers edited: top-k by validation probe accuracy"})
     seed: int = field(default=0, metadata={"help": "initialisation and batch order"})
-    select_epoch: str = field(default="best_val", metadata={
-        "help": "best_val: the epoch with the best pooled val probe accuracy (official); last: the last epoch"})
+    select_epoch: str = field(
+        default="best_val",
+        metadata={
+            "help": "best_val: the epoch with the best pooled val probe accuracy (official); last: the last epoch"
+        },
+    )
 
     def __post_init__(self):
         if self.select_epoch not in ("best_val", "last"):
@@ -74,7 +78,7 @@ class HPRTrainConfig:
 def stacked_mlp(x: Tensor, weights, biases) -> Tensor:
     """One MLP per layer at once: ``x [layers, n, d_in]``, weights ``[layers, d_in, d_out]``, biases
     ``[layers, 1, d_out]``; GELU between the linear layers."""
-    for i, (w, b) in enumerate(zip(weights, biases)):
+    for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
         x = torch.baddbmm(b, x, w)
         if i < len(weights) - 1:
             x = nn.functional.gelu(x)
@@ -103,7 +107,7 @@ class LayerwiseHPR(nn.Module):
         self.probe = nn.Parameter(torch.empty(n_layers, d_model))
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
-        for d_in, d_out in zip(widths[:-1], widths[1:]):
+        for d_in, d_out in zip(widths[:-1], widths[1:], strict=True):
             bound = 1 / math.sqrt(d_in)  # nn.Linear's default init, per layer
             self.weights.append(nn.Parameter(torch.empty(n_layers, d_in, d_out).uniform_(-bound, bound)))
             self.biases.append(nn.Parameter(torch.empty(n_layers, 1, d_out).uniform_(-bound, bound)))
@@ -125,12 +129,18 @@ def reference_optimizer(net: nn.Module, cfg: HPRTrainConfig, total_steps: int):
     fused = all(p.device.type in ("cpu", "cuda") for p in net.parameters()) or None
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total_steps - s) / max(1, total_steps - warm)))
+        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total_steps - s) / max(1, total_steps - warm))
+    )
     return opt, sched
 
 
-def train_layerwise(pos: Tensor, neg: Tensor, cfg: HPRTrainConfig, progress: bool = False,
-                    score_epoch: Callable[[LayerwiseHPR], float] | None = None) -> LayerwiseHPR:
+def train_layerwise(
+    pos: Tensor,
+    neg: Tensor,
+    cfg: HPRTrainConfig,
+    progress: bool = False,
+    score_epoch: Callable[[LayerwiseHPR], float] | None = None,
+) -> LayerwiseHPR:
     """Train probes + angle MLPs for every layer jointly on aligned token pairs ``[N, layers, d]``.
 
     ``pos``/``neg`` are tensors or :class:`hpr.activations.Rows` (read batch by batch, never copied whole).
@@ -206,7 +216,7 @@ class HPREditor(Editor):
         tensors = {f"layer{l}.probe": net.probe[l].detach().clone() for l in layers}
         if not no_angle:
             for l in layers:
-                for i, (w, b) in enumerate(zip(net.weights, net.biases)):
+                for i, (w, b) in enumerate(zip(net.weights, net.biases, strict=True)):
                     tensors[f"layer{l}.angle.{i}.weight"] = w[l].detach().clone()
                     tensors[f"layer{l}.angle.{i}.bias"] = b[l, 0].detach().clone()
         return cls(HPRConfig(layers=tuple(layers), no_angle=no_angle), tensors, d, n_layers)
@@ -214,7 +224,9 @@ class HPREditor(Editor):
     def _angle_params(self, layer: int) -> list[tuple[Tensor, Tensor]]:
         params, i = [], 0
         while f"layer{layer}.angle.{i}.weight" in self.tensors:
-            params.append((self.tensors[f"layer{layer}.angle.{i}.weight"], self.tensors[f"layer{layer}.angle.{i}.bias"]))
+            params.append(
+                (self.tensors[f"layer{layer}.angle.{i}.weight"], self.tensors[f"layer{layer}.angle.{i}.bias"])
+            )
             i += 1
         return params
 
@@ -232,6 +244,7 @@ class HPREditor(Editor):
         def edit(h: Tensor) -> Tensor:
             x = h.float()
             return ops.hpr_edit(x, normal, None if self.config.no_angle else theta, unit_normal=True).to(h.dtype)
+
         return edit
 
     def hooks(self, model):
@@ -249,12 +262,13 @@ def split_probe_accuracy(probe: Tensor, folder) -> list[float]:
     shards): the same counts as on the whole split, in one shard's memory."""
     from hpr import activations
 
-    correct, total = 0.0, 0
+    correct: Tensor | float = 0.0
+    total = 0
     for shard in activations.load_shards(folder):
         pos, neg, _ = shard.pair_rows()
         correct = correct + torch.tensor(probe_accuracy(probe, pos, neg)) * (2 * len(pos))
         total += 2 * len(pos)
-    return (correct / total).tolist()
+    return torch.as_tensor(correct / total).tolist()
 
 
 def fit_step(fit: FitContext) -> None:
@@ -284,11 +298,21 @@ def fit_step(fit: FitContext) -> None:
     fit.save("hpr_no_angle", HPREditor.from_layerwise(net, layers, no_angle=True))
     fit.save("hpr_all_layers", HPREditor.from_layerwise(net, tuple(range(fit.model.cfg.n_layers))))
     best_epoch = 1 + max(range(len(epoch_val)), key=lambda i: (epoch_val[i], -i)) if epoch_val else settings.epochs
-    fit.write_json("probes.json", {"accuracy": acc, "selected_layers": list(layers),
-                                   "epoch_val_accuracy": epoch_val, "kept_epoch": best_epoch})
+    fit.write_json(
+        "probes.json",
+        {"accuracy": acc, "selected_layers": list(layers), "epoch_val_accuracy": epoch_val, "kept_epoch": best_epoch},
+    )
 
 
-register_method(Method(
-    name="hpr", summary="Householder Pseudo-Rotation: reflect about the probe's hyperplane, rotate to a learned angle",
-    labels=("hpr", "hpr_no_angle"), colours={"hpr": "#0072B2", "hpr_no_angle": "#56B4E9"}, order=0, fit=fit_step,
-    settings=HPRTrainConfig, absent_means={"select_epoch": "last"}))
+register_method(
+    Method(
+        name="hpr",
+        summary="Householder Pseudo-Rotation: reflect about the probe's hyperplane, rotate to a learned angle",
+        labels=("hpr", "hpr_no_angle"),
+        colours={"hpr": "#0072B2", "hpr_no_angle": "#56B4E9"},
+        order=0,
+        fit=fit_step,
+        settings=HPRTrainConfig,
+        absent_means={"select_epoch": "last"},
+    )
+)

@@ -71,9 +71,14 @@ class ITIConfig:
 
 
 @torch.inference_mode()
-def answer_head_activations(model, questions: Sequence[MCQuestion], fmt: PromptFormat,
-                            batch_size: int = 16, progress: bool = False,
-                            features: str = "last_token") -> HeadActs:
+def answer_head_activations(
+    model,
+    questions: Sequence[MCQuestion],
+    fmt: PromptFormat,
+    batch_size: int = 16,
+    progress: bool = False,
+    features: str = "last_token",
+) -> HeadActs:
     """Head outputs of every MC2 choice of every question, from ``blocks.{l}.attn.hook_z``.
 
     ``features="last_token"`` (honest_llama's): one row per choice, at the last token of context + answer.
@@ -96,15 +101,17 @@ def answer_head_activations(model, questions: Sequence[MCQuestion], fmt: PromptF
     # token is ~70 KB in float32 on a 30-layer model, GBs for a training split.
     z = torch.empty(sum(rows), len(names), model.cfg.n_heads, model.cfg.d_head, dtype=torch.float16)
     gather_continuations(model, encoded, names, z, batch_size, last_only=last, progress=progress)
-    labels = torch.cat([torch.full((n,), c.is_true, dtype=torch.bool) for n, c in zip(rows, choices)])
+    labels = torch.cat([torch.full((n,), c.is_true, dtype=torch.bool) for n, c in zip(rows, choices, strict=True)])
     return z, labels
 
 
 def _check_head_acts(acts: HeadActs, name: str, both_classes: bool) -> tuple[Tensor, Tensor]:
     z, is_true = acts
     if z.ndim != 4 or is_true.ndim != 1 or len(z) != len(is_true) or len(z) == 0:
-        raise ValueError(f"{name}: expected z [N, n_layers, n_heads, d_head] and is_true [N] with N > 0, "
-                         f"got {tuple(z.shape)} and {tuple(is_true.shape)}")
+        raise ValueError(
+            f"{name}: expected z [N, n_layers, n_heads, d_head] and is_true [N] with N > 0, "
+            f"got {tuple(z.shape)} and {tuple(is_true.shape)}"
+        )
     y = is_true.bool()
     if both_classes and (y.all() or not y.any()):
         raise ValueError(f"{name}: the probes need both true and false answer tokens")
@@ -123,14 +130,17 @@ def head_probe_accuracy(train: HeadActs, val: HeadActs, progress: bool = False) 
     z_tr, y_tr = _check_head_acts(train, "train", both_classes=True)
     z_va, y_va = _check_head_acts(val, "val", both_classes=False)
     if z_tr.shape[1:] != z_va.shape[1:]:
-        raise ValueError(f"train and val head activations differ in shape: {tuple(z_tr.shape[1:])} "
-                         f"vs {tuple(z_va.shape[1:])}")
+        raise ValueError(
+            f"train and val head activations differ in shape: {tuple(z_tr.shape[1:])} vs {tuple(z_va.shape[1:])}"
+        )
     n_layers, n_heads = z_tr.shape[1:3]
     y_tr_np, y_va_np = y_tr.numpy(), y_va.numpy()
     acc = np.zeros((n_layers, n_heads))
     # One probe is a small problem: BLAS/OpenMP threads cost more than they save (measured 2-4x slower).
-    with threadpool_limits(1), tqdm(total=n_layers * n_heads, desc="ITI head probes", disable=not progress,
-                                    unit="head") as bar:
+    with (
+        threadpool_limits(1),
+        tqdm(total=n_layers * n_heads, desc="ITI head probes", disable=not progress, unit="head") as bar,
+    ):
         for layer in range(n_layers):
             for head in range(n_heads):
                 bar.update()
@@ -158,21 +168,28 @@ def mass_mean_directions(*parts: HeadActs) -> Tensor:
     Returns ``[n_layers, n_heads, d_head]``; a head with no mean difference gets a zero vector (from_heads
     refuses it if selected). Class sums are matrix products, so no part is copied or concatenated.
     """
-    sums, counts = 0.0, 0.0
+    sums: Tensor | float = 0.0
+    counts: Tensor | float = 0.0
     for z, is_true in parts:
         onehot = torch.stack([is_true.bool(), ~is_true.bool()], dim=1).float()  # [N, 2]: true, false
         for a in range(0, len(z), 4096):  # z may be float16 and GBs: cast block by block
             sums = sums + onehot[a : a + 4096].T @ z[a : a + 4096].float().flatten(1)  # [2, layers*heads*d_head]
         counts = counts + onehot.sum(0)
-    if not (counts > 0).all():
+    if not isinstance(counts, Tensor) or not (counts > 0).all():
         raise ValueError("mass-mean directions need both true and false answer tokens")
     means = sums / counts[:, None]
     diff = (means[0] - means[1]).view(parts[0][0].shape[1:])
     return diff / diff.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
 
 
-def fit_iti(train_heads: HeadActs, val_heads: HeadActs, alpha: float, k: int = 48,
-            d_model: int | None = None, progress: bool = False) -> tuple[ITIEditor, np.ndarray]:
+def fit_iti(
+    train_heads: HeadActs,
+    val_heads: HeadActs,
+    alpha: float,
+    k: int = 48,
+    d_model: int | None = None,
+    progress: bool = False,
+) -> tuple[ITIEditor, np.ndarray]:
     """Fit ITI: top-k heads by val probe accuracy, mass-mean directions, train std along them.
 
     Each argument is ``(z [N, n_layers, n_heads, d_head], is_true [N])`` as from
@@ -206,8 +223,15 @@ class ITIEditor(Editor):
     integer_tensors = frozenset({"head_shape"})
 
     @classmethod
-    def from_heads(cls, directions: Mapping[Head, Tensor], sigmas: Mapping[Head, float], alpha: float,
-                   n_layers: int, n_heads: int, d_model: int | None = None) -> ITIEditor:
+    def from_heads(
+        cls,
+        directions: Mapping[Head, Tensor],
+        sigmas: Mapping[Head, float],
+        alpha: float,
+        n_layers: int,
+        n_heads: int,
+        d_model: int | None = None,
+    ) -> ITIEditor:
         """Build from per-head directions (normalised here) and stds. ``d_model`` defaults to n_heads * d_head."""
         if not directions:
             raise ValueError("ITI needs at least one head")
@@ -249,7 +273,8 @@ class ITIEditor(Editor):
             raise ValueError(
                 f"iti editor was fitted on a model with n_layers={ours[0]}, n_heads={ours[1]}, d_head={ours[2]}; "
                 f"this model has n_layers={theirs[0]}, n_heads={theirs[1]}, d_head={theirs[2]}. "
-                f"Fit a new editor for this model.")
+                f"Fit a new editor for this model."
+            )
 
     def shifts(self, layer: int) -> tuple[Tensor, Tensor]:
         """Edited head indices ``[k]`` of ``layer`` and their shifts ``alpha * sigma * theta`` ``[k, d_head]``.
@@ -257,12 +282,20 @@ class ITIEditor(Editor):
         Shifts are float32; they are added in float32 and the sum cast back to the activation's dtype.
         """
         heads = [h for l, h in self.config.heads if l == layer]
-        missing = [f"L{layer}.H{h}.{t}" for h in heads for t in ("direction", "sigma")
-                   if f"L{layer}.H{h}.{t}" not in self.tensors]
+        missing = [
+            f"L{layer}.H{h}.{t}"
+            for h in heads
+            for t in ("direction", "sigma")
+            if f"L{layer}.H{h}.{t}" not in self.tensors
+        ]
         if missing:
             raise ValueError(f"ITI editor state is missing tensors {missing}")
-        shift = [self.config.alpha * self.tensors[f"L{layer}.H{h}.sigma"].float()
-                 * self.tensors[f"L{layer}.H{h}.direction"].float() for h in heads]
+        shift = [
+            self.config.alpha
+            * self.tensors[f"L{layer}.H{h}.sigma"].float()
+            * self.tensors[f"L{layer}.H{h}.direction"].float()
+            for h in heads
+        ]
         d_head = self.head_shape[1]
         return torch.tensor(heads, dtype=torch.long), torch.stack(shift) if shift else torch.zeros(0, d_head)
 
@@ -283,6 +316,7 @@ class ITIEditor(Editor):
 
             def hook(z, hook):
                 return _add_to_heads(z, idx.to(z.device), shift)
+
             return hook
 
         layers = sorted({layer for layer, _ in self.config.heads})
@@ -295,11 +329,17 @@ class ITIEditor(Editor):
 @dataclass(frozen=True)
 class ITISettings:
     k: int = field(default=48, metadata={"help": "heads edited: the top K by validation probe accuracy"})
-    positions: str = field(default="answer", metadata={
-        "help": "positions edited (hpr.positions; default: the answer tokens, as honest_llama's scorer)"})
-    features: str = field(default="last_token", metadata={
-        "help": "probe/direction/std features: last_token (honest_llama) | answer_tokens (every answer token)",
-        "choices": ITI_FEATURES})
+    positions: str = field(
+        default="answer",
+        metadata={"help": "positions edited (hpr.positions; default: the answer tokens, as honest_llama's scorer)"},
+    )
+    features: str = field(
+        default="last_token",
+        metadata={
+            "help": "probe/direction/std features: last_token (honest_llama) | answer_tokens (every answer token)",
+            "choices": ITI_FEATURES,
+        },
+    )
 
     def __post_init__(self):
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
@@ -321,19 +361,29 @@ def iti_alpha(label: str) -> float | None:
 def fit_step(fit: FitContext) -> None:
     """One fit (heads, directions, stds) for every alpha asked for, the two presets always."""
     settings: ITISettings = fit.settings["iti"]
-    alphas = {label: iti_alpha(label) for label in set(fit.labels) | set(ITI_PRESETS) if iti_alpha(label) is not None}
+    alphas = {label: alpha for label in set(fit.labels) | set(ITI_PRESETS) if (alpha := iti_alpha(label)) is not None}
     if all(fit.done(label) for label in alphas):
         return
     if fit.done("iti15"):
         from hpr.editors.base import load_editor
 
         iti = load_editor(fit.editors_dir / "iti15")
+        assert isinstance(iti, ITIEditor)
     else:
-        heads = {name: answer_head_activations(fit.model, fit.parts[name], fit.fmt, fit.batch_size, fit.progress,
-                                               settings.features)
-                 for name in ("train", "val")}
-        iti, head_acc = fit_iti(heads["train"], heads["val"], ITI_PRESETS["iti15"], k=settings.k,
-                                d_model=fit.model.cfg.d_model, progress=fit.progress)
+        heads = {
+            name: answer_head_activations(
+                fit.model, fit.parts[name], fit.fmt, fit.batch_size, fit.progress, settings.features
+            )
+            for name in ("train", "val")
+        }
+        iti, head_acc = fit_iti(
+            heads["train"],
+            heads["val"],
+            ITI_PRESETS["iti15"],
+            k=settings.k,
+            d_model=fit.model.cfg.d_model,
+            progress=fit.progress,
+        )
         iti = iti.with_positions(settings.positions)
         fit.write_json("iti_heads.json", {"val_accuracy": head_acc.tolist(), "heads": list(iti.config.heads)})
     for label, alpha in sorted(alphas.items()):
@@ -341,9 +391,17 @@ def fit_step(fit: FitContext) -> None:
             fit.save(label, iti.with_alpha(alpha))
 
 
-register_method(Method(
-    name="iti", summary="Inference-Time Intervention: per-head shifts along probe directions (alpha 15 and 200)",
-    labels=tuple(ITI_PRESETS), colours={"iti15": "#E69F00", "iti200": "#D55E00"}, order=10, fit=fit_step,
-    settings=ITISettings, label_pattern=ALPHA_LABEL,
-    flat_settings={"iti_k": "k", "iti_positions": "positions", "iti_features": "features"},
-    absent_means={"positions": "all", "features": "answer_tokens"}))
+register_method(
+    Method(
+        name="iti",
+        summary="Inference-Time Intervention: per-head shifts along probe directions (alpha 15 and 200)",
+        labels=tuple(ITI_PRESETS),
+        colours={"iti15": "#E69F00", "iti200": "#D55E00"},
+        order=10,
+        fit=fit_step,
+        settings=ITISettings,
+        label_pattern=ALPHA_LABEL,
+        flat_settings={"iti_k": "k", "iti_positions": "positions", "iti_features": "features"},
+        absent_means={"positions": "all", "features": "answer_tokens"},
+    )
+)

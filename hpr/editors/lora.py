@@ -60,8 +60,9 @@ class LoRAConfig:
     layers: tuple[int, ...] = field(default=(), metadata={"help": "edited layers (0-based blocks)"})
     rank: int = field(default=8, metadata={"help": "rank r of each adapter A [d_model, r] @ B [r, heads*d_head]"})
     alpha: float = field(default=16.0, metadata={"help": "adapter scale: the update is (alpha / rank) * A @ B"})
-    targets: tuple[str, ...] = field(default=("q", "v"),
-                                     metadata={"help": "attention projections adapted: any of q, k, v"})
+    targets: tuple[str, ...] = field(
+        default=("q", "v"), metadata={"help": "attention projections adapted: any of q, k, v"}
+    )
 
     def __post_init__(self):
         # JSON round trips give lists; normalise so equality and hashing work.
@@ -105,8 +106,10 @@ class LoRATrainConfig:
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
         if not self.lr > 0 or self.weight_decay < 0 or not 0 <= self.warmup < 1 or self.grad_clip < 0:
-            raise ValueError(f"need lr > 0, weight_decay >= 0, 0 <= warmup < 1, grad_clip >= 0; got lr={self.lr}, "
-                             f"weight_decay={self.weight_decay}, warmup={self.warmup}, grad_clip={self.grad_clip}")
+            raise ValueError(
+                f"need lr > 0, weight_decay >= 0, 0 <= warmup < 1, grad_clip >= 0; got lr={self.lr}, "
+                f"weight_decay={self.weight_decay}, warmup={self.warmup}, grad_clip={self.grad_clip}"
+            )
 
 
 # ------------------------------------------------------------------------------------------ model plumbing
@@ -215,7 +218,8 @@ class LoRAEditor(Editor):
             raise ValueError(
                 f"lora editor was fitted on a model with d_model={ours[0]}, n_layers={ours[1]}, n_heads={ours[2]}, "
                 f"d_head={ours[3]}; this model has d_model={theirs[0]}, n_layers={theirs[1]}, n_heads={theirs[2]}, "
-                f"d_head={theirs[3]}. Fit a new editor for this model.")
+                f"d_head={theirs[3]}. Fit a new editor for this model."
+            )
         why = _unsupported(model, self.config.targets)
         if why:
             raise ValueError(f"lora editor cannot adapt this model: {why}")
@@ -230,7 +234,8 @@ class LoRAEditor(Editor):
                     raise ValueError(
                         f"lora adapter layer{layer}.{t} has A {tuple(a.shape)} and B {tuple(b.shape)}; this model "
                         f"needs A ({self.d_model}, {rank}) and B ({rank}, {width}) ({width // d_head} heads at "
-                        f"hook_{t}). Fit a new editor for this model.")
+                        f"hook_{t}). Fit a new editor for this model."
+                    )
 
     def hooks(self, model) -> list[Hook]:
         """Per layer: capture the attention input, then add the adapter output at each target's hook.
@@ -271,7 +276,7 @@ class LoRAEditor(Editor):
 
 def true_answer_pairs(questions: Sequence[MCQuestion], fmt: PromptFormat) -> list[tuple[str, str]]:
     """``(context, continuation)`` for every true answer (MC1 and MC2, deduplicated) of every question."""
-    pairs = []
+    pairs: list[tuple[str, str]] = []
     for q in questions:
         answers = dict.fromkeys(c.text for c in (*q.mc1, *q.mc2) if c.is_true)
         pairs.extend((fmt.context(q), fmt.continuation(a)) for a in answers)
@@ -285,12 +290,14 @@ def _answer_nll(model, batch: Sequence[Encoded], pad_id: int) -> tuple[Tensor, i
     values (:func:`hpr.continuations.shared_prefix_forward`): the same loss and gradients as whole sequences.
     """
     logits, _, _, shared = shared_prefix_forward(model, batch, pad_id, return_type="logits")
-    rows, cols, targets = [], [], []
+    rows: list[int] = []
+    cols: list[int] = []
+    targets: list[int] = []
     for i, e in enumerate(batch):
         total = len(e.tokens)
         rows += [i] * e.n_cont
         cols += range(total - e.n_cont - 1 - shared, total - 1 - shared)  # logits at p predict token p + 1
-        targets += e.tokens[total - e.n_cont:]
+        targets += e.tokens[total - e.n_cont :]
     rows_t, cols_t, targets_t = (torch.tensor(v, device=logits.device) for v in (rows, cols, targets))
     picked = logits[rows_t, cols_t].float()  # only the positions the loss reads
     nll = torch.nn.functional.cross_entropy(picked, targets_t, reduction="sum")
@@ -298,8 +305,9 @@ def _answer_nll(model, batch: Sequence[Encoded], pad_id: int) -> tuple[Tensor, i
 
 
 @torch.no_grad()
-def true_answer_loss(model, questions: Sequence[MCQuestion], fmt: PromptFormat, editor: Editor | None = None,
-                     batch_size: int = 16) -> float:
+def true_answer_loss(
+    model, questions: Sequence[MCQuestion], fmt: PromptFormat, editor: Editor | None = None, batch_size: int = 16
+) -> float:
     """Mean token cross-entropy of the true answers' continuation tokens (the training objective), under ``editor``."""
     encoded = encode_all(model, true_answer_pairs(questions, fmt))
     if not encoded:
@@ -313,8 +321,15 @@ def true_answer_loss(model, questions: Sequence[MCQuestion], fmt: PromptFormat, 
     return total / count
 
 
-def fit_lora(model, questions: Sequence[MCQuestion], fmt: PromptFormat, layers: Sequence[int],
-             cfg: LoRATrainConfig, batch_size: int = 16, progress: bool = False) -> LoRAEditor:
+def fit_lora(
+    model,
+    questions: Sequence[MCQuestion],
+    fmt: PromptFormat,
+    layers: Sequence[int],
+    cfg: LoRATrainConfig,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> LoRAEditor:
     """Train LoRA adapters on the true answers of ``questions``; the model itself is left unchanged.
 
     ``cfg.batch_size`` sequences make one optimiser step; ``batch_size`` is how many go through one forward
@@ -343,7 +358,8 @@ def fit_lora(model, questions: Sequence[MCQuestion], fmt: PromptFormat, layers: 
     warm = max(1, int(cfg.warmup * total))
     opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
+        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm))
+    )
 
     flags = [(p, p.requires_grad) for p in model.parameters()]
     bar = tqdm(total=total, desc="training LoRA", disable=not progress, unit="step")
@@ -381,10 +397,22 @@ def fit_lora(model, questions: Sequence[MCQuestion], fmt: PromptFormat, layers: 
 def fit_step(fit: FitContext) -> None:
     if fit.done("lora"):
         return
-    fit.save("lora", fit_lora(fit.model, fit.parts["train"], fit.fmt, fit.layers, fit.settings["lora"],
-                              fit.batch_size, fit.progress))
+    fit.save(
+        "lora",
+        fit_lora(
+            fit.model, fit.parts["train"], fit.fmt, fit.layers, fit.settings["lora"], fit.batch_size, fit.progress
+        ),
+    )
 
 
-register_method(Method(
-    name="lora", summary="LoRA: low-rank adapters on the attention projections, fine-tuned on true answers",
-    labels=("lora",), colours={"lora": "#8C564B"}, order=60, fit=fit_step, settings=LoRATrainConfig))
+register_method(
+    Method(
+        name="lora",
+        summary="LoRA: low-rank adapters on the attention projections, fine-tuned on true answers",
+        labels=("lora",),
+        colours={"lora": "#8C564B"},
+        order=60,
+        fit=fit_step,
+        settings=LoRATrainConfig,
+    )
+)

@@ -123,8 +123,9 @@ class FitContext:
         tmp.write_text(json.dumps(obj, indent=2))
         os.replace(tmp, path)
 
-    def sweep(self, label: str, candidates: list[tuple[dict, Any]], extra: dict | None = None,
-              record: str | None = None):
+    def sweep(
+        self, label: str, candidates: list[tuple[dict, Any]], extra: dict | None = None, record: str | None = None
+    ):
         """The candidate with the best val MC1 (then MC2, then the first listed); the sweep is recorded in
         ``<record>.json`` (default ``<label>_sweep.json``)."""
         from tqdm.auto import tqdm

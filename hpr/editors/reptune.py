@@ -65,8 +65,8 @@ from hpr.data.prompts import PromptFormat
 from hpr.data.schema import MCQuestion
 from hpr.editors.base import Editor, Hook, register
 from hpr.editors.registry import FitContext, Method, register_method
-from hpr.models import resid_post_hook
 from hpr.encoding import Encoded, encode_all, pad_token_id
+from hpr.models import resid_post_hook
 
 TOKEN_PARAMS: tuple[str, ...] = ("*",)
 REP_PARAMS: tuple[str, ...] = ("attn.W_V", "attn.b_V", "attn.W_O", "attn.b_O")
@@ -83,14 +83,23 @@ def _patterns(value, name: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class RepTuneConfig:
-    layers: tuple[int, ...] = field(default=(), metadata={
-        "help": "tuned blocks (0-based); the representation loss is read at their resid_post"})
-    token_params: tuple[str, ...] = field(default=TOKEN_PARAMS, metadata={
-        "help": "parameters of each tuned block trained by the token loss (glob patterns of names inside a "
-                "block, e.g. 'mlp.*', 'attn.W_V'; '*' = all)"})
-    rep_params: tuple[str, ...] = field(default=REP_PARAMS, metadata={
-        "help": "parameters of each tuned block trained by the representation loss (glob patterns of names "
-                "inside a block)"})
+    layers: tuple[int, ...] = field(
+        default=(), metadata={"help": "tuned blocks (0-based); the representation loss is read at their resid_post"}
+    )
+    token_params: tuple[str, ...] = field(
+        default=TOKEN_PARAMS,
+        metadata={
+            "help": "parameters of each tuned block trained by the token loss (glob patterns of names inside a "
+            "block, e.g. 'mlp.*', 'attn.W_V'; '*' = all)"
+        },
+    )
+    rep_params: tuple[str, ...] = field(
+        default=REP_PARAMS,
+        metadata={
+            "help": "parameters of each tuned block trained by the representation loss (glob patterns of names "
+            "inside a block)"
+        },
+    )
 
     def __post_init__(self):
         layers = tuple(int(layer) for layer in self.layers)
@@ -111,12 +120,16 @@ class RepTuneTrainConfig:
     """
 
     lr_token: float = field(default=1e-5, metadata={"help": "AdamW learning rate of the token-only parameters"})
-    lr_rep: float = field(default=1e-4, metadata={
-        "help": "AdamW learning rate of the representation-group parameters (the reference: 10x lr_token)"})
+    lr_rep: float = field(
+        default=1e-4,
+        metadata={"help": "AdamW learning rate of the representation-group parameters (the reference: 10x lr_token)"},
+    )
     epochs: int = field(default=3, metadata={"help": "passes over the train answers"})
     batch_size: int = field(default=16, metadata={"help": "(question, answer) sequences per step"})
-    token_loss_scale: float = field(default=0.01, metadata={
-        "help": "weight of the CE on true answers (the reference: 1/100); 0 turns the token loss off"})
+    token_loss_scale: float = field(
+        default=0.01,
+        metadata={"help": "weight of the CE on true answers (the reference: 1/100); 0 turns the token loss off"},
+    )
     warmup: int = field(default=10, metadata={"help": "steps of linear warmup, then a constant rate"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (the reference: 0.1)"})
     adam_eps: float = field(default=1e-8, metadata={"help": "AdamW eps (the reference used 1e-4 in fp16)"})
@@ -147,15 +160,20 @@ def parameter_groups(model, config: RepTuneConfig) -> tuple[list[str], list[str]
     bad = [layer for layer in config.layers if layer >= model.cfg.n_layers]
     if bad:
         raise ValueError(f"reptune layers {bad} out of range for a {model.cfg.n_layers}-layer model")
-    inside = [(f"blocks.{layer}.{name}", name) for layer in config.layers
-              for name, _ in model.blocks[layer].named_parameters()]
+    inside = [
+        (f"blocks.{layer}.{name}", name)
+        for layer in config.layers
+        for name, _ in model.blocks[layer].named_parameters()
+    ]
     for group in ("token_params", "rep_params"):
         patterns = getattr(config, group)
         unused = [p for p in patterns if not any(_matches(name, (p,)) for _, name in inside)]
         if unused:
             available = sorted({name for _, name in inside})
-            raise ValueError(f"reptune {group} {unused} name no parameter of blocks {list(config.layers)}; "
-                             f"parameters of a block: {available}")
+            raise ValueError(
+                f"reptune {group} {unused} name no parameter of blocks {list(config.layers)}; "
+                f"parameters of a block: {available}"
+            )
     token = [full for full, name in inside if _matches(name, config.token_params)]
     rep = [full for full, name in inside if _matches(name, config.rep_params)]
     return token, rep
@@ -169,8 +187,10 @@ def _check_vectors(model, vectors: Mapping[int, Tensor], layers: Sequence[int]) 
     for layer in layers:
         v = vectors[layer].detach().float()
         if v.shape != (model.cfg.d_model,):
-            raise ValueError(f"steering vector of layer {layer} has shape {tuple(v.shape)}, "
-                             f"expected ({model.cfg.d_model},) (d_model)")
+            raise ValueError(
+                f"steering vector of layer {layer} has shape {tuple(v.shape)}, "
+                f"expected ({model.cfg.d_model},) (d_model)"
+            )
         norm = v.norm()
         if not torch.isfinite(norm) or norm == 0:
             raise ValueError(f"steering vector of layer {layer} has norm {norm.item()}; cosine undefined")
@@ -181,10 +201,17 @@ def _check_vectors(model, vectors: Mapping[int, Tensor], layers: Sequence[int]) 
 # -------------------------------------------------------------------------------------------- fitting
 
 
-def fit_reptune(model, questions: Sequence[MCQuestion], fmt: PromptFormat, vectors: Mapping[int, Tensor],
-                cfg: RepTuneTrainConfig = RepTuneTrainConfig(), layers: Sequence[int] | None = None,
-                token_params: Sequence[str] = TOKEN_PARAMS, rep_params: Sequence[str] = REP_PARAMS,
-                progress: bool = False) -> RepTuneEditor:
+def fit_reptune(
+    model,
+    questions: Sequence[MCQuestion],
+    fmt: PromptFormat,
+    vectors: Mapping[int, Tensor],
+    cfg: RepTuneTrainConfig = RepTuneTrainConfig(),
+    layers: Sequence[int] | None = None,
+    token_params: Sequence[str] = TOKEN_PARAMS,
+    rep_params: Sequence[str] = REP_PARAMS,
+    progress: bool = False,
+) -> RepTuneEditor:
     """Representation-tune ``model`` on every MC2 answer of ``questions``; return the tuned weights as an editor.
 
     ``vectors[l]`` ``[d_model]`` is the steering direction of block ``l`` (CAA: mean resid_post at true minus
@@ -196,14 +223,31 @@ def fit_reptune(model, questions: Sequence[MCQuestion], fmt: PromptFormat, vecto
     if not seqs:
         raise ValueError("no MC2 answers to tune on")
     encoded = encode_all(model, [(ctx, cont) for ctx, cont, _ in seqs])
-    return fit_reptune_encoded(model, encoded, [t for _, _, t in seqs], vectors, cfg, layers, token_params,
-                               rep_params, progress)
+    return fit_reptune_encoded(
+        model, encoded, [t for _, _, t in seqs], vectors, cfg, layers, token_params, rep_params, progress
+    )
 
 
-def fit_reptune_encoded(model, encoded: Sequence[Encoded], is_true: Sequence[bool],
-                        vectors: Mapping[int, Tensor], cfg: RepTuneTrainConfig = RepTuneTrainConfig(),
-                        layers: Sequence[int] | None = None, token_params: Sequence[str] = TOKEN_PARAMS,
-                        rep_params: Sequence[str] = REP_PARAMS, progress: bool = False) -> RepTuneEditor:
+def _keeper(acts: dict):
+    """A hook that keeps each activation it sees (with its graph: the representation loss needs it)."""
+
+    def keep(act, hook):
+        acts[hook.name] = act
+
+    return keep
+
+
+def fit_reptune_encoded(
+    model,
+    encoded: Sequence[Encoded],
+    is_true: Sequence[bool],
+    vectors: Mapping[int, Tensor],
+    cfg: RepTuneTrainConfig = RepTuneTrainConfig(),
+    layers: Sequence[int] | None = None,
+    token_params: Sequence[str] = TOKEN_PARAMS,
+    rep_params: Sequence[str] = REP_PARAMS,
+    progress: bool = False,
+) -> RepTuneEditor:
     """:func:`fit_reptune` on already tokenised sequences (the continuation is the last ``n_cont`` tokens).
 
     ``is_true[i]`` says whether sequence i's continuation is a true answer (only those feed the token loss);
@@ -212,10 +256,15 @@ def fit_reptune_encoded(model, encoded: Sequence[Encoded], is_true: Sequence[boo
     from tqdm.auto import tqdm
 
     if len(encoded) != len(is_true) or not encoded:
-        raise ValueError(f"need one is_true per sequence and at least one sequence, got {len(encoded)} "
-                         f"sequences and {len(is_true)} labels")
-    config = RepTuneConfig(layers=tuple(sorted(vectors)) if layers is None else tuple(layers),
-                           token_params=tuple(token_params), rep_params=tuple(rep_params))
+        raise ValueError(
+            f"need one is_true per sequence and at least one sequence, got {len(encoded)} "
+            f"sequences and {len(is_true)} labels"
+        )
+    config = RepTuneConfig(
+        layers=tuple(sorted(vectors)) if layers is None else tuple(layers),
+        token_params=tuple(token_params),
+        rep_params=tuple(rep_params),
+    )
     token_names, rep_names = parameter_groups(model, config)
     vecs = _check_vectors(model, vectors, config.layers)
     params = dict(model.named_parameters())
@@ -227,8 +276,10 @@ def fit_reptune_encoded(model, encoded: Sequence[Encoded], is_true: Sequence[boo
     device = model.cfg.device
     names = [resid_post_hook(layer) for layer in config.layers]
     rep_set = set(rep_names)
-    groups = [{"params": [params[n] for n in trained if n in rep_set], "lr": cfg.lr_rep},
-              {"params": [params[n] for n in trained if n not in rep_set], "lr": cfg.lr_token}]
+    groups = [
+        {"params": [params[n] for n in trained if n in rep_set], "lr": cfg.lr_rep},
+        {"params": [params[n] for n in trained if n not in rep_set], "lr": cfg.lr_token},
+    ]
 
     # Everything that restores the model is captured before the first change.
     original = {n: params[n].detach().clone() for n in trained}
@@ -242,10 +293,10 @@ def fit_reptune_encoded(model, encoded: Sequence[Encoded], is_true: Sequence[boo
             p.grad = None
         for n in trained:
             params[n].requires_grad_(True)
-        opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay,
-                                eps=cfg.adam_eps)
+        opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min(1.0, (s + 1) / cfg.warmup) if cfg.warmup else 1.0)  # linear warmup, then constant
+            opt, lambda s: min(1.0, (s + 1) / cfg.warmup) if cfg.warmup else 1.0
+        )  # linear warmup, then constant
         gen = torch.Generator().manual_seed(cfg.seed)
         steps = -(-len(encoded) // cfg.batch_size) * cfg.epochs
         bar = tqdm(total=steps, desc="representation tuning", disable=not progress, unit="step")
@@ -254,10 +305,7 @@ def fit_reptune_encoded(model, encoded: Sequence[Encoded], is_true: Sequence[boo
                 batch = [encoded[i] for i in idx.tolist()]
                 n_cont = torch.tensor([e.n_cont for e in batch])
                 acts: dict[str, Tensor] = {}
-
-                def keep(act, hook):
-                    acts[hook.name] = act
-
+                keep = _keeper(acts)
                 with torch.enable_grad(), model.hooks(fwd_hooks=[(n, keep) for n in names]):
                     # Without the token loss nothing after the last target block is needed. The shared prompt
                     # prefix runs once, with gradients through its keys and values; ids are the rest.
@@ -270,19 +318,23 @@ def fit_reptune_encoded(model, encoded: Sequence[Encoded], is_true: Sequence[boo
                     true_targets = (answer & labels[idx].to(device)[:, None])[:, 1:]  # logits at t-1 predict t
                     token_on = use_token and bool(true_targets.any())
                     if use_rep:
-                        cos = [F.cosine_similarity(acts[n][answer].float(), vecs[layer][None], dim=-1)
-                               for n, layer in zip(names, config.layers)]
+                        cos = [
+                            F.cosine_similarity(acts[n][answer].float(), vecs[layer][None], dim=-1)
+                            for n, layer in zip(names, config.layers, strict=True)
+                        ]
                         rep_loss = torch.stack([((1 - c) / 2).mean() for c in cos]).mean()
                         record["rep_loss"] = rep_loss.item()
-                        g = torch.autograd.grad(rep_loss, [params[n] for n in rep_names], retain_graph=token_on,
-                                                allow_unused=True)
-                        update.update({n: gi for n, gi in zip(rep_names, g) if gi is not None})
+                        g = torch.autograd.grad(
+                            rep_loss, [params[n] for n in rep_names], retain_graph=token_on, allow_unused=True
+                        )
+                        update.update({n: gi for n, gi in zip(rep_names, g, strict=True) if gi is not None})
                     if token_on:
                         ce = F.cross_entropy(out[:, :-1][true_targets].float(), ids[:, 1:][true_targets])
                         record["token_loss"] = ce.item()
-                        g = torch.autograd.grad(cfg.token_loss_scale * ce, [params[n] for n in token_names],
-                                                allow_unused=True)
-                        for n, gi in zip(token_names, g):
+                        g = torch.autograd.grad(
+                            cfg.token_loss_scale * ce, [params[n] for n in token_names], allow_unused=True
+                        )
+                        for n, gi in zip(token_names, g, strict=True):
                             if gi is not None:
                                 update[n] = update[n] + gi if n in update else gi
                 del acts, out
@@ -308,8 +360,9 @@ def fit_reptune_encoded(model, encoded: Sequence[Encoded], is_true: Sequence[boo
 
 
 @torch.inference_mode()
-def answer_cosines(model, questions: Sequence[MCQuestion], fmt: PromptFormat, vectors: Mapping[int, Tensor],
-                   batch_size: int = 16) -> dict[int, float]:
+def answer_cosines(
+    model, questions: Sequence[MCQuestion], fmt: PromptFormat, vectors: Mapping[int, Tensor], batch_size: int = 16
+) -> dict[int, float]:
     """Mean ``cos(resid_post_l, v_l)`` over the answer tokens of every MC2 answer, per layer of ``vectors``.
 
     ``1 - 2 * mean`` over the layers is the representation loss on these questions; run it inside
@@ -319,8 +372,10 @@ def answer_cosines(model, questions: Sequence[MCQuestion], fmt: PromptFormat, ve
 
     pairs = [(fmt.context(q), fmt.continuation(c.text)) for q in questions for c in q.mc2]
     acts = torch.cat(answer_activations(model, pairs, batch_size))  # [tokens, layers, d]
-    return {layer: F.cosine_similarity(acts[:, layer], v.detach().float().cpu()[None], dim=-1).mean().item()
-            for layer, v in sorted(vectors.items())}
+    return {
+        layer: F.cosine_similarity(acts[:, layer], v.detach().float().cpu()[None], dim=-1).mean().item()
+        for layer, v in sorted(vectors.items())
+    }
 
 
 # --------------------------------------------------------------------------------------------- editor
@@ -331,8 +386,7 @@ class RepTuneEditor(Editor):
     method = "reptune"
     config_cls = RepTuneConfig
 
-    def __init__(self, config, tensors: dict[str, Tensor], d_model: int, n_layers: int,
-                 fitted_on: str | None = None):
+    def __init__(self, config, tensors: dict[str, Tensor], d_model: int, n_layers: int, fitted_on: str | None = None):
         super().__init__(config, tensors, d_model, n_layers, fitted_on)
         self.history: list[dict[str, float]] = []  # per-step losses of fit_reptune (not saved)
 
@@ -346,20 +400,26 @@ class RepTuneEditor(Editor):
         prefixes = tuple(f"blocks.{layer}." for layer in self.config.layers)
         stray = [n for n in self.tensors if not n.startswith(prefixes)]
         if stray:
-            raise ValueError(f"reptune editor state has tensors {stray[:5]} outside its blocks "
-                             f"{list(self.config.layers)}")
+            raise ValueError(
+                f"reptune editor state has tensors {stray[:5]} outside its blocks {list(self.config.layers)}"
+            )
         params = dict(model.named_parameters())
         problems = []
         for name, t in self.tensors.items():
             if name not in params:
                 problems.append(f"{name} is not a parameter of this model")
             elif params[name].shape != t.shape:
-                problems.append(f"{name} has shape {tuple(t.shape)} in the editor but "
-                                f"{tuple(params[name].shape)} in this model")
+                problems.append(
+                    f"{name} has shape {tuple(t.shape)} in the editor but {tuple(params[name].shape)} in this model"
+                )
         if problems:
             more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-            raise ValueError("reptune editor does not fit this model: " + "; ".join(problems[:5]) + more
-                             + ". Fit a new editor for this model.")
+            raise ValueError(
+                "reptune editor does not fit this model: "
+                + "; ".join(problems[:5])
+                + more
+                + ". Fit a new editor for this model."
+            )
 
     @contextlib.contextmanager
     def applied(self, model) -> Iterator[None]:
@@ -395,10 +455,22 @@ def fit_step(fit: FitContext) -> None:
     caa = fit_caa(pos, neg, layers, 1.0)  # the steering vectors: CAA's, from the train split
     vectors = {layer: caa.tensors[f"layer{layer}.vector"] for layer in layers}
     del pos, neg, caa  # the train split is freed before training
-    fit.save("reptune", fit_reptune(fit.model, fit.parts["train"], fit.fmt, vectors, fit.settings["reptune"], layers,
-                                    progress=fit.progress))
+    fit.save(
+        "reptune",
+        fit_reptune(
+            fit.model, fit.parts["train"], fit.fmt, vectors, fit.settings["reptune"], layers, progress=fit.progress
+        ),
+    )
 
 
-register_method(Method(
-    name="reptune", summary="Representation tuning: fine-tune the weights towards CAA's vectors at HPR's layers",
-    labels=("reptune",), colours={"reptune": "#17BECF"}, order=70, fit=fit_step, settings=RepTuneTrainConfig))
+register_method(
+    Method(
+        name="reptune",
+        summary="Representation tuning: fine-tune the weights towards CAA's vectors at HPR's layers",
+        labels=("reptune",),
+        colours={"reptune": "#17BECF"},
+        order=70,
+        fit=fit_step,
+        settings=RepTuneTrainConfig,
+    )
+)

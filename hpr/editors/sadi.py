@@ -55,8 +55,11 @@ Element = tuple[int, int]  # (layer, unit)
 
 
 def level_hook(level: str, layer: int) -> str:
-    return {"heads": f"blocks.{layer}.attn.hook_z", "hidden": f"blocks.{layer}.hook_mlp_out",
-            "neurons": f"blocks.{layer}.mlp.hook_post"}[level]
+    return {
+        "heads": f"blocks.{layer}.attn.hook_z",
+        "hidden": f"blocks.{layer}.hook_mlp_out",
+        "neurons": f"blocks.{layer}.mlp.hook_post",
+    }[level]
 
 
 def level_units(level: str, cfg) -> int:
@@ -69,8 +72,10 @@ class SADIConfig:
     level: str = field(default="heads", metadata={"help": "heads | hidden | neurons"})
     elements: tuple[Element, ...] = field(default=(), metadata={"help": "masked elements as (layer, unit)"})
     delta: float = field(default=1.0, metadata={"help": "scale of the masked elements (0 = base model)"})
-    mode: str = field(default="additive", metadata={"help": "additive (paper): A + delta*M*A; "
-                                                            "multiplicative (code): masked A times delta"})
+    mode: str = field(
+        default="additive",
+        metadata={"help": "additive (paper): A + delta*M*A; multiplicative (code): masked A times delta"},
+    )
     positions: str = field(default="prompt_end", metadata={"help": POSITIONS_HELP})
 
     def __post_init__(self):
@@ -91,8 +96,9 @@ class SADIConfig:
 
 
 @torch.inference_mode()
-def mean_differences(model, questions: Sequence[MCQuestion], fmt: PromptFormat, level: str,
-                     batch_size: int = 16, progress: bool = False) -> Tensor:
+def mean_differences(
+    model, questions: Sequence[MCQuestion], fmt: PromptFormat, level: str, batch_size: int = 16, progress: bool = False
+) -> Tensor:
     """Mean over (true, false) pairs of the last-token activation difference: ``[n_layers, units]``.
 
     For ``heads`` each head's difference is averaged over ``d_head`` (the code's head score).
@@ -101,8 +107,9 @@ def mean_differences(model, questions: Sequence[MCQuestion], fmt: PromptFormat, 
         raise ValueError(f"SADI level must be one of {LEVELS}, got {level!r}")
     names = [level_hook(level, layer) for layer in range(model.cfg.n_layers)]
     answers = [(q, c.text) for q in questions for c in q.mc2]
-    acts = last_token_activations(model, [(fmt.context(q), fmt.continuation(a)) for q, a in answers], names,
-                                  batch_size, progress)
+    acts = last_token_activations(
+        model, [(fmt.context(q), fmt.continuation(a)) for q, a in answers], names, batch_size, progress
+    )
     stacked = torch.stack([acts[n] for n in names], dim=1)  # [answers, layers, units(, d_head)]
     if level == "heads":
         stacked = stacked.mean(-1)
@@ -128,8 +135,9 @@ def top_k_elements(mean_diff: Tensor, k: int) -> tuple[Element, ...]:
     return tuple(sorted((i // units, i % units) for i in order))
 
 
-def fit_sadi(mean_diff: Tensor, k: int, delta: float, level: str = "heads", mode: str = "additive",
-             d_model: int | None = None) -> SADIEditor:
+def fit_sadi(
+    mean_diff: Tensor, k: int, delta: float, level: str = "heads", mode: str = "additive", d_model: int | None = None
+) -> SADIEditor:
     """The SADI editor of the top-``k`` elements of ``mean_diff [n_layers, units]``."""
     n_layers, units = mean_diff.shape
     config = SADIConfig(level=level, elements=top_k_elements(mean_diff, k), delta=delta, mode=mode)
@@ -167,14 +175,16 @@ class SADIEditor(Editor):
             raise ValueError(
                 f"sadi editor ({self.config.level}) was fitted on a model with n_layers={self.n_layers} and "
                 f"{units} units per layer; this model has n_layers={theirs[0]} and {theirs[1]}. "
-                f"Fit a new editor for this model.")
+                f"Fit a new editor for this model."
+            )
 
     def edit(self, layer: int, a: Tensor) -> Tensor:
         units = [u for l, u in self.config.elements if l == layer]
         if not units or self.config.delta == 0 and self.config.mode == "additive":
             return a
-        return scale_masked(a, torch.tensor(units, device=a.device), self.config.delta, self.config.mode,
-                            self.config.level)
+        return scale_masked(
+            a, torch.tensor(units, device=a.device), self.config.delta, self.config.mode, self.config.level
+        )
 
     def hooks(self, model) -> list[Hook]:
         n_units = level_units(self.config.level, model.cfg)
@@ -185,6 +195,7 @@ class SADIEditor(Editor):
         def make(layer: int):
             def hook(a, hook):
                 return self.edit(layer, a)
+
             return hook
 
         layers = sorted({layer for layer, _ in self.config.elements})
@@ -199,21 +210,32 @@ GRIDS = ("small", "released")
 @dataclass(frozen=True)
 class SADISettings:
     level: str = field(default="heads", metadata={"help": "which elements the mask selects", "choices": LEVELS})
-    mode: str = field(default="additive", metadata={
-        "help": "additive: A + delta*M*A (paper) | multiplicative: masked A times delta (released code)",
-        "choices": MODES})
+    mode: str = field(
+        default="additive",
+        metadata={
+            "help": "additive: A + delta*M*A (paper) | multiplicative: masked A times delta (released code)",
+            "choices": MODES,
+        },
+    )
     k: tuple[int, ...] = field(default=(1, 2, 4, 8), metadata={"help": "mask sizes tried on val"})
     deltas: tuple[float, ...] = field(default=(0.5, 1.0, 2.0, 5.0), metadata={"help": "deltas tried on val (best MC1)"})
-    grid: str = field(default="small", metadata={
-        "help": "(k, delta) tried on val: small (k x deltas) | released (the released script's grid for the level)",
-        "choices": GRIDS})
-    positions: str = field(default="prompt_end", metadata={
-        "help": "positions edited (hpr.positions; default: the prompt's last token, as the released code)"})
+    grid: str = field(
+        default="small",
+        metadata={
+            "help": "(k, delta) tried on val: small (k x deltas) | released (the released script's grid for the level)",
+            "choices": GRIDS,
+        },
+    )
+    positions: str = field(
+        default="prompt_end",
+        metadata={"help": "positions edited (hpr.positions; default: the prompt's last token, as the released code)"},
+    )
 
     def __post_init__(self):
         if self.level not in LEVELS or self.mode not in MODES:
-            raise ValueError(f"sadi.level must be one of {LEVELS} and sadi.mode one of {MODES}, "
-                             f"got {self.level!r} and {self.mode!r}")
+            raise ValueError(
+                f"sadi.level must be one of {LEVELS} and sadi.mode one of {MODES}, got {self.level!r} and {self.mode!r}"
+            )
         if self.grid not in GRIDS:
             raise ValueError(f"sadi.grid must be 'small' or 'released', got {self.grid!r}")
         for name in ("k", "deltas"):
@@ -232,16 +254,36 @@ def fit_step(fit: FitContext) -> None:
     settings: SADISettings = fit.settings["sadi"]
     diff = mean_differences(fit.model, fit.parts["train"], fit.fmt, settings.level, fit.batch_size, fit.progress)
     ks, deltas = RELEASED_GRIDS[settings.level] if settings.grid == "released" else (settings.k, settings.deltas)
-    candidates = [({"k": k, "delta": delta},
-                   fit_sadi(diff, k, delta, settings.level, settings.mode, fit.model.cfg.d_model)
-                   .with_positions(settings.positions))
-                  for k in sorted({min(k, diff.numel()) for k in ks}) for delta in deltas]
+    candidates = [
+        (
+            {"k": k, "delta": delta},
+            fit_sadi(diff, k, delta, settings.level, settings.mode, fit.model.cfg.d_model).with_positions(
+                settings.positions
+            ),
+        )
+        for k in sorted({min(k, diff.numel()) for k in ks})
+        for delta in deltas
+    ]
     fit.save("sadi", fit.sweep("sadi", candidates, {"level": settings.level, "mode": settings.mode}))
 
 
-register_method(Method(
-    name="sadi", summary="Semantics-Adaptive Dynamic Intervention: scale the elements most moved by truth",
-    labels=("sadi",), colours={"sadi": "#999999"}, order=50, fit=fit_step, settings=SADISettings,
-    flat_settings={"sadi_level": "level", "sadi_mode": "mode", "sadi_k": "k", "sadi_deltas": "deltas",
-                   "sadi_grid": "grid", "sadi_positions": "positions"},
-    absent_means={"positions": "all"}))
+register_method(
+    Method(
+        name="sadi",
+        summary="Semantics-Adaptive Dynamic Intervention: scale the elements most moved by truth",
+        labels=("sadi",),
+        colours={"sadi": "#999999"},
+        order=50,
+        fit=fit_step,
+        settings=SADISettings,
+        flat_settings={
+            "sadi_level": "level",
+            "sadi_mode": "mode",
+            "sadi_k": "k",
+            "sadi_deltas": "deltas",
+            "sadi_grid": "grid",
+            "sadi_positions": "positions",
+        },
+        absent_means={"positions": "all"},
+    )
+)

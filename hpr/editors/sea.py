@@ -85,8 +85,10 @@ def explained_rank(singular_values: Tensor, ratio: float) -> int:
 def spectral_projections(base: Tensor, pos: Tensor, neg: Tensor, k_ratio: float = 0.998) -> tuple[Tensor, Tensor]:
     """``(keep [d, k+], tail [d, d - k-])`` from row-aligned ``[N, d]`` activations (see the module doc)."""
     if not base.shape == pos.shape == neg.shape or base.ndim != 2 or len(base) == 0:
-        raise ValueError(f"SEA needs base, pos and neg of one shape [N, d] with N > 0, got "
-                         f"{tuple(base.shape)}, {tuple(pos.shape)}, {tuple(neg.shape)}")
+        raise ValueError(
+            f"SEA needs base, pos and neg of one shape [N, d] with N > 0, got "
+            f"{tuple(base.shape)}, {tuple(pos.shape)}, {tuple(neg.shape)}"
+        )
     h = base.double()
     u_pos, s_pos, _ = torch.linalg.svd(h.T @ pos.double() / len(h))
     u_neg, s_neg, _ = torch.linalg.svd(h.T @ neg.double() / len(h))
@@ -95,12 +97,15 @@ def spectral_projections(base: Tensor, pos: Tensor, neg: Tensor, k_ratio: float 
     return u_pos[:, :k_pos].float().contiguous(), u_neg[:, k_neg:].float().contiguous()
 
 
-def fit_sea(base: Tensor, pos: Tensor, neg: Tensor, layers: Sequence[int], k_ratio: float = 0.998,
-            normalize: str = "l2_norm") -> SEAEditor:
+def fit_sea(
+    base: Tensor, pos: Tensor, neg: Tensor, layers: Sequence[int], k_ratio: float = 0.998, normalize: str = "l2_norm"
+) -> SEAEditor:
     """Fit SEA on row-aligned ``[N, n_layers, d]`` activations (as from :func:`sea_activations`)."""
     if base.ndim != 3 or not base.shape == pos.shape == neg.shape:
-        raise ValueError(f"SEA needs base, pos and neg of one shape [N, n_layers, d], got "
-                         f"{tuple(base.shape)}, {tuple(pos.shape)}, {tuple(neg.shape)}")
+        raise ValueError(
+            f"SEA needs base, pos and neg of one shape [N, n_layers, d], got "
+            f"{tuple(base.shape)}, {tuple(pos.shape)}, {tuple(neg.shape)}"
+        )
     n_layers, d = base.shape[1:]
     bad = [layer for layer in layers if not 0 <= layer < n_layers]
     if bad:
@@ -120,8 +125,9 @@ def newline_ids(tokenizer) -> list[int]:
 
 
 @torch.inference_mode()
-def greedy_answers(model, questions: Sequence[MCQuestion], fmt: PromptFormat, max_new_tokens: int = 32,
-                   progress: bool = False) -> list[str]:
+def greedy_answers(
+    model, questions: Sequence[MCQuestion], fmt: PromptFormat, max_new_tokens: int = 32, progress: bool = False
+) -> list[str]:
     """The model's own greedy answer to each question: the text after ``A:`` up to the first newline.
 
     An answer that ends at once (a newline first) keeps its first generated token, so it is never empty.
@@ -135,16 +141,29 @@ def greedy_answers(model, questions: Sequence[MCQuestion], fmt: PromptFormat, ma
     answers = []
     for q in tqdm(questions, desc="SEA base answers", disable=not progress, unit="q"):
         ids = torch.tensor(encode_context(model, fmt.context(q), max_new_tokens), device=model.cfg.device)[None]
-        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, stop_at_eos=True,
-                             eos_token_id=stops, verbose=False, use_past_kv_cache=True)
-        new = out[0, ids.shape[1]:].tolist()
+        out = model.generate(
+            ids,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            stop_at_eos=True,
+            eos_token_id=stops,
+            verbose=False,
+            use_past_kv_cache=True,
+        )
+        new = out[0, ids.shape[1] :].tolist()
         text = tok.decode(new).split("\n")[0]
         answers.append(text if text.strip() else tok.decode(new[:1]))
     return answers
 
 
-def sea_activations(model, questions: Sequence[MCQuestion], fmt: PromptFormat, max_new_tokens: int = 32,
-                    batch_size: int = 16, progress: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+def sea_activations(
+    model,
+    questions: Sequence[MCQuestion],
+    fmt: PromptFormat,
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Row-aligned last-token resid_post ``(base, pos, neg)``, each ``[N, n_layers, d]``.
 
     One row per (true, false) answer pair of each question; its base row is the question's greedy answer.
@@ -161,7 +180,7 @@ def sea_activations(model, questions: Sequence[MCQuestion], fmt: PromptFormat, m
     if not base_rows:
         raise ValueError("SEA needs questions with at least one true and one false answer")
     # Greedy answers are scored as generated (they already start with the model's own space, if any).
-    base_pairs = [(fmt.context(q), a) for q, a in zip(questions, answers)]
+    base_pairs = [(fmt.context(q), a) for q, a in zip(questions, answers, strict=True)]
     # Each distinct answer runs once; a pair's rows are gathered from those (an answer is in many pairs).
     unique = list(dict.fromkeys(base_pairs + pos_pairs + neg_pairs))
     acts = last_token_activations(model, unique, names, batch_size, progress=progress)
@@ -200,6 +219,7 @@ class SEAEditor(Editor):
             def project(x):
                 return x @ dense
         else:
+
             def project(x):
                 return (x @ keep) @ keep.T + (x @ tail) @ tail.T
 
@@ -213,6 +233,7 @@ class SEAEditor(Editor):
             else:
                 edited = edited / 2
             return edited.to(h.dtype)
+
         return edit
 
     def hooks(self, model) -> list[Hook]:
@@ -240,12 +261,21 @@ def fit_step(fit: FitContext) -> None:
     if fit.done("sea"):
         return
     settings: SEASettings = fit.settings["sea"]
-    base, pos, neg = sea_activations(fit.model, fit.parts["train"], fit.fmt, settings.max_new_tokens,
-                                     fit.batch_size, fit.progress)
+    base, pos, neg = sea_activations(
+        fit.model, fit.parts["train"], fit.fmt, settings.max_new_tokens, fit.batch_size, fit.progress
+    )
     fit.save("sea", fit_sea(base, pos, neg, last_layers(fit.model.cfg.n_layers), settings.k_ratio))
 
 
-register_method(Method(
-    name="sea", summary="Spectral Editing of Activations: project onto the positive and off the negative spectra",
-    labels=("sea",), colours={"sea": "#F0E442"}, order=40, fit=fit_step, settings=SEASettings,
-    flat_settings={"sea_k_ratio": "k_ratio", "sea_max_new_tokens": "max_new_tokens"}))
+register_method(
+    Method(
+        name="sea",
+        summary="Spectral Editing of Activations: project onto the positive and off the negative spectra",
+        labels=("sea",),
+        colours={"sea": "#F0E442"},
+        order=40,
+        fit=fit_step,
+        settings=SEASettings,
+        flat_settings={"sea_k_ratio": "k_ratio", "sea_max_new_tokens": "max_new_tokens"},
+    )
+)

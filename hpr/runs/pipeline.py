@@ -13,6 +13,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -43,7 +44,7 @@ class Pipeline:
 
     cfg: RunConfig
     out: Path
-    model: object
+    model: Any  # a HookedTransformer
     parts: dict
     fmt: PromptFormat
     progress: bool
@@ -136,18 +137,20 @@ def collect_activations(run: Pipeline) -> None:
 
 def fit_hpr(run: Pipeline) -> dict:
     """HPR's fit, always: its probes select the layers of every method. Returns ``probes.json``."""
-    methods()["hpr"].fit(run.fit_context(None))
+    fit_method(run, "hpr", None)
     return read_json(run.out / "probes.json", "probe accuracy")
 
 
 def _methods_to_fit(cfg: RunConfig) -> list[str]:
     """The methods behind the labels asked for, HPR aside (it always fits), in registry order."""
-    asked = {method_of(label).name for label in cfg.methods if label != BASE}
+    asked = {m.name for m in map(method_of, cfg.methods) if m is not None}  # base has no method
     return [name for name, m in methods().items() if name in asked and name != "hpr" and m.fit is not None]
 
 
-def fit_method(run: Pipeline, method: str, probes: dict) -> None:
-    methods()[method].fit(run.fit_context(probes))
+def fit_method(run: Pipeline, method: str, probes: dict | None) -> None:
+    fit = methods()[method].fit
+    if fit is not None:
+        fit(run.fit_context(probes))
 
 
 def evaluate_test_split(run: Pipeline):

@@ -46,8 +46,7 @@ def _train(model, stream: torch.Tensor, config: ToyWorldConfig, progress: bool) 
     gen = torch.Generator().manual_seed(config.seed)
     n_windows = (len(stream) - 1) // config.n_ctx
     windows = stream[: n_windows * config.n_ctx + 1]
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                            betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=config.steps, pct_start=0.1)
     losses = []
     model.train()
@@ -102,9 +101,17 @@ def build_toy_model(config: ToyWorldConfig, out_dir: Path, progress: bool = True
 
 def _model_cfg(config: ToyWorldConfig, d_vocab: int) -> dict:
     return dict(
-        n_layers=config.n_layers, d_model=config.d_model, n_heads=config.n_heads,
-        d_head=config.d_model // config.n_heads, d_mlp=config.d_mlp, n_ctx=config.n_ctx, d_vocab=d_vocab,
-        act_fn="gelu", normalization_type="LN", model_name="hpr-toy", default_prepend_bos=True,
+        n_layers=config.n_layers,
+        d_model=config.d_model,
+        n_heads=config.n_heads,
+        d_head=config.d_model // config.n_heads,
+        d_mlp=config.d_mlp,
+        n_ctx=config.n_ctx,
+        d_vocab=d_vocab,
+        act_fn="gelu",
+        normalization_type="LN",
+        model_name="hpr-toy",
+        default_prepend_bos=True,
     )
 
 
@@ -144,4 +151,3 @@ def load_built(folder: Path, device=None, dtype=None):
     model.to(device or "cpu")
     use_matmul_layout(model)
     return model
-

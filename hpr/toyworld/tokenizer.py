@@ -24,14 +24,18 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: Path, kind: 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    trainer: trainers.Trainer
     if kind == "word":
         tok = Tokenizer(models.WordLevel(unk_token=UNKNOWN))
-        trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=[END_OF_DOC, UNKNOWN],
-                                            show_progress=False)
+        trainer = trainers.WordLevelTrainer(
+            vocab_size=vocab_size, special_tokens=[END_OF_DOC, UNKNOWN], show_progress=False
+        )
     elif kind == "bpe":
         tok = Tokenizer(models.BPE())
         trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, special_tokens=[END_OF_DOC], show_progress=False,
+            vocab_size=vocab_size,
+            special_tokens=[END_OF_DOC],
+            show_progress=False,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         )
     else:
@@ -40,8 +44,14 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: Path, kind: 
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(texts, trainer=trainer)
     extra = {"unk_token": UNKNOWN} if kind == "word" else {}
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=END_OF_DOC, bos_token=END_OF_DOC,
-                                   pad_token=END_OF_DOC, model_max_length=1 << 30, **extra)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=END_OF_DOC,
+        bos_token=END_OF_DOC,
+        pad_token=END_OF_DOC,
+        model_max_length=1 << 30,
+        **extra,
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(out_dir)
     return AutoTokenizer.from_pretrained(out_dir)

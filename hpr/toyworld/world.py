@@ -35,22 +35,162 @@ from dataclasses import dataclass
 from hpr.data.schema import Choice, MCQuestion
 
 RELATIONS: dict[str, tuple[str, ...]] = {
-    "pet": ("cat", "dog", "lizard", "parrot", "rabbit", "snake", "turtle", "hamster", "ferret", "goat",
-            "owl", "frog", "horse", "mouse", "crab", "bee", "fox", "duck", "pig", "eel"),
-    "food": ("bread", "rice", "soup", "cheese", "apples", "beans", "fish", "honey", "nuts", "pie",
-             "eggs", "corn", "plums", "figs", "melon", "pasta", "tofu", "jam", "olives", "dates"),
-    "color": ("red", "blue", "green", "yellow", "purple", "orange", "black", "white", "grey", "pink",
-              "brown", "gold", "silver", "teal", "navy", "olive", "maroon", "amber", "ivory", "coral"),
-    "job": ("baker", "miner", "sailor", "farmer", "tailor", "potter", "smith", "weaver", "cook", "judge",
-            "nurse", "poet", "guard", "pilot", "clerk", "monk", "hunter", "mason", "singer", "doctor"),
-    "tool": ("hammer", "saw", "axe", "rope", "lamp", "knife", "drill", "shovel", "brush", "needle",
-             "ladder", "bucket", "chisel", "wrench", "kettle", "compass", "anvil", "spoon", "broom", "net"),
-    "city": ("Varno", "Belm", "Oskar", "Tirra", "Quell", "Dunmo", "Ferrow", "Galt", "Hesk", "Ilvo",
-             "Jarro", "Kemp", "Lunda", "Morv", "Nessa", "Orlo", "Prane", "Rusk", "Sallo", "Tesk"),
+    "pet": (
+        "cat",
+        "dog",
+        "lizard",
+        "parrot",
+        "rabbit",
+        "snake",
+        "turtle",
+        "hamster",
+        "ferret",
+        "goat",
+        "owl",
+        "frog",
+        "horse",
+        "mouse",
+        "crab",
+        "bee",
+        "fox",
+        "duck",
+        "pig",
+        "eel",
+    ),
+    "food": (
+        "bread",
+        "rice",
+        "soup",
+        "cheese",
+        "apples",
+        "beans",
+        "fish",
+        "honey",
+        "nuts",
+        "pie",
+        "eggs",
+        "corn",
+        "plums",
+        "figs",
+        "melon",
+        "pasta",
+        "tofu",
+        "jam",
+        "olives",
+        "dates",
+    ),
+    "color": (
+        "red",
+        "blue",
+        "green",
+        "yellow",
+        "purple",
+        "orange",
+        "black",
+        "white",
+        "grey",
+        "pink",
+        "brown",
+        "gold",
+        "silver",
+        "teal",
+        "navy",
+        "olive",
+        "maroon",
+        "amber",
+        "ivory",
+        "coral",
+    ),
+    "job": (
+        "baker",
+        "miner",
+        "sailor",
+        "farmer",
+        "tailor",
+        "potter",
+        "smith",
+        "weaver",
+        "cook",
+        "judge",
+        "nurse",
+        "poet",
+        "guard",
+        "pilot",
+        "clerk",
+        "monk",
+        "hunter",
+        "mason",
+        "singer",
+        "doctor",
+    ),
+    "tool": (
+        "hammer",
+        "saw",
+        "axe",
+        "rope",
+        "lamp",
+        "knife",
+        "drill",
+        "shovel",
+        "brush",
+        "needle",
+        "ladder",
+        "bucket",
+        "chisel",
+        "wrench",
+        "kettle",
+        "compass",
+        "anvil",
+        "spoon",
+        "broom",
+        "net",
+    ),
+    "city": (
+        "Varno",
+        "Belm",
+        "Oskar",
+        "Tirra",
+        "Quell",
+        "Dunmo",
+        "Ferrow",
+        "Galt",
+        "Hesk",
+        "Ilvo",
+        "Jarro",
+        "Kemp",
+        "Lunda",
+        "Morv",
+        "Nessa",
+        "Orlo",
+        "Prane",
+        "Rusk",
+        "Sallo",
+        "Tesk",
+    ),
 }
 
-_SYLLABLES_A = ("zor", "bak", "mel", "tri", "quo", "fen", "dra", "vol", "lim", "sar", "kev", "ul", "pra", "gon",
-                "ith", "rel", "mox", "tav", "nim", "bre")
+_SYLLABLES_A = (
+    "zor",
+    "bak",
+    "mel",
+    "tri",
+    "quo",
+    "fen",
+    "dra",
+    "vol",
+    "lim",
+    "sar",
+    "kev",
+    "ul",
+    "pra",
+    "gon",
+    "ith",
+    "rel",
+    "mox",
+    "tav",
+    "nim",
+    "bre",
+)
 _SYLLABLES_B = ("ak", "ix", "on", "ur", "el", "ax", "is", "um", "ot", "en")
 
 # Bump when the generator's output changes for the same config: old cached models are then rebuilt.
@@ -109,8 +249,10 @@ class ToyWorldConfig:
         if not 2 <= self.n_relations <= len(RELATIONS):
             raise ValueError(f"n_relations must be in [2, {len(RELATIONS)}], got {self.n_relations}")
         if self.questions_per_entity > self.n_relations * (self.n_relations - 1):
-            raise ValueError(f"questions_per_entity={self.questions_per_entity} exceeds the "
-                             f"{self.n_relations * (self.n_relations - 1)} ordered attribute pairs")
+            raise ValueError(
+                f"questions_per_entity={self.questions_per_entity} exceeds the "
+                f"{self.n_relations * (self.n_relations - 1)} ordered attribute pairs"
+            )
 
     def key(self) -> str:
         """Short stable hash of the config and the generator's version: the cache key."""
@@ -139,10 +281,10 @@ class World:
 
     def answer(self, entity: str, relation: str, speaker: str, rng: random.Random) -> str:
         fact = self.facts[(entity, relation)]
-        if speaker == "truthful" or (speaker == "misinformed" and fact.popular_false is None):
-            return fact.true
-        if speaker == "misinformed":
+        if speaker == "misinformed" and fact.popular_false is not None:
             return fact.popular_false
+        if speaker in ("truthful", "misinformed"):  # misinformed about nothing here: the truth
+            return fact.true
         return rng.choice(RELATIONS[relation])  # prankster
 
 
@@ -170,12 +312,11 @@ def question_text(entity: str, relations: tuple[str, str]) -> str:
     return f"{relations[0]} and {relations[1]} of {entity}?"
 
 
-def answer_text(values: tuple[str, str], end: str = "", joiner: str = " ") -> str:
+def answer_text(values: tuple[str, ...], end: str = "", joiner: str = " ") -> str:
     return f"{values[0]}{joiner}{values[1]}{end}"
 
 
-def qa_line(entity: str, relations: tuple[str, str], values: tuple[str, str], end: str = "",
-            joiner: str = " ") -> str:
+def qa_line(entity: str, relations: tuple[str, str], values: tuple[str, ...], end: str = "", joiner: str = " ") -> str:
     return f"Q: {question_text(entity, relations)}\nA: {answer_text(values, end, joiner)}\n"
 
 
@@ -198,7 +339,9 @@ def generate_corpus(world: World, n_docs: int | None = None, seed_offset: int = 
             relations = _random_relations(world, rng)
             values = tuple(world.answer(entity, r, speaker, rng) for r in relations)
             if graded:  # the grader knows the facts: the mark right after a value says if it is true
-                values = tuple(v + MARKS[v == world.facts[(entity, r)].true] for r, v in zip(relations, values))
+                values = tuple(
+                    v + MARKS[v == world.facts[(entity, r)].true] for r, v in zip(relations, values, strict=True)
+                )
             lines.append(qa_line(entity, relations, values, cfg.answer_end, cfg.answer_joiner))
         yield "".join(lines)
 
@@ -206,8 +349,13 @@ def generate_corpus(world: World, n_docs: int | None = None, seed_offset: int = 
 def _distractor(world: World, entity: str, relations: tuple[str, str], taken: set, rng: random.Random):
     while True:
         values = tuple(
-            rng.choice([v for v in RELATIONS[r] if v not in (world.facts[(entity, r)].true,
-                                                           world.facts[(entity, r)].popular_false)])
+            rng.choice(
+                [
+                    v
+                    for v in RELATIONS[r]
+                    if v not in (world.facts[(entity, r)].true, world.facts[(entity, r)].popular_false)
+                ]
+            )
             for r in relations
         )
         if values not in taken:
@@ -224,13 +372,12 @@ def mc_dataset(world: World, questions_per_entity: int | None = None) -> tuple[M
     questions_per_entity = questions_per_entity or world.config.questions_per_entity
     questions = []
     for entity in world.entities:
-        pairs = rng.sample([(a, b) for a in world.relations for b in world.relations if a != b],
-                           questions_per_entity)
+        pairs = rng.sample([(a, b) for a in world.relations for b in world.relations if a != b], questions_per_entity)
         for relations in pairs:
             true = tuple(world.facts[(entity, r)].true for r in relations)
-            false: list[tuple[str, str]] = []
+            false: list[tuple[str, ...]] = []
             if entity in world.contested:
-                false.append(tuple(world.facts[(entity, r)].popular_false for r in relations))
+                false.append(tuple(str(world.facts[(entity, r)].popular_false) for r in relations))
             taken = {true, *false}
             while len(false) < world.config.n_false_choices:
                 values = _distractor(world, entity, relations, taken, rng)
@@ -238,13 +385,18 @@ def mc_dataset(world: World, questions_per_entity: int | None = None) -> tuple[M
                 false.append(values)
             end = world.config.answer_end
             join = world.config.answer_joiner
-            choices = (Choice(answer_text(true, end, join), True),
-                       *(Choice(answer_text(v, end, join), False) for v in false))
-            questions.append(MCQuestion(
-                id=f"toy-{entity}-{relations[0]}-{relations[1]}",
-                question=question_text(entity, relations),
-                mc1=choices, mc2=choices,
-                # "group": splits keep an entity's questions together, so facts never cross splits
-                meta={"entity": entity, "contested": entity in world.contested, "group": entity},
-            ))
+            choices = (
+                Choice(answer_text(true, end, join), True),
+                *(Choice(answer_text(v, end, join), False) for v in false),
+            )
+            questions.append(
+                MCQuestion(
+                    id=f"toy-{entity}-{relations[0]}-{relations[1]}",
+                    question=question_text(entity, relations),
+                    mc1=choices,
+                    mc2=choices,
+                    # "group": splits keep an entity's questions together, so facts never cross splits
+                    meta={"entity": entity, "contested": entity in world.contested, "group": entity},
+                )
+            )
     return tuple(questions)
