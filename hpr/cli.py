@@ -131,12 +131,31 @@ def _toyworld(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    from hpr.editors import default_labels
-    from hpr.runs import RunConfig
-
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hpr", description="Activation editing workbench (HPR and baselines)")
     sub = parser.add_subparsers(dest="command", required=True)
+    _reproduce_parser(sub)
+    toy = sub.add_parser("build-toy", help="build (or find) the cached embedded toy model")
+    toy.add_argument("--quiet", action="store_true")
+    toy.set_defaults(func=_build_toy)
+
+    world = sub.add_parser("toyworld", help="build (or find) the toy world and print its diagnostics")
+    world.add_argument(
+        "--seed",
+        type=int,
+        nargs="+",
+        default=None,
+        help="world seed(s); several give a comparison table (default: the default world's)",
+    )
+    world.add_argument("--json", default=None, help="also write the full report to this file")
+    world.add_argument("--quiet", action="store_true", help="no progress bars")
+    world.set_defaults(func=_toyworld)
+    return parser
+
+
+def _reproduce_parser(sub) -> None:
+    from hpr.editors import default_labels
+    from hpr.runs import RunConfig
 
     rep = sub.add_parser("reproduce", help="run the whole pipeline into a run folder (resumes)")
     rep.add_argument(
@@ -166,23 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     _setting_flags(rep)
     rep.set_defaults(func=_reproduce)
 
-    toy = sub.add_parser("build-toy", help="build (or find) the cached embedded toy model")
-    toy.add_argument("--quiet", action="store_true")
-    toy.set_defaults(func=_build_toy)
 
-    world = sub.add_parser("toyworld", help="build (or find) the toy world and print its diagnostics")
-    world.add_argument(
-        "--seed",
-        type=int,
-        nargs="+",
-        default=None,
-        help="world seed(s); several give a comparison table (default: the default world's)",
-    )
-    world.add_argument("--json", default=None, help="also write the full report to this file")
-    world.add_argument("--quiet", action="store_true", help="no progress bars")
-    world.set_defaults(func=_toyworld)
-
-    args = parser.parse_args(argv)
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return args.func(args)

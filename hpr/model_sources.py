@@ -367,6 +367,24 @@ def check_gguf(path: Path) -> dict:
     return {"architecture": arch, "tensor_types": dict(types)}
 
 
+def _save_dense(gguf_model, out_dir: Path) -> None:
+    """Save a GGUF-loaded model's (dense) weights as a plain checkpoint.
+
+    The GGUF-loaded model is marked quantized and refuses save_pretrained: its weights move into a fresh model
+    of the same class and config, built on the meta device so that nothing is copied.
+    """
+    import torch
+
+    plain = gguf_model.config.to_dict()
+    plain.pop("quantization_config", None)
+    plain.pop("_name_or_path", None)
+    plain_config = type(gguf_model.config).from_dict(plain)
+    with torch.device("meta"):
+        model = type(gguf_model)(plain_config)
+    model.load_state_dict(gguf_model.state_dict(), strict=True, assign=True)
+    model.save_pretrained(out_dir)
+
+
 def convert_gguf(gguf_path: Path, out_dir: Path, record: dict | None = None) -> dict:
     """Write ``gguf_path`` as a float32 Hugging Face checkpoint into the existing, empty ``out_dir``.
 
@@ -401,18 +419,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path, record: dict | None = None) -> 
         load_kwargs["quantization_config"] = transformers.GgufConfig(dequantize=True)
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, **load_kwargs)
 
-    # The GGUF-loaded model is marked quantized and refuses save_pretrained: move its weights into a
-    # fresh model of the same class and config, built on the meta device so that nothing is copied.
-    plain = gguf_model.config.to_dict()
-    plain.pop("quantization_config", None)
-    plain.pop("_name_or_path", None)
-    plain_config = type(gguf_model.config).from_dict(plain)
-    with torch.device("meta"):
-        model = type(gguf_model)(plain_config)
-    model.load_state_dict(gguf_model.state_dict(), strict=True, assign=True)
+    _save_dense(gguf_model, out_dir)
     del gguf_model
-    model.save_pretrained(out_dir)
-    del model
     tokenizer.save_pretrained(out_dir)
     probes = check_tokenizer(tokenizer, AutoTokenizer.from_pretrained(out_dir, local_files_only=True))
 

@@ -119,3 +119,12 @@ def test_importing_hpr_loads_nothing_heavy():
     code = "import sys, hpr; print(sorted(m for m in sys.modules if m.split('.')[0] in {'torch', 'transformer_lens', 'hpr'}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "['hpr']"
+
+
+def test_no_function_in_hpr_is_over_60_lines():
+    long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, "split these into smaller functions:\n" + "\n".join(long)

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -321,6 +321,31 @@ def true_answer_loss(
     return total / count
 
 
+@contextlib.contextmanager
+def _frozen(model) -> Iterator[None]:
+    """The model's parameters frozen inside (only the adapters train); their flags restored on exit, errors too."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _accumulate(step: list[Encoded], model, pad_id: int, batch_size: int) -> float:
+    """Backpropagate one optimiser step's loss (mean NLL over all its answer tokens) in forward passes of
+    ``batch_size`` sequences; returns the loss."""
+    n_tokens = sum(e.n_cont for e in step)
+    step_loss = 0.0
+    for start in range(0, len(step), batch_size):
+        nll, _ = _answer_nll(model, step[start : start + batch_size], pad_id)
+        (nll / n_tokens).backward()
+        step_loss += nll.item() / n_tokens
+    return step_loss
+
+
 def fit_lora(
     model,
     questions: Sequence[MCQuestion],
@@ -361,32 +386,18 @@ def fit_lora(
         opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm))
     )
 
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    bar = tqdm(total=total, desc="training LoRA", disable=not progress, unit="step")
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        with torch.enable_grad(), model.hooks(fwd_hooks=editor.hooks(model)):
+    with _frozen(model), torch.enable_grad(), model.hooks(fwd_hooks=editor.hooks(model)):
+        with tqdm(total=total, desc="training LoRA", disable=not progress, unit="step") as bar:
             for _ in range(cfg.epochs):
                 for idx in torch.randperm(len(encoded), generator=gen).split(cfg.batch_size):
-                    step = [encoded[i] for i in idx.tolist()]
-                    n_tokens = sum(e.n_cont for e in step)
                     opt.zero_grad(set_to_none=True)
-                    step_loss = 0.0
-                    for start in range(0, len(step), batch_size):
-                        nll, _ = _answer_nll(model, step[start : start + batch_size], pad_id)
-                        (nll / n_tokens).backward()
-                        step_loss += nll.item() / n_tokens
+                    step_loss = _accumulate([encoded[i] for i in idx.tolist()], model, pad_id, batch_size)
                     if cfg.grad_clip > 0:
                         torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
                     opt.step()
                     sched.step()
                     bar.update()
                     bar.set_postfix(loss=f"{step_loss:.3f}")
-    finally:
-        bar.close()
-        for p, flag in flags:
-            p.requires_grad_(flag)
     editor.tensors.update({k: v.detach().cpu().clone() for k, v in params.items()})
     return editor
 

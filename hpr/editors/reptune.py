@@ -55,6 +55,7 @@ import contextlib
 import fnmatch
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -266,78 +267,23 @@ def fit_reptune_encoded(
         rep_params=tuple(rep_params),
     )
     token_names, rep_names = parameter_groups(model, config)
-    vecs = _check_vectors(model, vectors, config.layers)
     params = dict(model.named_parameters())
+    step = _Losses(model, config, cfg, _check_vectors(model, vectors, config.layers), params, token_names, rep_names)
     trained = list(dict.fromkeys(token_names + rep_names))  # model order, no duplicates
-    use_rep = bool(rep_names)
-    use_token = bool(token_names) and cfg.token_loss_scale > 0
     labels = torch.tensor([bool(t) for t in is_true])
-    pad_id = pad_token_id(model) if model.tokenizer is not None else 0
-    device = model.cfg.device
-    names = [resid_post_hook(layer) for layer in config.layers]
-    rep_set = set(rep_names)
-    groups = [
-        {"params": [params[n] for n in trained if n in rep_set], "lr": cfg.lr_rep},
-        {"params": [params[n] for n in trained if n not in rep_set], "lr": cfg.lr_token},
-    ]
-
-    # Everything that restores the model is captured before the first change.
-    original = {n: params[n].detach().clone() for n in trained}
-    flags = {n: p.requires_grad for n, p in params.items()}
-    grads = {n: p.grad for n, p in params.items()}
     history: list[dict[str, float]] = []
-    bar = None
-    try:
-        for p in params.values():
-            p.requires_grad_(False)
-            p.grad = None
-        for n in trained:
-            params[n].requires_grad_(True)
-        opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min(1.0, (s + 1) / cfg.warmup) if cfg.warmup else 1.0
-        )  # linear warmup, then constant
+    steps = -(-len(encoded) // cfg.batch_size) * cfg.epochs
+    with (
+        _training_only(params, trained),
+        tqdm(total=steps, desc="representation tuning", disable=not progress, unit="step") as bar,
+    ):
+        opt, sched = _optimiser(
+            [params[n] for n in trained if n in rep_names], [params[n] for n in trained if n not in rep_names], cfg
+        )
         gen = torch.Generator().manual_seed(cfg.seed)
-        steps = -(-len(encoded) // cfg.batch_size) * cfg.epochs
-        bar = tqdm(total=steps, desc="representation tuning", disable=not progress, unit="step")
         for _ in range(cfg.epochs):
             for idx in torch.randperm(len(encoded), generator=gen).split(cfg.batch_size):
-                batch = [encoded[i] for i in idx.tolist()]
-                n_cont = torch.tensor([e.n_cont for e in batch])
-                acts: dict[str, Tensor] = {}
-                keep = _keeper(acts)
-                with torch.enable_grad(), model.hooks(fwd_hooks=[(n, keep) for n in names]):
-                    # Without the token loss nothing after the last target block is needed. The shared prompt
-                    # prefix runs once, with gradients through its keys and values; ids are the rest.
-                    last = dict(return_type="logits") if use_token else dict(stop_at_layer=config.layers[-1] + 1)
-                    out, ids, lengths, _ = shared_prefix_forward(model, batch, pad_id, **last)
-                    position = torch.arange(ids.shape[1])[None]
-                    answer = ((position >= (lengths - n_cont)[:, None]) & (position < lengths[:, None])).to(device)
-                    record: dict[str, float] = {}
-                    update: dict[str, Tensor] = {}
-                    true_targets = (answer & labels[idx].to(device)[:, None])[:, 1:]  # logits at t-1 predict t
-                    token_on = use_token and bool(true_targets.any())
-                    if use_rep:
-                        cos = [
-                            F.cosine_similarity(acts[n][answer].float(), vecs[layer][None], dim=-1)
-                            for n, layer in zip(names, config.layers, strict=True)
-                        ]
-                        rep_loss = torch.stack([((1 - c) / 2).mean() for c in cos]).mean()
-                        record["rep_loss"] = rep_loss.item()
-                        g = torch.autograd.grad(
-                            rep_loss, [params[n] for n in rep_names], retain_graph=token_on, allow_unused=True
-                        )
-                        update.update({n: gi for n, gi in zip(rep_names, g, strict=True) if gi is not None})
-                    if token_on:
-                        ce = F.cross_entropy(out[:, :-1][true_targets].float(), ids[:, 1:][true_targets])
-                        record["token_loss"] = ce.item()
-                        g = torch.autograd.grad(
-                            cfg.token_loss_scale * ce, [params[n] for n in token_names], allow_unused=True
-                        )
-                        for n, gi in zip(token_names, g, strict=True):
-                            if gi is not None:
-                                update[n] = update[n] + gi if n in update else gi
-                del acts, out
+                update, record = step.gradients([encoded[i] for i in idx.tolist()], labels[idx])
                 for n in trained:  # a parameter no loss reached this step is skipped by AdamW (grad None)
                     params[n].grad = update.get(n)
                 opt.step()
@@ -345,18 +291,97 @@ def fit_reptune_encoded(
                 history.append(record)
                 bar.update()
         tuned = {n: params[n].detach().to("cpu", copy=True) for n in trained}
+    editor = RepTuneEditor(config, tuned, model.cfg.d_model, model.cfg.n_layers)
+    editor.history = history
+    return editor
+
+
+def _optimiser(rep: list[Tensor], token: list[Tensor], cfg: RepTuneTrainConfig):
+    """AdamW with one learning rate per group, linear warmup then a constant rate."""
+    groups = [{"params": rep, "lr": cfg.lr_rep}, {"params": token, "lr": cfg.lr_token}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup) if cfg.warmup else 1.0)
+    return opt, sched
+
+
+@contextlib.contextmanager
+def _training_only(params: dict[str, Tensor], trained: Sequence[str]) -> Iterator[None]:
+    """Only ``trained`` require gradients inside; on exit (errors too) every parameter's value, flag and
+    gradient are as before: the tuned weights live in the editor, never in the model."""
+    original = {n: params[n].detach().clone() for n in trained}  # captured before the first change
+    flags = {n: p.requires_grad for n, p in params.items()}
+    grads = {n: p.grad for n, p in params.items()}
+    try:
+        for p in params.values():
+            p.requires_grad_(False)
+            p.grad = None
+        for n in trained:
+            params[n].requires_grad_(True)
+        yield
     finally:
-        if bar is not None:
-            bar.close()
         with torch.no_grad():
             for n, value in original.items():
                 params[n].copy_(value)
         for n, p in params.items():
             p.requires_grad_(flags[n])
             p.grad = grads[n]
-    editor = RepTuneEditor(config, tuned, model.cfg.d_model, model.cfg.n_layers)
-    editor.history = history
-    return editor
+
+
+@dataclass
+class _Losses:
+    """The two losses of representation tuning on one batch, and the gradients of each parameter group."""
+
+    model: Any
+    config: RepTuneConfig
+    cfg: RepTuneTrainConfig
+    vecs: dict[int, Tensor]
+    params: dict[str, Tensor]
+    token_names: list[str]
+    rep_names: list[str]
+
+    def gradients(self, batch: list[Encoded], labels: Tensor) -> tuple[dict[str, Tensor], dict[str, float]]:
+        """Per parameter, the summed gradient of the representation loss (rep group) and of the scaled
+        token loss (token group) on ``batch``; and the losses' values."""
+        model, config, cfg, params = self.model, self.config, self.cfg, self.params
+        use_token = bool(self.token_names) and cfg.token_loss_scale > 0
+        device = model.cfg.device
+        names = [resid_post_hook(layer) for layer in config.layers]
+        n_cont = torch.tensor([e.n_cont for e in batch])
+        acts: dict[str, Tensor] = {}
+        keep = _keeper(acts)
+        pad_id = pad_token_id(model) if model.tokenizer is not None else 0
+        with torch.enable_grad(), model.hooks(fwd_hooks=[(n, keep) for n in names]):
+            # Without the token loss nothing after the last target block is needed. The shared prompt
+            # prefix runs once, with gradients through its keys and values; ids are the rest.
+            last = dict(return_type="logits") if use_token else dict(stop_at_layer=config.layers[-1] + 1)
+            out, ids, lengths, _ = shared_prefix_forward(model, batch, pad_id, **last)
+            position = torch.arange(ids.shape[1])[None]
+            answer = ((position >= (lengths - n_cont)[:, None]) & (position < lengths[:, None])).to(device)
+            record: dict[str, float] = {}
+            update: dict[str, Tensor] = {}
+            true_targets = (answer & labels.to(device)[:, None])[:, 1:]  # logits at t-1 predict t
+            token_on = use_token and bool(true_targets.any())
+            if self.rep_names:
+                cos = [
+                    F.cosine_similarity(acts[n][answer].float(), self.vecs[layer][None], dim=-1)
+                    for n, layer in zip(names, config.layers, strict=True)
+                ]
+                rep_loss = torch.stack([((1 - c) / 2).mean() for c in cos]).mean()
+                record["rep_loss"] = rep_loss.item()
+                g = torch.autograd.grad(
+                    rep_loss, [params[n] for n in self.rep_names], retain_graph=token_on, allow_unused=True
+                )
+                update.update({n: gi for n, gi in zip(self.rep_names, g, strict=True) if gi is not None})
+            if token_on:
+                ce = F.cross_entropy(out[:, :-1][true_targets].float(), ids[:, 1:][true_targets])
+                record["token_loss"] = ce.item()
+                g = torch.autograd.grad(
+                    cfg.token_loss_scale * ce, [params[n] for n in self.token_names], allow_unused=True
+                )
+                for n, gi in zip(self.token_names, g, strict=True):
+                    if gi is not None:
+                        update[n] = update[n] + gi if n in update else gi
+        return update, record
 
 
 @torch.inference_mode()
