@@ -6,13 +6,25 @@ Tiny models:
   tiny_run_folder   ``with tiny_run_folder(folder, methods) as out``: a finished tiny ``hpr reproduce`` run
   tiny_tl_model     ``tiny_tl_model(seed=0, **changes)``: a fresh 3-layer d_model-32 HookedTransformer, no tokenizer
   tiny_lm           ``tiny_lm(family)``: a 2-layer HookedTransformer over the word tokenizer ``word_tokenizer``
+
+Data:
+  truthfulqa_dir    the TruthfulQA folder: $HPR_TRUTHFULQA, else ../shared/data/truthfulqa beside the repository,
+                    else the committed sample in tests/data/truthfulqa
 """
 
 import contextlib
+import os
+from pathlib import Path
 
 import pytest
 
 from hpr.toyworld import ToyWorldConfig
+
+REPO = Path(__file__).resolve().parent.parent
+TRUTHFULQA_ENV = "HPR_TRUTHFULQA"
+TRUTHFULQA_FILES = ("mc_task.json", "TruthfulQA.csv")
+TRUTHFULQA_SHARED = REPO.parent / "shared" / "data" / "truthfulqa"
+TRUTHFULQA_SAMPLE = Path(__file__).resolve().parent / "data" / "truthfulqa"
 
 # A toy world small enough to build in seconds: enough to exercise every step, not to learn much.
 _TINY_WORLD = ToyWorldConfig(n_entities=16, questions_per_entity=2, n_docs=400, n_layers=2, d_model=32, n_heads=2,
@@ -127,3 +139,36 @@ def tiny_lm(word_tokenizer):
         return model
     return make
 
+
+# --- TruthfulQA ---------------------------------------------------------------------------------------
+
+
+def _truthfulqa_choice() -> tuple[Path, str]:
+    """(folder, where it came from); the folder may be missing when it came from the environment."""
+    value = os.environ.get(TRUTHFULQA_ENV)
+    if value:
+        return Path(value).expanduser().absolute(), f"${TRUTHFULQA_ENV}"
+    if all((TRUTHFULQA_SHARED / name).is_file() for name in TRUTHFULQA_FILES):
+        return TRUTHFULQA_SHARED, "the shared data beside the repository"
+    return TRUTHFULQA_SAMPLE, "the committed sample"
+
+
+def pytest_report_header(config):
+    folder, source = _truthfulqa_choice()
+    return f"TruthfulQA: {folder} ({source})"
+
+
+@pytest.fixture(scope="session")
+def truthfulqa_dir() -> Path:
+    """The folder holding TruthfulQA's ``mc_task.json`` and ``TruthfulQA.csv``: ``$HPR_TRUTHFULQA`` if set (a
+    test fails if it lacks them), else ``<repo>/../shared/data/truthfulqa`` if it holds both, else the
+    committed sample ``tests/data/truthfulqa`` (the first questions of the real files)."""
+    folder, source = _truthfulqa_choice()
+    if source.startswith("$"):
+        missing = [name for name in TRUTHFULQA_FILES if not (folder / name).is_file()]
+        if missing:
+            problem = "no such folder" if not folder.is_dir() else "it has no " + " and no ".join(missing)
+            pytest.fail(f"{TRUTHFULQA_ENV}={folder}: {problem}. Fix: point {TRUTHFULQA_ENV} at a folder holding "
+                        f"{' and '.join(TRUTHFULQA_FILES)}, or unset it to use {TRUTHFULQA_SHARED} if present, "
+                        f"else the sample in {TRUTHFULQA_SAMPLE}.", pytrace=False)
+    return folder
