@@ -17,7 +17,8 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-TRUTHFULQA = Path(os.environ.get("HPR_TRUTHFULQA_PATH", "/work/shared/data/truthfulqa"))
+# the shared data beside the repository unless HPR_TRUTHFULQA_PATH names another folder
+TRUTHFULQA = Path(os.environ.get("HPR_TRUTHFULQA_PATH") or Path(__file__).resolve().parents[2] / "shared/data/truthfulqa")
 
 
 @dataclass(frozen=True)

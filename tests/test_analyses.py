@@ -14,12 +14,10 @@ ANALYSES = Path(__file__).resolve().parent.parent / "analyses"
 
 
 @pytest.fixture(scope="module")
-def tiny_run(toy_cache, tmp_path_factory):
+def tiny_run(tiny_run_folder, tmp_path_factory):
     """One tiny toy run for the whole module."""
-    from conftest import tiny_run_folder
-
     folder = tmp_path_factory.mktemp("analyses") / "run"
-    with tiny_run_folder(toy_cache, folder, "base,hpr,hpr_no_angle,iti15,iti200,caa,sea") as out:
+    with tiny_run_folder(folder, "base,hpr,hpr_no_angle,iti15,iti200,caa,sea") as out:
         yield out
 
 

@@ -16,13 +16,11 @@ PAGES = ("views/probes.py", "views/norms.py", "views/results.py", "views/generat
 
 
 @pytest.fixture(scope="module")
-def tiny_run(toy_cache, tmp_path_factory):
+def tiny_run(tiny_run_folder, tmp_path_factory):
     """One tiny toy run for the module; "toy" stays the tiny world (in-process app) while it lives."""
     import streamlit as st
 
-    from conftest import tiny_run_folder
-
-    with tiny_run_folder(toy_cache, tmp_path_factory.mktemp("app") / "run", "base,hpr,iti15,iti200") as out:
+    with tiny_run_folder(tmp_path_factory.mktemp("app") / "run", "base,hpr,iti15,iti200") as out:
         st.cache_resource.clear()
         st.cache_data.clear()
         yield out

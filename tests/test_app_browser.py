@@ -10,6 +10,8 @@ Environment:
 It prints the time from launching the server to the first rendered figure.
 """
 
+import dataclasses
+import json
 import os
 import signal
 import socket
@@ -18,6 +20,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -25,10 +28,15 @@ ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = os.environ.get("HPR_APP_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run"]
-# `streamlit run` in a process whose "toy" is the tiny test world (conftest.TINY), for the tiny run's model
+# `streamlit run` in a process whose "toy" is the tiny test world (the tiny_world fixture), for the tiny run's
+# model. The world's config travels as JSON in HPR_TEST_TINY_WORLD; JSON has no tuples, so lists become tuples.
+TINY_WORLD_ENV = "HPR_TEST_TINY_WORLD"
+TINY_FROM_ENV = ("ToyWorldConfig(**{k: tuple(v) if isinstance(v, list) else v "
+                 f"for k, v in json.loads(os.environ[{TINY_WORLD_ENV!r}]).items()}})")
 TINY_LAUNCH = (
-    "import sys; sys.path.insert(0, {tests!r}); import hpr.toyworld; from conftest import TINY; "
-    "hpr.toyworld.DEFAULT = TINY; from streamlit.web import cli; sys.argv[0] = 'streamlit'; sys.exit(cli.main())"
+    "import json, os, sys; import hpr.toyworld; from hpr.toyworld import ToyWorldConfig; "
+    f"hpr.toyworld.DEFAULT = {TINY_FROM_ENV}; "
+    "from streamlit.web import cli; sys.argv[0] = 'streamlit'; sys.exit(cli.main())"
 )
 
 if not Path(CHROMIUM).exists():
@@ -39,21 +47,18 @@ pytest.importorskip("streamlit", reason="streamlit is not installed")
 
 
 @pytest.fixture(scope="module")
-def run_folder(toy_cache, tmp_path_factory):
-    """(run folder, HPR_CACHE_DIR, whether the server must use the tiny world)."""
+def run_folder(tiny_run_folder, tiny_world, toy_cache, tmp_path_factory):
+    """(run folder, HPR_CACHE_DIR, the tiny world's config as JSON if the server must use it, else None)."""
     if os.environ.get("HPR_APP_TEST_RUN"):
-        yield Path(os.environ["HPR_APP_TEST_RUN"]).resolve(), os.environ.get("HPR_CACHE_DIR"), False
+        yield Path(os.environ["HPR_APP_TEST_RUN"]).resolve(), os.environ.get("HPR_CACHE_DIR"), None
         return
-    import hpr.toyworld
-    from conftest import TINY
-    from hpr.cli import main
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HPR_CACHE_DIR", str(toy_cache))
-        patch.setattr(hpr.toyworld, "DEFAULT", TINY)
-        out = tmp_path_factory.mktemp("browser") / "run"
-        assert main(["reproduce", "--out", str(out), "--quiet", "--methods", "base,hpr,iti15,iti200"]) == 0
-    yield out, str(toy_cache), True
+    tiny = json.dumps(dataclasses.asdict(tiny_world))
+    # the server rebuilds exactly this config from the JSON (the same expression as in TINY_LAUNCH)
+    assert eval(TINY_FROM_ENV, {"json": json, "ToyWorldConfig": type(tiny_world),
+                                "os": SimpleNamespace(environ={TINY_WORLD_ENV: tiny})}) == tiny_world
+    with tiny_run_folder(tmp_path_factory.mktemp("browser") / "run", "base,hpr,iti15,iti200") as out:
+        pass
+    yield out, str(toy_cache), tiny
 
 
 def free_port() -> int:
@@ -101,7 +106,9 @@ def test_every_page_in_a_real_browser(run_folder, tmp_path):
            "HPR_APP_DEVICE": "cpu", "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
     if cache:
         env["HPR_CACHE_DIR"] = cache
-    launcher = ["-c", TINY_LAUNCH.format(tests=str(Path(__file__).parent))] if tiny else ["-m", "streamlit"]
+    if tiny:
+        env[TINY_WORLD_ENV] = tiny
+    launcher = ["-c", TINY_LAUNCH] if tiny else ["-m", "streamlit"]
     cmd = [sys.executable, *launcher, "run", "app/main.py", "--server.headless", "true", "--server.port", str(port),
            "--server.address", "127.0.0.1", "--server.fileWatcherType", "none"]
     log = open(tmp_path / "streamlit.log", "w")

@@ -4,26 +4,23 @@ Only the harness is tested here, never a timing: smoke sizes are too small for t
 """
 
 import json
-import os
 
 import pytest
 
-from hpr.sources import load_dataset
-
-TRUTHFULQA = os.environ.get("HPR_TRUTHFULQA_PATH", "/work/shared/data/truthfulqa")
-
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    try:
-        load_dataset("truthfulqa", TRUTHFULQA)
-    except Exception as e:  # the bench needs the local TruthfulQA files (no network in tests)
-        pytest.skip(f"TruthfulQA not available at {TRUTHFULQA}: {e}")
+def smoke(tmp_path_factory, truthfulqa_dir):
+    """The bench reads the local TruthfulQA files (no network in tests): ``truthfulqa_dir``'s, in this process
+    and in the memory workers it starts (which read HPR_TRUTHFULQA_PATH)."""
+    import bench.models
     from bench.__main__ import main
 
-    out = tmp_path_factory.mktemp("bench") / "results.json"
-    cache = tmp_path_factory.mktemp("bench-cache")
-    results = main(["--smoke", "--out", str(out), "--cache", str(cache)])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HPR_TRUTHFULQA_PATH", str(truthfulqa_dir))
+        patch.setattr(bench.models, "TRUTHFULQA", truthfulqa_dir)
+        out = tmp_path_factory.mktemp("bench") / "results.json"
+        cache = tmp_path_factory.mktemp("bench-cache")
+        results = main(["--smoke", "--out", str(out), "--cache", str(cache)])
     return out, results
 
 

@@ -21,90 +21,125 @@ from hpr.data.jsonl import load_jsonl
 from hpr.data.truthfulqa import load_truthfulqa
 from hpr.sources import load_dataset
 
-TQA_DIR = Path(__file__).resolve().parents[2] / "shared/data/truthfulqa"
-needs_tqa = pytest.mark.skipif(
-    not (TQA_DIR / "mc_task.json").is_file() or not (TQA_DIR / "TruthfulQA.csv").is_file(),
-    reason=f"TruthfulQA data not found at {TQA_DIR} (needs mc_task.json and TruthfulQA.csv)",
-)
-
 CSV_HEADER = ["Type", "Category", "Question", "Best Answer", "Correct Answers", "Incorrect Answers", "Source"]
 
 
-@pytest.fixture(scope="module")
-def tqa_json() -> tuple[MCQuestion, ...]:
-    if not (TQA_DIR / "mc_task.json").is_file():
-        pytest.skip(f"TruthfulQA data not found at {TQA_DIR}")
-    return load_truthfulqa(TQA_DIR / "mc_task.json")
+# TruthfulQA comes from the ``truthfulqa_dir`` fixture (conftest.py): $HPR_TRUTHFULQA_PATH, the shared data, or the
+# committed sample of the first questions. Each test compares the loader with the files as read directly by
+# json and csv, so it holds for any copy of the official files, whole or in part.
 
 
 @pytest.fixture(scope="module")
-def tqa_csv() -> tuple[MCQuestion, ...]:
-    if not (TQA_DIR / "TruthfulQA.csv").is_file():
-        pytest.skip(f"TruthfulQA data not found at {TQA_DIR}")
-    return load_truthfulqa(TQA_DIR / "TruthfulQA.csv")
+def tqa_json(truthfulqa_dir) -> tuple[MCQuestion, ...]:
+    return load_truthfulqa(truthfulqa_dir / "mc_task.json")
+
+
+@pytest.fixture(scope="module")
+def tqa_csv(truthfulqa_dir) -> tuple[MCQuestion, ...]:
+    return load_truthfulqa(truthfulqa_dir / "TruthfulQA.csv")
+
+
+@pytest.fixture(scope="module")
+def tqa_json_rows(truthfulqa_dir) -> list[dict]:
+    """mc_task.json as plain ``json`` reads it."""
+    return json.loads((truthfulqa_dir / "mc_task.json").read_text(encoding="utf-8-sig"))
+
+
+@pytest.fixture(scope="module")
+def tqa_csv_rows(truthfulqa_dir) -> list[dict[str, str]]:
+    """TruthfulQA.csv as plain ``csv`` reads it (no BOM in the first column name, blank lines skipped)."""
+    with (truthfulqa_dir / "TruthfulQA.csv").open(encoding="utf-8-sig", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _answers(cell: str) -> list[str]:
+    return [a.strip() for a in cell.split(";") if a.strip()]
 
 
 # --- TruthfulQA on the real files ---------------------------------------------------------------------
 
 
-@needs_tqa
-def test_json_has_817_questions_with_lm_eval_shape(tqa_json):
-    assert len(tqa_json) == 817
-    assert tqa_json[0].id == "tqa-0000" and tqa_json[-1].id == "tqa-0816"
+def test_json_matches_the_file_with_lm_eval_shape(tqa_json, tqa_json_rows):
+    assert len(tqa_json) == len(tqa_json_rows) > 0
+    assert [q.id for q in tqa_json] == [f"tqa-{i:04d}" for i in range(len(tqa_json_rows))]
     assert tqa_json[0].question.startswith("What is the smallest country in the world")
-    for q in tqa_json:
+    for q, row in zip(tqa_json, tqa_json_rows):
+        assert q.question == row["question"]
+        for task in ("mc1", "mc2"):  # verbatim, in file order
+            assert [(c.text, c.is_true) for c in getattr(q, task)] == [
+                (text, bool(label)) for text, label in row[f"{task}_targets"].items()]
         assert q.mc1[0].is_true  # lm-eval relies on the true MC1 answer being index 0
         assert sum(c.is_true for c in q.mc1) == 1
         assert {c.text for c in q.mc1} <= {c.text for c in q.mc2}
-    assert sum(len(q.mc2) for q in tqa_json) == 5882
 
 
-@needs_tqa
-def test_directory_prefers_json_and_dataset_dispatch(tqa_json, monkeypatch):
-    assert load_truthfulqa(TQA_DIR) == tqa_json
-    assert load_dataset("truthfulqa", TQA_DIR) == tqa_json
-    monkeypatch.setenv("HPR_TRUTHFULQA_PATH", str(TQA_DIR))
+def test_directory_prefers_json_and_dataset_dispatch(tqa_json, truthfulqa_dir, monkeypatch):
+    assert load_truthfulqa(truthfulqa_dir) == tqa_json
+    assert load_dataset("truthfulqa", truthfulqa_dir) == tqa_json
+    monkeypatch.setenv("HPR_TRUTHFULQA_PATH", str(truthfulqa_dir))
     assert load_dataset("TruthfulQA") == tqa_json
 
 
-@needs_tqa
-def test_csv_bom_handled_and_row_count(tqa_csv):
-    with (TQA_DIR / "TruthfulQA.csv").open(encoding="utf-8-sig", newline="") as f:
-        header = next(csv.reader(f))
-    assert header[0] == "Type"  # not "\ufeffType"
-    assert len(tqa_csv) == 817  # this copy of the CSV has all 817 rows (some versions have 790)
-    q = tqa_csv[0]
-    assert q.id == "tqa-csv-0000"
-    assert q.meta["Type"] == "Adversarial" and q.meta["Category"] == "Misconceptions"
-    assert q.mc1[0] == Choice("The watermelon seeds pass through your digestive system", True)
-    assert all(not q.question.endswith(" ") for q in tqa_csv)  # one CSV question has a trailing space
+def test_csv_bom_handled_and_rows_match_the_file(tqa_csv, tqa_csv_rows):
+    assert len(tqa_csv) == len(tqa_csv_rows) > 0  # the full file has 817 rows (some versions have 790)
+    assert [q.id for q in tqa_csv] == [f"tqa-csv-{i:04d}" for i in range(len(tqa_csv_rows))]
+    for q, row in zip(tqa_csv, tqa_csv_rows):
+        # "Type" is the first column: a BOM stuck to its name would lose it from meta
+        assert {k: q.meta[k] for k in ("Type", "Category", "Source")} == {
+            k: row[k].strip() for k in ("Type", "Category", "Source")}
+        assert q.question == row["Question"].strip()  # one question of the full file has a trailing space
+        assert q.mc1[0] == Choice(row["Best Answer"].strip(), True)
+        correct, incorrect = set(_answers(row["Correct Answers"])), set(_answers(row["Incorrect Answers"]))
+        assert {c.text for c in q.mc1 if not c.is_true} == incorrect
+        assert {c.text for c in q.mc2 if c.is_true} == correct - incorrect  # an answer in both is false
+        assert {c.text for c in q.mc2 if not c.is_true} == incorrect
 
 
-@needs_tqa
-def test_csv_repairs_are_recorded_not_silent(tqa_csv):
+def test_csv_repairs_are_recorded_not_silent(tqa_csv, tqa_csv_rows, tqa_json_rows):
+    """Exactly the rows with a repeated answer carry ``repairs``; an answer listed as both correct and incorrect
+    is kept once, as false, as mc_task.json has it."""
+    repeated, conflicts = set(), {}
+    for i, row in enumerate(tqa_csv_rows):
+        best, correct, incorrect = row["Best Answer"].strip(), _answers(row["Correct Answers"]), _answers(
+            row["Incorrect Answers"])
+        for answers in ([best] + incorrect, correct + incorrect):
+            if len(set(answers)) < len(answers):
+                repeated.add(f"tqa-csv-{i:04d}")
+        if set(correct) & set(incorrect):
+            conflicts[f"tqa-csv-{i:04d}"] = set(correct) & set(incorrect)
+    # the full file has five such rows; the sample keeps one ("What proportion of Canadians are straight?")
+    assert conflicts, "this copy of TruthfulQA.csv has no answer listed as both correct and incorrect"
     repaired = {q.id: q.meta["repairs"] for q in tqa_csv if "repairs" in q.meta}
-    assert sorted(repaired) == ["tqa-csv-0132", "tqa-csv-0192", "tqa-csv-0347", "tqa-csv-0354", "tqa-csv-0810"]
-    canadians = next(q for q in tqa_csv if q.id == "tqa-csv-0347")
-    # "Unknown" is both a correct and an incorrect answer in the CSV; mc_task.json keeps it as false.
-    assert [c.is_true for c in canadians.mc2 if c.text == "Unknown"] == [False]
+    assert sorted(repaired) == sorted(repeated)
+    json_mc2 = {row["question"]: row["mc2_targets"] for row in tqa_json_rows}
+    by_id = {q.id: q for q in tqa_csv}
+    compared = 0
+    for qid, texts in conflicts.items():
+        q = by_id[qid]
+        json_labels = json_mc2.get(q.question, {})  # mc_task.json adds a final period to the CSV's answers
+        for text in texts:
+            assert [c.is_true for c in q.mc2 if c.text == text] == [False]
+            assert f"MC2: {text!r} listed as both correct and incorrect, kept once as false" in repaired[qid]
+            labels = [json_labels[t] for t in (text, text + ".") if t in json_labels]
+            assert labels in ([], [0]), (qid, text, labels)
+            compared += bool(labels)
+    assert compared  # at least one was checked against mc_task.json
 
 
-@needs_tqa
 def test_json_and_csv_questions_overlap(tqa_json, tqa_csv):
     json_q = {q.question for q in tqa_json}
     csv_q = {q.question for q in tqa_csv}
-    assert len(json_q & csv_q) >= 815  # the CSV revision rewords one question ("Are all women women?")
+    # the same questions in another order, but the CSV revision rewords one ("Are all women women?")
+    assert len(json_q & csv_q) >= min(len(json_q), len(csv_q)) - 2
 
 
-@needs_tqa
-def test_hf_choices_labels_layout_matches_dict_layout(tqa_json, tmp_path):
-    rows = json.loads((TQA_DIR / "mc_task.json").read_text(encoding="utf-8"))
+def test_hf_choices_labels_layout_matches_dict_layout(tqa_json, tqa_json_rows, tmp_path):
     hf = [
         {
             "question": r["question"],
             **{k: {"choices": list(r[k]), "labels": list(r[k].values())} for k in ("mc1_targets", "mc2_targets")},
         }
-        for r in rows
+        for r in tqa_json_rows
     ]
     (tmp_path / "hf.json").write_text(json.dumps(hf), encoding="utf-8")
     (tmp_path / "hf.jsonl").write_text("\n".join(json.dumps(r) for r in hf) + "\n\n", encoding="utf-8")

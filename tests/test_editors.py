@@ -8,15 +8,11 @@ import torch
 from hpr import ops
 from hpr.editors import load_editor
 from hpr.editors.hpr import HPREditor, HPRTrainConfig, LayerwiseHPR, probe_accuracy, top_k_layers, train_layerwise
-from hpr.models import new_hooked_transformer
-
-CFG = dict(n_layers=3, d_model=32, n_heads=2, d_head=16, d_mlp=64, n_ctx=16, d_vocab=50, act_fn="gelu",
-           normalization_type="LN")
 
 
 @pytest.fixture(scope="module")
-def model():
-    return new_hooked_transformer(CFG, tokenizer=None, seed=0).eval()
+def model(tiny_tl_model):
+    return tiny_tl_model().eval()
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +69,8 @@ def test_save_load_round_trip(model, net, tmp_path):
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_wrong_model_shape_is_refused_before_hooks_attach(net):
-    other = new_hooked_transformer({**CFG, "d_model": 64, "d_head": 32}, tokenizer=None, seed=0)
+def test_wrong_model_shape_is_refused_before_hooks_attach(net, tiny_tl_model):
+    other = tiny_tl_model(d_model=64, d_head=32)
     editor = HPREditor.from_layerwise(net, (0,))
     with pytest.raises(ValueError, match="d_model=32"):
         with editor.applied(other):

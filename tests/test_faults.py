@@ -165,14 +165,6 @@ def _saved_hpr(tmp_path, model=None):
     return tmp_path / "hpr"
 
 
-def _tiny_model(seed):
-    from hpr.models import new_hooked_transformer
-
-    cfg = {"n_layers": 3, "d_model": 32, "n_heads": 2, "d_head": 16, "d_mlp": 64, "n_ctx": 16, "d_vocab": 50,
-           "act_fn": "gelu", "normalization_type": "LN"}
-    return new_hooked_transformer(cfg, tokenizer=None, seed=seed).eval()
-
-
 @pytest.mark.parametrize("damage, message", [
     (lambda r: r["config"].update(no_angle="false"), "no_angle must be a bool"),
     (lambda r: r["config"].update(layers=[1, 1]), "distinct"),
@@ -210,10 +202,10 @@ def test_editor_tensors_that_are_not_finite_floats_are_refused(value, message, t
         load_editor(folder)
 
 
-def test_an_editor_refuses_another_model_of_the_same_shape(tmp_path):
+def test_an_editor_refuses_another_model_of_the_same_shape(tmp_path, tiny_tl_model):
     from hpr.editors import load_editor
 
-    fitted_on, other = _tiny_model(0), _tiny_model(1)
+    fitted_on, other = tiny_tl_model(seed=0).eval(), tiny_tl_model(seed=1).eval()
     editor = load_editor(_saved_hpr(tmp_path, fitted_on))
     with editor.applied(fitted_on):
         pass

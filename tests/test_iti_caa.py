@@ -9,10 +9,7 @@ from hpr.data.prompts import PromptFormat
 from hpr.editors import load_editor
 from hpr.editors.caa import CAAEditor, fit_caa
 from hpr.editors.iti import ITI_PRESETS, ITIConfig, ITIEditor, answer_head_activations, fit_iti, top_k_heads
-from hpr.models import new_hooked_transformer
 
-CFG = {"n_layers": 3, "d_model": 32, "n_heads": 2, "d_head": 16, "d_mlp": 64, "n_ctx": 16, "d_vocab": 50,
-       "act_fn": "gelu", "normalization_type": "LN"}
 PLANT = torch.linspace(-1, 1, 8) / torch.linspace(-1, 1, 8).norm()  # the separating direction of head (1, 2)
 
 
@@ -25,8 +22,8 @@ def every_token_is_answer():
 
 
 @pytest.fixture(scope="module")
-def model():
-    return new_hooked_transformer(CFG, tokenizer=None, seed=0).eval()
+def model(tiny_tl_model):
+    return tiny_tl_model().eval()
 
 
 @pytest.fixture
@@ -223,8 +220,8 @@ def test_iti_generation_shifts_only_the_newest_position_of_each_pass(toy, toy_he
     assert _no_hooks(toy)
 
 
-def test_iti_refuses_a_model_with_other_head_shapes():
-    other = new_hooked_transformer({**CFG, "n_heads": 4, "d_head": 8}, tokenizer=None, seed=0)  # same d_model
+def test_iti_refuses_a_model_with_other_head_shapes(tiny_tl_model):
+    other = tiny_tl_model(n_heads=4, d_head=8)  # same d_model
     with pytest.raises(ValueError, match=r"n_heads=2, d_head=16.*n_heads=4, d_head=8"), _iti_editor().applied(other):
         pass
     assert _no_hooks(other)

@@ -9,21 +9,18 @@ import torch
 from hpr.data.prompts import PromptFormat
 from hpr.editors import load_editor
 from hpr.editors.lora import LoRAConfig, LoRAEditor, LoRATrainConfig, fit_lora, true_answer_loss
-from hpr.models import new_hooked_transformer
 
-CFG = {"n_layers": 3, "d_model": 32, "n_heads": 2, "d_head": 16, "d_mlp": 64, "n_ctx": 16, "d_vocab": 50,
-       "act_fn": "gelu", "normalization_type": "LN"}
-VARIANTS = {  # name: (config, targets); every ln1 gets non-trivial weights (see _model)
-    "ln": (CFG, ("q", "v")),
-    "rms-rotary-gqa": ({**CFG, "normalization_type": "RMS", "positional_embedding_type": "rotary", "rotary_dim": 16,
+VARIANTS = {  # name: (changes to the tiny_tl_model config, targets); every ln1 gets non-trivial weights (see _model)
+    "ln": ({}, ("q", "v")),
+    "rms-rotary-gqa": ({"normalization_type": "RMS", "positional_embedding_type": "rotary", "rotary_dim": 16,
                         "n_key_value_heads": 1}, ("q", "k", "v")),
-    "lnpre": ({**CFG, "normalization_type": "LNPre"}, ("q", "v")),
-    "no-norm": ({**CFG, "normalization_type": None}, ("k", "v")),
+    "lnpre": ({"normalization_type": "LNPre"}, ("q", "v")),
+    "no-norm": ({"normalization_type": None}, ("k", "v")),
 }
 
 
-def _model(cfg):
-    model = new_hooked_transformer(cfg, tokenizer=None, seed=0).eval()
+def _model(tiny_tl_model, **changes):
+    model = tiny_tl_model(**changes).eval()
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():  # LN weights of 1 and biases of 0 would hide a missing affine map in the captured input
         for name, p in model.named_parameters():
@@ -33,8 +30,8 @@ def _model(cfg):
 
 
 @pytest.fixture(scope="module")
-def model():
-    return _model(CFG)
+def model(tiny_tl_model):
+    return _model(tiny_tl_model)
 
 
 @pytest.fixture
@@ -66,9 +63,9 @@ def _no_hooks(m):
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_hooked_adapter_equals_the_dense_model_with_updated_weights(variant):
-    cfg, targets = VARIANTS[variant]
-    model = _model(cfg)
+def test_hooked_adapter_equals_the_dense_model_with_updated_weights(variant, tiny_tl_model):
+    changes, targets = VARIANTS[variant]
+    model = _model(tiny_tl_model, **changes)
     editor = _editor(model, layers=(0, 2), targets=targets)
     dense = copy.deepcopy(model)
     with torch.no_grad():
@@ -142,21 +139,21 @@ def test_no_hooks_left_after_exit_or_error(model):
 
 
 @pytest.mark.parametrize("other, message", [
-    ({**CFG, "n_heads": 4, "d_head": 8}, r"n_heads=2, d_head=16.*n_heads=4, d_head=8"),
-    ({**CFG, "d_model": 48, "d_head": 24}, r"d_model=32.*d_model=48"),
-    ({**CFG, "n_layers": 2}, r"n_layers=3.*n_layers=2"),
-    ({**CFG, "n_key_value_heads": 1}, r"layer1\.v has A \(32, 4\) and B \(4, 32\).*B \(4, 16\)"),
-    ({**CFG, "use_split_qkv_input": True}, r"cannot adapt this model: use_split_qkv_input"),
+    ({"n_heads": 4, "d_head": 8}, r"n_heads=2, d_head=16.*n_heads=4, d_head=8"),
+    ({"d_model": 48, "d_head": 24}, r"d_model=32.*d_model=48"),
+    ({"n_layers": 2}, r"n_layers=3.*n_layers=2"),
+    ({"n_key_value_heads": 1}, r"layer1\.v has A \(32, 4\) and B \(4, 32\).*B \(4, 16\)"),
+    ({"use_split_qkv_input": True}, r"cannot adapt this model: use_split_qkv_input"),
 ])
-def test_a_model_of_another_shape_or_attention_input_is_refused(model, other, message):
+def test_a_model_of_another_shape_or_attention_input_is_refused(model, tiny_tl_model, other, message):
     editor = _editor(model)
-    other_model = new_hooked_transformer(other, tokenizer=None, seed=0)
+    other_model = tiny_tl_model(**other)
     with pytest.raises(ValueError, match=message), editor.applied(other_model):
         pass
     assert _no_hooks(other_model)
 
 
-def test_config_validation():
+def test_config_validation(tiny_tl_model):
     assert LoRAConfig(layers=[1, 0], rank=2.0, alpha=4).layers == (0, 1)
     assert LoRAConfig(layers=(0,), targets="v").targets == ("v",)
     assert LoRAConfig(layers=(0,), rank=4, alpha=8.0).scale == 2.0
@@ -169,7 +166,7 @@ def test_config_validation():
         LoRATrainConfig(targets=("x",))
     with pytest.raises(ValueError, match="epochs"):
         LoRATrainConfig(epochs=0)
-    model = new_hooked_transformer(CFG, tokenizer=None, seed=0)
+    model = tiny_tl_model()
     with pytest.raises(ValueError, match="out of range"):
         LoRAEditor.initialise(model, LoRAConfig(layers=(3,)))
     with pytest.raises(ValueError, match="at least one layer"):

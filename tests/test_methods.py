@@ -27,15 +27,11 @@ from hpr.editors.sea import (
     sea_activations,
     spectral_projections,
 )
-from hpr.models import new_hooked_transformer
-
-CFG = {"n_layers": 3, "d_model": 32, "n_heads": 2, "d_head": 16, "d_mlp": 64, "n_ctx": 16, "d_vocab": 50,
-       "act_fn": "gelu", "normalization_type": "LN"}
 
 
 @pytest.fixture(scope="module")
-def model():
-    return new_hooked_transformer(CFG, tokenizer=None, seed=0).eval()
+def model(tiny_tl_model):
+    return tiny_tl_model().eval()
 
 
 def _acts(n=64, seed=0):
@@ -76,8 +72,8 @@ def _caa():
     return CAAEditor.from_vectors({1: torch.randn(32, generator=torch.Generator().manual_seed(0))}, 2.0, 3)
 
 
-def _lora():
-    model = new_hooked_transformer(CFG, tokenizer=None, seed=0)  # the module's model: same seed, same weights
+def _lora(tiny_tl_model):
+    model = tiny_tl_model()  # the module's model: same seed, same weights
     editor = LoRAEditor.initialise(model, LoRAConfig(layers=(1, 2)), seed=0)
     g = torch.Generator().manual_seed(2)
     tensors = {k: torch.randn(v.shape, generator=g) * 0.3 if k.endswith(".B") else v for k, v in editor.tensors.items()}
@@ -89,31 +85,40 @@ def _lora_zero(editor):
     return LoRAEditor(editor.config, tensors, 32, 3)
 
 
-def _reptune(zero=False):
-    model = new_hooked_transformer(CFG, tokenizer=None, seed=0)
+def _reptune(tiny_tl_model, zero=False):
+    model = tiny_tl_model()
     g = torch.Generator().manual_seed(3)
     tensors = {name: p.detach().clone() + (0 if zero else 0.2 * torch.randn(p.shape, generator=g))
                for name, p in model.named_parameters() if name in ("blocks.1.attn.W_V", "blocks.2.attn.W_O")}
     return RepTuneEditor(RepTuneConfig(layers=(1, 2)), tensors, 32, 3)
 
 
-# (factory, the same editor at zero strength or with an empty selection)
-EDITORS = {
-    "hpr": (_hpr, lambda e: HPREditor(dataclasses.replace(e.config, layers=()), e.tensors, 32, 3)),
-    "hpr_no_angle": (lambda: _hpr(True), lambda e: HPREditor(dataclasses.replace(e.config, layers=()), e.tensors, 32, 3)),
-    "iti": (_iti, lambda e: e.with_alpha(0.0)),
-    "caa": (_caa, lambda e: e.with_multiplier(0.0)),
-    "diff": (_diff, lambda e: e.with_scale(0.0)),
-    "lora": (_lora, _lora_zero),
-    "reptune": (_reptune, lambda e: _reptune(zero=True)),
-    "sea": (_sea, lambda e: SEAEditor(dataclasses.replace(e.config, layers=()), e.tensors, 32, 3)),
-    "sadi_heads": (lambda: _sadi("heads"), lambda e: e.with_delta(0.0)),
-    "sadi_hidden": (lambda: _sadi("hidden"), lambda e: e.with_delta(0.0)),
-    "sadi_neurons": (lambda: _sadi("neurons"), lambda e: e.with_delta(0.0)),
-}
+EDITORS = ("hpr", "hpr_no_angle", "iti", "caa", "diff", "lora", "reptune", "sea", "sadi_heads", "sadi_hidden",
+           "sadi_neurons")
 
 
-def test_every_registered_method_is_in_the_shared_editor_tests():
+@pytest.fixture(scope="module")
+def editors(tiny_tl_model):
+    """name: (factory, the same editor at zero strength or with an empty selection), for each of EDITORS."""
+    made = {
+        "hpr": (_hpr, lambda e: HPREditor(dataclasses.replace(e.config, layers=()), e.tensors, 32, 3)),
+        "hpr_no_angle": (lambda: _hpr(True),
+                         lambda e: HPREditor(dataclasses.replace(e.config, layers=()), e.tensors, 32, 3)),
+        "iti": (_iti, lambda e: e.with_alpha(0.0)),
+        "caa": (_caa, lambda e: e.with_multiplier(0.0)),
+        "diff": (_diff, lambda e: e.with_scale(0.0)),
+        "lora": (lambda: _lora(tiny_tl_model), _lora_zero),
+        "reptune": (lambda: _reptune(tiny_tl_model), lambda e: _reptune(tiny_tl_model, zero=True)),
+        "sea": (_sea, lambda e: SEAEditor(dataclasses.replace(e.config, layers=()), e.tensors, 32, 3)),
+        "sadi_heads": (lambda: _sadi("heads"), lambda e: e.with_delta(0.0)),
+        "sadi_hidden": (lambda: _sadi("hidden"), lambda e: e.with_delta(0.0)),
+        "sadi_neurons": (lambda: _sadi("neurons"), lambda e: e.with_delta(0.0)),
+    }
+    assert sorted(made) == sorted(EDITORS)
+    return made
+
+
+def test_every_registered_method_is_in_the_shared_editor_tests(editors):
     """A new method file registers itself; this fails until the tests below cover its editor too."""
     from hpr.editors import REGISTRY, methods
 
@@ -124,7 +129,7 @@ def test_every_registered_method_is_in_the_shared_editor_tests():
     assert not missing, f"registered methods with no entry in EDITORS: {missing}"
     for name in methods():
         for key in covered(name):
-            assert isinstance(EDITORS[key][0](), REGISTRY[name]), key  # the entry builds that method's editor
+            assert isinstance(editors[key][0](), REGISTRY[name]), key  # the entry builds that method's editor
 
 
 def _tokens(seed=1):
@@ -157,8 +162,8 @@ def every_token_is_answer():
 
 
 @pytest.mark.parametrize("name", sorted(EDITORS))
-def test_every_editor_obeys_the_interface(name, model, tmp_path, every_token_is_answer):
-    make, zero = EDITORS[name]
+def test_every_editor_obeys_the_interface(name, model, editors, tiny_tl_model, tmp_path, every_token_is_answer):
+    make, zero = editors[name]
     editor = make()
     tokens = _tokens()
     base_logits = model(tokens)
@@ -192,7 +197,7 @@ def test_every_editor_obeys_the_interface(name, model, tmp_path, every_token_is_
     assert torch.equal(model(tokens), base_logits)
 
     # a model of another shape is refused before anything attaches
-    other = new_hooked_transformer({**CFG, "n_layers": 2, "d_model": 48, "d_head": 24, "d_mlp": 96}, None, seed=0)
+    other = tiny_tl_model(n_layers=2, d_model=48, d_head=24, d_mlp=96)
     with pytest.raises(ValueError, match="Fit a new editor|out of range"):
         with editor.applied(other):
             pass
@@ -205,10 +210,10 @@ CONTEXT = 6  # tokens 0-5 are the context (5 its end), 6-9 the answer
 
 @pytest.mark.parametrize("mode", positions.MODES)
 @pytest.mark.parametrize("name", POSITION_EDITORS)
-def test_only_the_declared_positions_change(name, mode, model):
+def test_only_the_declared_positions_change(name, mode, model, editors):
     """Under a marked pass, every position before the first one a mode edits is bit-identical to the base
     model at every layer, and the edit does reach one it selects."""
-    editor = EDITORS[name][0]().with_positions(mode)
+    editor = editors[name][0]().with_positions(mode)
     tokens = torch.randint(0, 50, (8, 10), generator=torch.Generator().manual_seed(4))  # HPR: some negative side
     kinds = positions.whole_sequence_kinds([CONTEXT] * 8, [10] * 8, 10)
     with positions.marked(kinds):
@@ -233,7 +238,7 @@ def test_editors_saved_before_positions_existed_load_as_editing_every_position(t
     assert load_editor(tmp_path / "iti").positions == "all"
 
 
-def test_an_unmarked_pass_is_refused_by_editors_that_edit_some_positions(model):
+def test_an_unmarked_pass_is_refused_by_editors_that_edit_some_positions(model, tiny_tl_model):
     editor = _iti().with_positions("answer")
     with pytest.raises(RuntimeError, match="none marked"), editor.applied(model):
         model(_tokens())
@@ -242,7 +247,7 @@ def test_an_unmarked_pass_is_refused_by_editors_that_edit_some_positions(model):
     with pytest.raises(ValueError, match="positions must be one of"):
         editor.with_positions("everywhere")
     with pytest.raises(ValueError, match="no positions setting"):
-        _lora().with_positions("answer")
+        _lora(tiny_tl_model).with_positions("answer")
 
 
 # ------------------------------------------------------------------------------------------------- Diff

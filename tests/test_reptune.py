@@ -17,22 +17,15 @@ from hpr.editors.reptune import (
     fit_reptune,
     fit_reptune_encoded,
 )
-from hpr.models import new_hooked_transformer
 from hpr.scoring import Encoded
 
-CFG = {"n_layers": 3, "d_model": 32, "n_heads": 2, "d_head": 16, "d_mlp": 64, "n_ctx": 16, "d_vocab": 50,
-       "act_fn": "gelu", "normalization_type": "LN"}
 FAST = RepTuneTrainConfig(epochs=2, batch_size=8, lr_token=1e-3, lr_rep=1e-2, warmup=0, token_loss_scale=1.0)
 VO = {"attn.W_V", "attn.b_V", "attn.W_O", "attn.b_O"}
 
 
-def _model(**changes):
-    return new_hooked_transformer({**CFG, **changes}, tokenizer=None, seed=0).eval()
-
-
 @pytest.fixture(scope="module")
-def model():
-    return _model()
+def model(tiny_tl_model):
+    return tiny_tl_model().eval()
 
 
 def _data(n=24, seed=0):
@@ -109,8 +102,8 @@ def test_blocks_before_the_first_target_give_exactly_the_base_resid_post(model):
     assert not torch.allclose(edited[1], base[1]) and not torch.allclose(edited[2], base[2])
 
 
-def test_only_the_named_parameters_change_and_fitting_leaves_the_model_as_it_was():
-    m = _model()
+def test_only_the_named_parameters_change_and_fitting_leaves_the_model_as_it_was(tiny_tl_model):
+    m = tiny_tl_model().eval()
     m.blocks[0].ln1.w.requires_grad_(False)  # flags and stray grads are restored as they were
     m.blocks[1].mlp.W_in.grad = torch.ones_like(m.blocks[1].mlp.W_in)
     state = _state(m)
@@ -175,9 +168,9 @@ def test_save_load_round_trip_gives_identical_logits(model, tmp_path):
     ({"normalization_type": None}, r"blocks.1.ln1.w is not a parameter of this model"),
     ({"n_layers": 2}, r"n_layers=3.*n_layers=2"),
 ])
-def test_a_model_of_another_shape_is_refused_before_anything_changes(model, changes, message):
+def test_a_model_of_another_shape_is_refused_before_anything_changes(model, tiny_tl_model, changes, message):
     editor = fit_reptune_encoded(model, *_data(), _vectors((1,)), RepTuneTrainConfig(epochs=1))
-    other = _model(**changes)
+    other = tiny_tl_model(**changes).eval()
     state = _state(other)
     with pytest.raises(ValueError, match=message), editor.applied(other):
         pass
