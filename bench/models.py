@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 # the shared data beside the repository unless HPR_TRUTHFULQA_PATH names another folder
-TRUTHFULQA = Path(os.environ.get("HPR_TRUTHFULQA_PATH") or Path(__file__).resolve().parents[2] / "shared/data/truthfulqa")
+SHARED_TRUTHFULQA = Path(__file__).resolve().parents[2] / "shared" / "data" / "truthfulqa"
+TRUTHFULQA = Path(os.environ.get("HPR_TRUTHFULQA_PATH") or SHARED_TRUTHFULQA)
 
 
 @dataclass(frozen=True)

@@ -27,11 +27,31 @@ TRUTHFULQA_SHARED = REPO.parent / "shared" / "data" / "truthfulqa"
 TRUTHFULQA_SAMPLE = Path(__file__).resolve().parent / "data" / "truthfulqa"
 
 # A toy world small enough to build in seconds: enough to exercise every step, not to learn much.
-_TINY_WORLD = ToyWorldConfig(n_entities=16, questions_per_entity=2, n_docs=400, n_layers=2, d_model=32, n_heads=2,
-                             d_mlp=64, n_ctx=64, vocab_size=400, steps=30, batch_size=8)
+_TINY_WORLD = ToyWorldConfig(
+    n_entities=16,
+    questions_per_entity=2,
+    n_docs=400,
+    n_layers=2,
+    d_model=32,
+    n_heads=2,
+    d_mlp=64,
+    n_ctx=64,
+    vocab_size=400,
+    steps=30,
+    batch_size=8,
+)
 # A tiny random HookedTransformer (3 layers, d_model 32, 2 heads of 16, vocabulary 50), for editor tests.
-_TINY_TL = {"n_layers": 3, "d_model": 32, "n_heads": 2, "d_head": 16, "d_mlp": 64, "n_ctx": 16, "d_vocab": 50,
-            "act_fn": "gelu", "normalization_type": "LN"}
+_TINY_TL = {
+    "n_layers": 3,
+    "d_model": 32,
+    "n_heads": 2,
+    "d_head": 16,
+    "d_mlp": 64,
+    "n_ctx": 16,
+    "d_vocab": 50,
+    "act_fn": "gelu",
+    "normalization_type": "LN",
+}
 
 
 @pytest.fixture(autouse=True)
@@ -100,6 +120,7 @@ def tiny_tl_model():
 
     def make(seed: int = 0, **changes):
         return new_hooked_transformer({**_TINY_TL, **changes}, tokenizer=None, seed=seed)
+
     return make
 
 
@@ -107,8 +128,14 @@ def tiny_tl_model():
 LM_WORDS = ["<unk>", "<s>", "</s>", "<pad>"] + [f"w{i}" for i in range(40)]
 LM_FAMILIES = {
     "gpt2-like": dict(normalization_type="LN", act_fn="gelu"),
-    "llama-like": dict(normalization_type="RMS", act_fn="silu", positional_embedding_type="rotary", rotary_dim=8,
-                       gated_mlp=True, n_key_value_heads=2),
+    "llama-like": dict(
+        normalization_type="RMS",
+        act_fn="silu",
+        positional_embedding_type="rotary",
+        rotary_dim=8,
+        gated_mlp=True,
+        n_key_value_heads=2,
+    ),
 }
 
 
@@ -121,8 +148,9 @@ def word_tokenizer(tmp_path_factory):
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(LM_WORDS)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     folder = tmp_path_factory.mktemp("word-tokenizer")
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                            pad_token="<pad>").save_pretrained(folder)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    ).save_pretrained(folder)
     return AutoTokenizer.from_pretrained(folder)
 
 
@@ -132,11 +160,20 @@ def tiny_lm(word_tokenizer):
     from hpr.models import new_hooked_transformer
 
     def make(family: str, n_ctx: int = 32):
-        cfg = dict(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=n_ctx, d_vocab=len(LM_WORDS),
-                   **LM_FAMILIES[family])
+        cfg = dict(
+            n_layers=2,
+            d_model=32,
+            n_heads=4,
+            d_head=8,
+            d_mlp=64,
+            n_ctx=n_ctx,
+            d_vocab=len(LM_WORDS),
+            **LM_FAMILIES[family],
+        )
         model = new_hooked_transformer(cfg, word_tokenizer, seed=0).eval()
         model.cfg.default_prepend_bos = True
         return model
+
     return make
 
 
@@ -168,7 +205,10 @@ def truthfulqa_dir() -> Path:
         missing = [name for name in TRUTHFULQA_FILES if not (folder / name).is_file()]
         if missing:
             problem = "no such folder" if not folder.is_dir() else "it has no " + " and no ".join(missing)
-            pytest.fail(f"{TRUTHFULQA_ENV}={folder}: {problem}. Fix: point {TRUTHFULQA_ENV} at a folder holding "
-                        f"{' and '.join(TRUTHFULQA_FILES)}, or unset it to use {TRUTHFULQA_SHARED} if present, "
-                        f"else the sample in {TRUTHFULQA_SAMPLE}.", pytrace=False)
+            pytest.fail(
+                f"{TRUTHFULQA_ENV}={folder}: {problem}. Fix: point {TRUTHFULQA_ENV} at a folder holding "
+                f"{' and '.join(TRUTHFULQA_FILES)}, or unset it to use {TRUTHFULQA_SHARED} if present, "
+                f"else the sample in {TRUTHFULQA_SAMPLE}.",
+                pytrace=False,
+            )
     return folder

@@ -32,9 +32,9 @@ def test_answer_activations_are_resid_post_at_the_answer_tokens(family, fmt, tin
     model = tiny_lm(family)
     pairs = [(fmt.context(q), fmt.continuation(c.text)) for q in _questions(5) for c in q.mc2]
     got = activations.answer_activations(model, pairs, batch_size=4)
-    for (ctx, cont), e, acts in zip(pairs, encode_all(model, pairs), got):
+    for (_ctx, _cont), e, acts in zip(pairs, encode_all(model, pairs), got, strict=True):
         _, cache = model.run_with_cache(torch.tensor([e.tokens]))
-        expected = torch.stack([cache[f"blocks.{l}.hook_resid_post"][0] for l in range(2)], dim=1)[-e.n_cont:]
+        expected = torch.stack([cache[f"blocks.{l}.hook_resid_post"][0] for l in range(2)], dim=1)[-e.n_cont :]
         assert acts.shape == (e.n_cont, 2, 32)
         torch.testing.assert_close(acts, expected, rtol=1e-5, atol=1e-5)
 
@@ -77,11 +77,13 @@ def test_collecting_builds_no_graph(tiny_lm, tmp_path):
     assert any(p.requires_grad for p in model.parameters())  # the fixture's fresh model: the hard case
     got = activations.collect(model, _questions(4), PRIMED, tmp_path, questions_per_shard=2, batch_size=3)
     assert got.acts.grad_fn is None and not got.acts.requires_grad
-    direct = activations.answer_activations(model, [(PRIMED.context(q), PRIMED.continuation(c.text))
-                                                     for q in _questions(2) for c in q.mc2])
+    direct = activations.answer_activations(
+        model, [(PRIMED.context(q), PRIMED.continuation(c.text)) for q in _questions(2) for c in q.mc2]
+    )
     assert all(a.grad_fn is None for a in direct)
-    heads = activations.last_token_activations(model, [(PRIMED.context(q), " w3") for q in _questions(3)],
-                                               ["blocks.1.attn.hook_z", "blocks.0.hook_resid_post"])
+    heads = activations.last_token_activations(
+        model, [(PRIMED.context(q), " w3") for q in _questions(3)], ["blocks.1.attn.hook_z", "blocks.0.hook_resid_post"]
+    )
     assert heads["blocks.1.attn.hook_z"].shape == (3, 4, 8) and heads["blocks.0.hook_resid_post"].shape == (3, 32)
     assert all(t.grad_fn is None and t._base is None for t in heads.values())  # copies, not views of a batch
 
@@ -100,8 +102,7 @@ def test_last_token_activations_match_whole_sequences(fmt, tiny_lm):
 
 
 def test_probe_accuracy_read_shard_by_shard_equals_the_whole_split(tiny_lm, tmp_path):
-    from hpr.editors.hpr import probe_accuracy
-    from hpr.editors.hpr import split_probe_accuracy
+    from hpr.editors.hpr import probe_accuracy, split_probe_accuracy
 
     model = tiny_lm("gpt2-like")
     got = activations.collect(model, _questions(7), PRIMED, tmp_path, questions_per_shard=3, batch_size=4)

@@ -55,16 +55,36 @@ def test_every_analysis_script_writes_its_outputs(tiny_run, tmp_path, monkeypatc
     argv = ["--run", str(tiny_run), "--out", str(out), "--formats", "--prompts", "2", "--max-new-tokens", "4"]
     assert analysis.script_main(reproduce_paper.make, "test", argv) == 0
     figures = {p.stem for p in (out / "figures").glob("*.html")}
-    assert {"probe_accuracy", "norms_true_vs_false", "norms_by_method", "mc_scores", "topk_sweep",
-            "direction_magnitude", "hpr_angles", "capability"} <= figures
+    assert {
+        "probe_accuracy",
+        "norms_true_vs_false",
+        "norms_by_method",
+        "mc_scores",
+        "topk_sweep",
+        "direction_magnitude",
+        "hpr_angles",
+        "capability",
+    } <= figures
     tables = {p.name for p in (out / "tables").iterdir()}
-    for name in ("probe_accuracy", "mc_scores", "flip_rates", "topk_sweep", "generations", "generations_settings",
-                 "capability", "norm_change_vs_base"):
+    for name in (
+        "probe_accuracy",
+        "mc_scores",
+        "flip_rates",
+        "topk_sweep",
+        "generations",
+        "generations_settings",
+        "capability",
+        "norm_change_vs_base",
+    ):
         assert {f"{name}.csv", f"{name}.md", f"{name}.tex"} <= tables
     # each script also runs alone
     alone = tmp_path / "alone"
-    assert analysis.script_main(importlib.import_module("flip_table").make, "t",
-                                ["--run", str(tiny_run), "--out", str(alone), "--formats"]) == 0
+    assert (
+        analysis.script_main(
+            importlib.import_module("flip_table").make, "t", ["--run", str(tiny_run), "--out", str(alone), "--formats"]
+        )
+        == 0
+    )
     assert (alone / "tables" / "flip_rates.csv").exists()
     sys.modules.pop("reproduce_paper", None)
 

@@ -9,8 +9,6 @@ import pytest
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-from hpr.cli import main  # noqa: E402
-
 APP = Path(__file__).resolve().parent.parent / "app" / "main.py"
 PAGES = ("views/probes.py", "views/norms.py", "views/results.py", "views/generations.py", "views/export.py")
 
@@ -101,7 +99,9 @@ def test_every_page_renders_and_reacts(app, tiny_run):
     by_label(app.button, "Compute the sweep").click().run()
     assert len(ok(app).get("plotly_chart")) == 2
     sweep = app.dataframe[2].value
-    assert sorted(set(sweep["k"])) == list(range(1, json.loads((tiny_run / "results.json").read_text())["n_layers"] + 1))
+    assert sorted(set(sweep["k"])) == list(
+        range(1, json.loads((tiny_run / "results.json").read_text())["n_layers"] + 1)
+    )
 
     app.switch_page(PAGES[3]).run()  # generations: a test question, then a typed prompt
     assert [c.value for c in ok(app).markdown if c.value.startswith("**")] == ["**base**", "**hpr**", "**iti15**"]
@@ -178,9 +178,17 @@ def test_an_upload_never_overwrites_the_data_of_a_run(app, tmp_path):
     from hpr.toyworld import toy_dataset
 
     def jsonl(invert):
-        return "".join(json.dumps({"id": q.id, "question": q.question,
-                                   "choices": [{"text": c.text, "label": int(c.is_true != invert)} for c in q.mc2]})
-                       + "\n" for q in toy_dataset()).encode()
+        return "".join(
+            json.dumps(
+                {
+                    "id": q.id,
+                    "question": q.question,
+                    "choices": [{"text": c.text, "label": int(c.is_true != invert)} for c in q.mc2],
+                }
+            )
+            + "\n"
+            for q in toy_dataset()
+        ).encode()
 
     by_label(app.radio, "Dataset").set_value("jsonl upload")
     by_label(app.multiselect, "Methods").set_value(["base"])

@@ -26,13 +26,21 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = os.environ.get("HPR_APP_CHROMIUM", "/usr/bin/chromium")
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 # `streamlit run` in a process whose "toy" is the tiny test world (the tiny_world fixture), for the tiny run's
 # model. The world's config travels as JSON in HPR_TEST_TINY_WORLD; JSON has no tuples, so lists become tuples.
 TINY_WORLD_ENV = "HPR_TEST_TINY_WORLD"
-TINY_FROM_ENV = ("ToyWorldConfig(**{k: tuple(v) if isinstance(v, list) else v "
-                 f"for k, v in json.loads(os.environ[{TINY_WORLD_ENV!r}]).items()}})")
+TINY_FROM_ENV = (
+    "ToyWorldConfig(**{k: tuple(v) if isinstance(v, list) else v "
+    f"for k, v in json.loads(os.environ[{TINY_WORLD_ENV!r}]).items()}})"
+)
 TINY_LAUNCH = (
     "import json, os, sys; import hpr.toyworld; from hpr.toyworld import ToyWorldConfig; "
     f"hpr.toyworld.DEFAULT = {TINY_FROM_ENV}; "
@@ -40,8 +48,9 @@ TINY_LAUNCH = (
 )
 
 if not Path(CHROMIUM).exists():
-    pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set HPR_APP_CHROMIUM)",
-                allow_module_level=True)
+    pytest.skip(
+        f"no Chromium at {CHROMIUM} (apt-get install chromium, or set HPR_APP_CHROMIUM)", allow_module_level=True
+    )
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
 pytest.importorskip("streamlit", reason="streamlit is not installed")
 
@@ -54,8 +63,13 @@ def run_folder(tiny_run_folder, tiny_world, toy_cache, tmp_path_factory):
         return
     tiny = json.dumps(dataclasses.asdict(tiny_world))
     # the server rebuilds exactly this config from the JSON (the same expression as in TINY_LAUNCH)
-    assert eval(TINY_FROM_ENV, {"json": json, "ToyWorldConfig": type(tiny_world),
-                                "os": SimpleNamespace(environ={TINY_WORLD_ENV: tiny})}) == tiny_world
+    assert (
+        eval(
+            TINY_FROM_ENV,
+            {"json": json, "ToyWorldConfig": type(tiny_world), "os": SimpleNamespace(environ={TINY_WORLD_ENV: tiny})},
+        )
+        == tiny_world
+    )
     with tiny_run_folder(tmp_path_factory.mktemp("browser") / "run", "base,hpr,iti15,iti200") as out:
         pass
     yield out, str(toy_cache), tiny
@@ -92,7 +106,11 @@ def settle(page, title: str, plots: int = 0, frames: int = 0, code: int = 0, tim
             return app && app.getAttribute('data-test-script-state') === 'notRunning'
                 && n('.js-plotly-plot') >= plots && n('[data-testid="stDataFrame"]') >= frames
                 && n('[data-testid="stCode"]') >= code;
-        }""", arg=[plots, frames, code], timeout=timeout * 1000, polling=200)
+        }""",
+        arg=[plots, frames, code],
+        timeout=timeout * 1000,
+        polling=200,
+    )
     assert page.locator('[data-testid="stException"]').count() == 0, f"{title}: an exception is shown"
 
 
@@ -102,15 +120,32 @@ def test_every_page_in_a_real_browser(run_folder, tmp_path):
     shots.mkdir(parents=True, exist_ok=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "HPR_APP_RUN": str(folder), "HPR_APP_RUNS_ROOT": str(folder.parent),
-           "HPR_APP_DEVICE": "cpu", "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
+    env = {
+        **os.environ,
+        "HPR_APP_RUN": str(folder),
+        "HPR_APP_RUNS_ROOT": str(folder.parent),
+        "HPR_APP_DEVICE": "cpu",
+        "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false",
+    }
     if cache:
         env["HPR_CACHE_DIR"] = cache
     if tiny:
         env[TINY_WORLD_ENV] = tiny
     launcher = ["-c", TINY_LAUNCH] if tiny else ["-m", "streamlit"]
-    cmd = [sys.executable, *launcher, "run", "app/main.py", "--server.headless", "true", "--server.port", str(port),
-           "--server.address", "127.0.0.1", "--server.fileWatcherType", "none"]
+    cmd = [
+        sys.executable,
+        *launcher,
+        "run",
+        "app/main.py",
+        "--server.headless",
+        "true",
+        "--server.port",
+        str(port),
+        "--server.address",
+        "127.0.0.1",
+        "--server.fileWatcherType",
+        "none",
+    ]
     log = open(tmp_path / "streamlit.log", "w")
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)

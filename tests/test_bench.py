@@ -30,8 +30,18 @@ def test_smoke_writes_every_measure(smoke):
     assert record["smoke"] is True
     names = [r["measure"] for r in record["results"]]
     assert names == [r["measure"] for r in results]
-    for prefix in ("forward hpr", "forward iti15", "forward caa", "forward sea", "forward sadi", "generation",
-                   "caching throughput", "HPR training", "MC scoring", "activation store"):
+    for prefix in (
+        "forward hpr",
+        "forward iti15",
+        "forward caa",
+        "forward sea",
+        "forward sadi",
+        "generation",
+        "caching throughput",
+        "HPR training",
+        "MC scoring",
+        "activation store",
+    ):
         assert any(n.startswith(prefix) for n in names), prefix
     for r in record["results"]:
         assert {"measure", "value", "target", "pass"} <= set(r)

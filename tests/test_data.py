@@ -63,11 +63,12 @@ def test_json_matches_the_file_with_lm_eval_shape(tqa_json, tqa_json_rows):
     assert len(tqa_json) == len(tqa_json_rows) > 0
     assert [q.id for q in tqa_json] == [f"tqa-{i:04d}" for i in range(len(tqa_json_rows))]
     assert tqa_json[0].question.startswith("What is the smallest country in the world")
-    for q, row in zip(tqa_json, tqa_json_rows):
+    for q, row in zip(tqa_json, tqa_json_rows, strict=True):
         assert q.question == row["question"]
         for task in ("mc1", "mc2"):  # verbatim, in file order
             assert [(c.text, c.is_true) for c in getattr(q, task)] == [
-                (text, bool(label)) for text, label in row[f"{task}_targets"].items()]
+                (text, bool(label)) for text, label in row[f"{task}_targets"].items()
+            ]
         assert q.mc1[0].is_true  # lm-eval relies on the true MC1 answer being index 0
         assert sum(c.is_true for c in q.mc1) == 1
         assert {c.text for c in q.mc1} <= {c.text for c in q.mc2}
@@ -83,10 +84,11 @@ def test_directory_prefers_json_and_dataset_dispatch(tqa_json, truthfulqa_dir, m
 def test_csv_bom_handled_and_rows_match_the_file(tqa_csv, tqa_csv_rows):
     assert len(tqa_csv) == len(tqa_csv_rows) > 0  # the full file has 817 rows (some versions have 790)
     assert [q.id for q in tqa_csv] == [f"tqa-csv-{i:04d}" for i in range(len(tqa_csv_rows))]
-    for q, row in zip(tqa_csv, tqa_csv_rows):
+    for q, row in zip(tqa_csv, tqa_csv_rows, strict=True):
         # "Type" is the first column: a BOM stuck to its name would lose it from meta
         assert {k: q.meta[k] for k in ("Type", "Category", "Source")} == {
-            k: row[k].strip() for k in ("Type", "Category", "Source")}
+            k: row[k].strip() for k in ("Type", "Category", "Source")
+        }
         assert q.question == row["Question"].strip()  # one question of the full file has a trailing space
         assert q.mc1[0] == Choice(row["Best Answer"].strip(), True)
         correct, incorrect = set(_answers(row["Correct Answers"])), set(_answers(row["Incorrect Answers"]))
@@ -100,8 +102,11 @@ def test_csv_repairs_are_recorded_not_silent(tqa_csv, tqa_csv_rows, tqa_json_row
     is kept once, as false, as mc_task.json has it."""
     repeated, conflicts = set(), {}
     for i, row in enumerate(tqa_csv_rows):
-        best, correct, incorrect = row["Best Answer"].strip(), _answers(row["Correct Answers"]), _answers(
-            row["Incorrect Answers"])
+        best, correct, incorrect = (
+            row["Best Answer"].strip(),
+            _answers(row["Correct Answers"]),
+            _answers(row["Incorrect Answers"]),
+        )
         for answers in ([best] + incorrect, correct + incorrect):
             if len(set(answers)) < len(answers):
                 repeated.add(f"tqa-csv-{i:04d}")
@@ -304,11 +309,27 @@ def test_jsonl_round_trip(tmp_path):
         ({"choices": [{"text": "a", "label": 1}, {"text": "b", "label": 0}]}, "question", "missing"),
         ({"question": "q"}, "choices", "missing"),
         ({"question": "q", "choices": [{"text": "a", "label": 1}]}, "choices", "no false choice"),
-        ({"question": "q", "choices": [{"text": "a", "label": 0}, {"text": "b", "label": 0}]}, "choices", "no true choice"),
-        ({"question": "q", "choices": [{"text": "", "label": 1}, {"text": "b", "label": 0}]}, "choices[0].text", "is empty"),
-        ({"question": "q", "choices": [{"text": "a", "label": "1"}, {"text": "b", "label": 0}]}, "choices[0].label", "not valid"),
+        (
+            {"question": "q", "choices": [{"text": "a", "label": 0}, {"text": "b", "label": 0}]},
+            "choices",
+            "no true choice",
+        ),
+        (
+            {"question": "q", "choices": [{"text": "", "label": 1}, {"text": "b", "label": 0}]},
+            "choices[0].text",
+            "is empty",
+        ),
+        (
+            {"question": "q", "choices": [{"text": "a", "label": "1"}, {"text": "b", "label": 0}]},
+            "choices[0].label",
+            "not valid",
+        ),
         ({"question": "q", "choices": [{"text": "a"}, {"text": "b", "label": 0}]}, "choices[0].label", "missing"),
-        ({"question": "q", "choices": [{"text": "a", "label": 1}, {"text": "a", "label": 0}]}, "choices", "more than once"),
+        (
+            {"question": "q", "choices": [{"text": "a", "label": 1}, {"text": "a", "label": 0}]},
+            "choices",
+            "more than once",
+        ),
         (
             {
                 "question": "q",
@@ -318,8 +339,16 @@ def test_jsonl_round_trip(tmp_path):
             "mc1_choices",
             "2 true choices",
         ),
-        ({"question": "q", "choices": [{"text": "a", "label": 1}, {"text": "b", "label": 0}], "mc1": []}, "mc1", "unknown key"),
-        ({"id": 7, "question": "q", "choices": [{"text": "a", "label": 1}, {"text": "b", "label": 0}]}, "id", "not a non-empty string"),
+        (
+            {"question": "q", "choices": [{"text": "a", "label": 1}, {"text": "b", "label": 0}], "mc1": []},
+            "mc1",
+            "unknown key",
+        ),
+        (
+            {"id": 7, "question": "q", "choices": [{"text": "a", "label": 1}, {"text": "b", "label": 0}]},
+            "id",
+            "not a non-empty string",
+        ),
     ],
 )
 def test_jsonl_errors_name_line_and_field(tmp_path, obj, field, words):
@@ -373,7 +402,7 @@ def test_split_keeps_groups_together():
     assert sorted(sum(s.values(), ())) == sorted(ids)
     part_of = {i: k for k, v in s.items() for i in v}
     for g in set(groups):
-        assert len({part_of[i] for i, gi in zip(ids, groups) if gi == g}) == 1
+        assert len({part_of[i] for i, gi in zip(ids, groups, strict=True) if gi == g}) == 1
     with pytest.raises(ValueError, match="groups must label every id"):
         split_ids(ids, groups=groups[:-1])
 
@@ -408,7 +437,9 @@ def test_primer_is_six_shot_qa():
 
 
 def test_prompt_strings():
-    q = MCQuestion("x", "Is it?", (Choice("Yes.", True), Choice("No.", False)), (Choice("Yes.", True), Choice("No.", False)))
+    q = MCQuestion(
+        "x", "Is it?", (Choice("Yes.", True), Choice("No.", False)), (Choice("Yes.", True), Choice("No.", False))
+    )
     assert PromptFormat().context(q) == QA_PRIMER + "\n\nQ: Is it?\nA:"
     assert PromptFormat().continuation("Yes.") == " Yes."
     assert PromptFormat(primer="").context(q) == "Q: Is it?\nA:"

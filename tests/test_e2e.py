@@ -34,7 +34,7 @@ def test_reproduce_tiny_toy(tiny_toy, tmp_path):
     vs_base = results["norm_change_vs_base"]
     assert set(vs_base) == methods and vs_base["base"] == [0.0, 0.0]
     assert vs_base["hpr"][0] <= 1e-5  # the first edited layer has an unedited input
-    assert all(a > b for a, b in zip(vs_base["iti200"], vs_base["iti15"]))
+    assert all(a > b for a, b in zip(vs_base["iti200"], vs_base["iti15"], strict=True))
     probes = json.loads((out / "probes.json").read_text())  # HPR keeps its best epoch on val, as the official code
     kept = probes["epoch_val_accuracy"][probes["kept_epoch"] - 1]
     assert len(probes["epoch_val_accuracy"]) == 5 and kept == max(probes["epoch_val_accuracy"])

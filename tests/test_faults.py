@@ -17,8 +17,13 @@ def _write_jsonl(path, invert: bool = False, n: int | None = None):
 
     rows = []
     for q in toy_dataset()[:n]:
-        rows.append({"id": q.id, "question": q.question,
-                     "choices": [{"text": c.text, "label": int(c.is_true != invert)} for c in q.mc2]})
+        rows.append(
+            {
+                "id": q.id,
+                "question": q.question,
+                "choices": [{"text": c.text, "label": int(c.is_true != invert)} for c in q.mc2],
+            }
+        )
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
 
@@ -57,19 +62,22 @@ def test_a_trimmed_splits_file_is_refused(tiny_toy, tmp_path, capsys):
     assert "splits.json does not hold the split" in _one_line_error(capsys)
 
 
-@pytest.mark.parametrize("option, message", [
-    (["--batch-size", "-1"], "batch_size must be a whole number >= 1"),
-    (["--top-k", "0"], "hpr.top_k must be a whole number >= 1"),
-    (["--top-k", "-1"], "hpr.top_k must be a whole number >= 1"),
-    (["--limit", "-5"], "limit must be a whole number >= 1"),
-    (["--limit", "0"], "limit must be a whole number >= 1"),
-    (["--iti-k", "0"], "iti.k must be a whole number >= 1"),
-    (["--sea-k-ratio", "1.5"], "sea.k_ratio must be in (0, 1]"),
-    (["--methods", ""], "methods is empty"),
-    (["--methods", "base,hpr,base"], "methods named twice"),
-    (["--methods", "hrp"], "unknown methods ['hrp']"),
-    (["--limit", "3"], "3 question(s) leave the val split(s) empty"),
-])
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--batch-size", "-1"], "batch_size must be a whole number >= 1"),
+        (["--top-k", "0"], "hpr.top_k must be a whole number >= 1"),
+        (["--top-k", "-1"], "hpr.top_k must be a whole number >= 1"),
+        (["--limit", "-5"], "limit must be a whole number >= 1"),
+        (["--limit", "0"], "limit must be a whole number >= 1"),
+        (["--iti-k", "0"], "iti.k must be a whole number >= 1"),
+        (["--sea-k-ratio", "1.5"], "sea.k_ratio must be in (0, 1]"),
+        (["--methods", ""], "methods is empty"),
+        (["--methods", "base,hpr,base"], "methods named twice"),
+        (["--methods", "hrp"], "unknown methods ['hrp']"),
+        (["--limit", "3"], "3 question(s) leave the val split(s) empty"),
+    ],
+)
 def test_bad_options_fail_at_once_and_write_nothing(option, message, tiny_toy, tmp_path, capsys):
     args = ["reproduce", "--out", str(tmp_path / "run"), "--quiet"] + option
     if option[0] != "--methods":
@@ -79,9 +87,16 @@ def test_bad_options_fail_at_once_and_write_nothing(option, message, tiny_toy, t
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("device, message", [
-    ("cuda", "CUDA is not available on this machine"), ("cuda:1", "CUDA is not available"),
-    ("mps", "not supported"), ("meta", "not supported"), ("nonsense", "unknown device 'nonsense'")])
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("cuda", "CUDA is not available on this machine"),
+        ("cuda:1", "CUDA is not available"),
+        ("mps", "not supported"),
+        ("meta", "not supported"),
+        ("nonsense", "unknown device 'nonsense'"),
+    ],
+)
 def test_devices_that_are_not_there_get_one_line(device, message, tiny_toy, tmp_path, capsys):
     import torch
 
@@ -123,9 +138,13 @@ def test_damaged_caches_are_rebuilt_on_resume_with_the_same_results(tiny_toy, tm
     out = tmp_path / "run"
     assert _run(out, "--methods", "base,hpr,iti15") == 0
     results = json.loads((out / "results.json").read_text())
-    for path in (out / "activations" / "train" / "shard-00000.safetensors", out / "editors" / "hpr" / "state.safetensors",
-                 out / "editors" / "iti15" / "state.safetensors", out / "predictions" / "hpr.parquet",
-                 out / "predictions" / "hpr.norms.safetensors"):
+    for path in (
+        out / "activations" / "train" / "shard-00000.safetensors",
+        out / "editors" / "hpr" / "state.safetensors",
+        out / "editors" / "iti15" / "state.safetensors",
+        out / "predictions" / "hpr.parquet",
+        out / "predictions" / "hpr.norms.safetensors",
+    ):
         assert path.exists(), path
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # truncated
     assert _run(out, "--methods", "base,hpr,iti15") == 0
@@ -165,12 +184,15 @@ def _saved_hpr(tmp_path, model=None):
     return tmp_path / "hpr"
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda r: r["config"].update(no_angle="false"), "no_angle must be a bool"),
-    (lambda r: r["config"].update(layers=[1, 1]), "distinct"),
-    (lambda r: r.pop("config"), "lacks"),
-    (lambda r: r["config"].update(positions="everywhere"), "positions must be one of"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda r: r["config"].update(no_angle="false"), "no_angle must be a bool"),
+        (lambda r: r["config"].update(layers=[1, 1]), "distinct"),
+        (lambda r: r.pop("config"), "lacks"),
+        (lambda r: r["config"].update(positions="everywhere"), "positions must be one of"),
+    ],
+)
 def test_an_editor_record_of_the_wrong_type_is_refused(damage, message, tmp_path):
     from hpr.editors import load_editor
 
@@ -182,10 +204,11 @@ def test_an_editor_record_of_the_wrong_type_is_refused(damage, message, tmp_path
         load_editor(folder)
 
 
-@pytest.mark.parametrize("value, message", [(float("nan"), "NaN or infinite"), (float("inf"), "NaN or infinite"),
-                                            (None, "not floating point")])
+@pytest.mark.parametrize(
+    "value, message",
+    [(float("nan"), "NaN or infinite"), (float("inf"), "NaN or infinite"), (None, "not floating point")],
+)
 def test_editor_tensors_that_are_not_finite_floats_are_refused(value, message, tmp_path):
-    import torch
     from safetensors.torch import load_file, save_file
 
     from hpr.editors import load_editor

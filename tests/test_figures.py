@@ -16,8 +16,9 @@ def _boxes(groups=("base", "hpr"), layers=2):
 
 
 def test_probe_accuracy_figure():
-    df = pd.DataFrame({"layer": [0, 1, 2] * 2, "split": ["val"] * 3 + ["test"] * 3,
-                       "accuracy": [0.6, 0.8, 0.7, 0.55, 0.75, 0.7]})
+    df = pd.DataFrame(
+        {"layer": [0, 1, 2] * 2, "split": ["val"] * 3 + ["test"] * 3, "accuracy": [0.6, 0.8, 0.7, 0.55, 0.75, 0.7]}
+    )
     fig = figures.probe_accuracy(df, selected_layers=[1])
     names = [t.name for t in fig.data]
     assert names == ["val", "test", "selected"]
@@ -42,16 +43,25 @@ def test_box_stats_are_exact_tukey_statistics():
 
 
 def test_mc_bars_topk_and_other_builders():
-    mc = pd.DataFrame({"method": ["base", "hpr"], "mc1": [0.3, 0.5], "mc1_stderr": [0.02, 0.03],
-                       "mc2": [0.4, 0.6], "mc2_stderr": [0.02, 0.02]})
+    mc = pd.DataFrame(
+        {
+            "method": ["base", "hpr"],
+            "mc1": [0.3, 0.5],
+            "mc1_stderr": [0.02, 0.03],
+            "mc2": [0.4, 0.6],
+            "mc2_stderr": [0.02, 0.02],
+        }
+    )
     fig = figures.mc_bars(mc)
     assert [t.name for t in fig.data] == ["MC1", "MC2"] and list(fig.data[0].error_y.array) == [0.02, 0.03]
     assert list(fig.data[0].marker.color) == [figures.color("base"), figures.color("hpr")]
-    sweep = figures.topk_sweep(pd.DataFrame({"k": [2, 1], "mc1": [0.5, 0.4], "mc2": [0.6, 0.5]}),
-                               {"mc1": 0.3, "mc2": 0.45})
+    sweep = figures.topk_sweep(
+        pd.DataFrame({"k": [2, 1], "mc1": [0.5, 0.4], "mc2": [0.6, 0.5]}), {"mc1": 0.3, "mc2": 0.45}
+    )
     assert list(sweep.data[0].x) == [1, 2] and len(sweep.layout.shapes) == 2  # base lines
-    dm = figures.direction_magnitude(pd.DataFrame({"method": ["hpr", "hpr", "iti15"], "cosine": [0.9, 0.8, 0.5],
-                                                   "norm_ratio": [1.0, 1.0, 2.0]}))
+    dm = figures.direction_magnitude(
+        pd.DataFrame({"method": ["hpr", "hpr", "iti15"], "cosine": [0.9, 0.8, 0.5], "norm_ratio": [1.0, 1.0, 2.0]})
+    )
     assert [t.name for t in dm.data] == ["hpr", "iti15"] and dm.layout.yaxis.type == "log"
     angles = figures.angle_histogram(pd.DataFrame({"theta": [0.1, 0.2], "gamma": [0.3, 0.4]}))
     assert len(angles.data) == 2 and angles.layout.xaxis.title.text.startswith("angle")
@@ -76,14 +86,17 @@ def test_tables_export_to_csv_markdown_and_booktabs_latex(tmp_path):
 
 
 def test_html_export_needs_no_browser(tmp_path):
-    fig = figures.mc_bars(pd.DataFrame({"method": ["base"], "mc1": [0.3], "mc1_stderr": [0.01], "mc2": [0.4],
-                                        "mc2_stderr": [0.01]}))
+    fig = figures.mc_bars(
+        pd.DataFrame({"method": ["base"], "mc1": [0.3], "mc1_stderr": [0.01], "mc2": [0.4], "mc2_stderr": [0.01]})
+    )
     paths = figures.export_figures({"mc": fig}, tmp_path, formats=())
     assert paths == [tmp_path / "mc.html"] and "plotly" in paths[0].read_text()[:5000].lower()
 
 
-@pytest.mark.skipif(figures.browser_available() is None,
-                    reason="no Chromium on PATH: static export needs one (apt-get install chromium)")
+@pytest.mark.skipif(
+    figures.browser_available() is None,
+    reason="no Chromium on PATH: static export needs one (apt-get install chromium)",
+)
 def test_static_export_smoke(tmp_path):
     fig = figures.probe_accuracy(pd.DataFrame({"layer": [0, 1], "split": ["val", "val"], "accuracy": [0.6, 0.7]}))
     paths = figures.export_figures({"probe": fig}, tmp_path)

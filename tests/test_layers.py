@@ -72,8 +72,9 @@ def test_every_import_points_down_or_sideways():
     for module, imports in import_graph().items():
         for target in imports:
             if layer_of(target) > layer_of(module):
-                upward.append(f"{module} ({LAYERS[layer_of(module)][0]}) imports {target} "
-                              f"({LAYERS[layer_of(target)][0]})")
+                upward.append(
+                    f"{module} ({LAYERS[layer_of(module)][0]}) imports {target} ({LAYERS[layer_of(target)][0]})"
+                )
     assert not upward, "imports against the layering:\n" + "\n".join(sorted(upward))
 
 
@@ -88,7 +89,7 @@ def test_no_import_cycles():
         state[node] = 1
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                cycles.append(" -> ".join(stack[stack.index(nxt):] + [nxt]))
+                cycles.append(" -> ".join(stack[stack.index(nxt) :] + [nxt]))
             elif nxt not in state:
                 visit(nxt, stack + [nxt])
         state[node] = 2
@@ -116,7 +117,8 @@ def test_nothing_below_the_app_imports_the_app_or_the_scripts():
 
 
 def test_importing_hpr_loads_nothing_heavy():
-    code = "import sys, hpr; print(sorted(m for m in sys.modules if m.split('.')[0] in {'torch', 'transformer_lens', 'hpr'}))"
+    heavy = "{'torch', 'transformer_lens', 'hpr'}"
+    code = f"import sys, hpr; print(sorted(m for m in sys.modules if m.split('.')[0] in {heavy}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "['hpr']"
 
@@ -126,5 +128,7 @@ def test_no_function_in_hpr_is_over_60_lines():
     for path in sorted(PACKAGE.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
-                long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+                long.append(
+                    f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+                )
     assert not long, "split these into smaller functions:\n" + "\n".join(long)

@@ -12,8 +12,10 @@ from hpr.editors.lora import LoRAConfig, LoRAEditor, LoRATrainConfig, fit_lora, 
 
 VARIANTS = {  # name: (changes to the tiny_tl_model config, targets); every ln1 gets non-trivial weights (see _model)
     "ln": ({}, ("q", "v")),
-    "rms-rotary-gqa": ({"normalization_type": "RMS", "positional_embedding_type": "rotary", "rotary_dim": 16,
-                        "n_key_value_heads": 1}, ("q", "k", "v")),
+    "rms-rotary-gqa": (
+        {"normalization_type": "RMS", "positional_embedding_type": "rotary", "rotary_dim": 16, "n_key_value_heads": 1},
+        ("q", "k", "v"),
+    ),
     "lnpre": ({"normalization_type": "LNPre"}, ("q", "v")),
     "no-norm": ({"normalization_type": None}, ("k", "v")),
 }
@@ -138,13 +140,16 @@ def test_no_hooks_left_after_exit_or_error(model):
     torch.testing.assert_close(model(tokens), base, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("other, message", [
-    ({"n_heads": 4, "d_head": 8}, r"n_heads=2, d_head=16.*n_heads=4, d_head=8"),
-    ({"d_model": 48, "d_head": 24}, r"d_model=32.*d_model=48"),
-    ({"n_layers": 2}, r"n_layers=3.*n_layers=2"),
-    ({"n_key_value_heads": 1}, r"layer1\.v has A \(32, 4\) and B \(4, 32\).*B \(4, 16\)"),
-    ({"use_split_qkv_input": True}, r"cannot adapt this model: use_split_qkv_input"),
-])
+@pytest.mark.parametrize(
+    "other, message",
+    [
+        ({"n_heads": 4, "d_head": 8}, r"n_heads=2, d_head=16.*n_heads=4, d_head=8"),
+        ({"d_model": 48, "d_head": 24}, r"d_model=32.*d_model=48"),
+        ({"n_layers": 2}, r"n_layers=3.*n_layers=2"),
+        ({"n_key_value_heads": 1}, r"layer1\.v has A \(32, 4\) and B \(4, 32\).*B \(4, 16\)"),
+        ({"use_split_qkv_input": True}, r"cannot adapt this model: use_split_qkv_input"),
+    ],
+)
 def test_a_model_of_another_shape_or_attention_input_is_refused(model, tiny_tl_model, other, message):
     editor = _editor(model)
     other_model = tiny_tl_model(**other)
@@ -157,8 +162,13 @@ def test_config_validation(tiny_tl_model):
     assert LoRAConfig(layers=[1, 0], rank=2.0, alpha=4).layers == (0, 1)
     assert LoRAConfig(layers=(0,), targets="v").targets == ("v",)
     assert LoRAConfig(layers=(0,), rank=4, alpha=8.0).scale == 2.0
-    for bad in [dict(layers=(0, 0)), dict(layers=(-1,)), dict(layers=(0,), rank=0),
-                dict(layers=(0,), targets=("q", "o")), dict(layers=(0,), targets=())]:
+    for bad in [
+        dict(layers=(0, 0)),
+        dict(layers=(-1,)),
+        dict(layers=(0,), rank=0),
+        dict(layers=(0,), targets=("q", "o")),
+        dict(layers=(0,), targets=()),
+    ]:
         with pytest.raises(ValueError, match="LoRA"):
             LoRAConfig(**bad)
     assert LoRATrainConfig(targets=["v", "q"]).targets == ("q", "v")
@@ -179,8 +189,7 @@ def test_config_validation(tiny_tl_model):
 def test_cached_and_uncached_generation_agree_under_the_edit(toy):
     editor = _editor(toy, layers=(0, 1), targets=("q", "k", "v"), b_scale=1.0)
     prompt = toy.to_tokens("Q: pet and city of X?\nA:")
-    kwargs = {"max_new_tokens": 6, "do_sample": False, "verbose": False, "return_type": "tokens",
-              "stop_at_eos": False}
+    kwargs = {"max_new_tokens": 6, "do_sample": False, "verbose": False, "return_type": "tokens", "stop_at_eos": False}
     with torch.no_grad(), editor.applied(toy):
         cached = toy.generate(prompt, use_past_kv_cache=True, **kwargs)
         uncached = toy.generate(prompt, use_past_kv_cache=False, **kwargs)
@@ -204,8 +213,11 @@ def test_fit_lora_lowers_the_true_answer_loss_and_leaves_the_model_unchanged(toy
     cfg = LoRATrainConfig(epochs=4, lr=1e-2, batch_size=8, seed=1)
     editor = fit_lora(toy, questions, fmt, layers=(0, 1), cfg=cfg, batch_size=3)
     assert editor.config == LoRAConfig(layers=(0, 1), rank=8, alpha=16.0, targets=("q", "v"))
-    assert all(v.any() and not v.requires_grad and v.device.type == "cpu"
-               for k, v in editor.tensors.items() if k.endswith(".B"))
+    assert all(
+        v.any() and not v.requires_grad and v.device.type == "cpu"
+        for k, v in editor.tensors.items()
+        if k.endswith(".B")
+    )
     assert true_answer_loss(toy, questions, fmt, editor) < base_loss - 0.5  # measured 5.62 -> 4.58
 
     assert {n: p.requires_grad for n, p in toy.named_parameters()} == flags

@@ -23,8 +23,17 @@ def wide_lm(word_tokenizer):
     """4 layers, d_model 256, 8 heads and 400-token prompts: one batch of 8 is ~30 MB of head outputs."""
     from hpr.models import new_hooked_transformer
 
-    cfg = dict(n_layers=4, d_model=256, n_heads=8, d_head=32, d_mlp=512, n_ctx=512, d_vocab=44,
-               normalization_type="LN", act_fn="gelu")
+    cfg = dict(
+        n_layers=4,
+        d_model=256,
+        n_heads=8,
+        d_head=32,
+        d_mlp=512,
+        n_ctx=512,
+        d_vocab=44,
+        normalization_type="LN",
+        act_fn="gelu",
+    )
     model = new_hooked_transformer(cfg, word_tokenizer, seed=0).eval()
     model.cfg.default_prepend_bos = True
     return model  # parameters require grad, as a freshly built model's do: the hard case
@@ -37,8 +46,15 @@ def _questions(n: int, seed: int = 0):
         return " ".join(f"w{i}" for i in torch.randint(0, 40, (k,), generator=g).tolist())
 
     # Distinct contexts (no shared primer), so every question really runs its 400 tokens.
-    return [MCQuestion(f"q{i}", words(400), (Choice(words(3), True), Choice(words(3), False)),
-                       (Choice(words(3), True), Choice(words(3), False))) for i in range(n)]
+    return [
+        MCQuestion(
+            f"q{i}",
+            words(400),
+            (Choice(words(3), True), Choice(words(3), False)),
+            (Choice(words(3), True), Choice(words(3), False)),
+        )
+        for i in range(n)
+    ]
 
 
 FMT = PromptFormat(primer="")

@@ -12,12 +12,12 @@ from hpr import positions
 from hpr.data.prompts import PromptFormat
 from hpr.editors import load_editor
 from hpr.editors.caa import CAAEditor
-from hpr.editors.iti import ITIEditor
-from hpr.editors.diff import DiffEditor, train_diff
+from hpr.editors.diff import train_diff
 from hpr.editors.hpr import HPREditor, HPRTrainConfig, LayerwiseHPR
+from hpr.editors.iti import ITIEditor
 from hpr.editors.lora import LoRAConfig, LoRAEditor
 from hpr.editors.reptune import RepTuneConfig, RepTuneEditor
-from hpr.editors.sadi import SADIEditor, fit_sadi, mean_differences, scale_masked, top_k_elements
+from hpr.editors.sadi import fit_sadi, mean_differences, scale_masked, top_k_elements
 from hpr.editors.sea import (
     SEAEditor,
     explained_rank,
@@ -88,13 +88,27 @@ def _lora_zero(editor):
 def _reptune(tiny_tl_model, zero=False):
     model = tiny_tl_model()
     g = torch.Generator().manual_seed(3)
-    tensors = {name: p.detach().clone() + (0 if zero else 0.2 * torch.randn(p.shape, generator=g))
-               for name, p in model.named_parameters() if name in ("blocks.1.attn.W_V", "blocks.2.attn.W_O")}
+    tensors = {
+        name: p.detach().clone() + (0 if zero else 0.2 * torch.randn(p.shape, generator=g))
+        for name, p in model.named_parameters()
+        if name in ("blocks.1.attn.W_V", "blocks.2.attn.W_O")
+    }
     return RepTuneEditor(RepTuneConfig(layers=(1, 2)), tensors, 32, 3)
 
 
-EDITORS = ("hpr", "hpr_no_angle", "iti", "caa", "diff", "lora", "reptune", "sea", "sadi_heads", "sadi_hidden",
-           "sadi_neurons")
+EDITORS = (
+    "hpr",
+    "hpr_no_angle",
+    "iti",
+    "caa",
+    "diff",
+    "lora",
+    "reptune",
+    "sea",
+    "sadi_heads",
+    "sadi_hidden",
+    "sadi_neurons",
+)
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +116,10 @@ def editors(tiny_tl_model):
     """name: (factory, the same editor at zero strength or with an empty selection), for each of EDITORS."""
     made = {
         "hpr": (_hpr, lambda e: HPREditor(dataclasses.replace(e.config, layers=()), e.tensors, 32, 3)),
-        "hpr_no_angle": (lambda: _hpr(True),
-                         lambda e: HPREditor(dataclasses.replace(e.config, layers=()), e.tensors, 32, 3)),
+        "hpr_no_angle": (
+            lambda: _hpr(True),
+            lambda e: HPREditor(dataclasses.replace(e.config, layers=()), e.tensors, 32, 3),
+        ),
         "iti": (_iti, lambda e: e.with_alpha(0.0)),
         "caa": (_caa, lambda e: e.with_multiplier(0.0)),
         "diff": (_diff, lambda e: e.with_scale(0.0)),
@@ -267,7 +283,10 @@ def test_diff_learns_the_shift_to_the_positive_side():
     after = train_diff(pos, neg, (2,), dataclasses.replace(HPRTrainConfig(), epochs=20, lr=3e-3))
 
     def error(editor):
-        return float(((editor.edit(2, neg[:, 2]) - pos[:, 2]) ** 2).mean() + ((editor.edit(2, pos[:, 2]) - pos[:, 2]) ** 2).mean())
+        return float(
+            ((editor.edit(2, neg[:, 2]) - pos[:, 2]) ** 2).mean()
+            + ((editor.edit(2, pos[:, 2]) - pos[:, 2]) ** 2).mean()
+        )
 
     assert error(after) < 0.5 * error(before)
 

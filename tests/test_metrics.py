@@ -69,7 +69,9 @@ def test_summarize_by_hand(two_questions):
 def test_flip_rates_by_hand(two_questions):
     # base mc1 (q1, q2) = (1, 0); edit = (0, 1): q1 true->false, q2 false->true.
     out = flip_rates(question_scores(two_questions))
-    assert out == {"edit": pytest.approx({"false_to_true": 0.5, "true_to_false": 0.5, "remains_true": 0.0, "remains_false": 0.0})}
+    assert out == {
+        "edit": pytest.approx({"false_to_true": 0.5, "true_to_false": 0.5, "remains_true": 0.0, "remains_false": 0.0})
+    }
 
 
 def test_flip_rates_needs_same_questions(two_questions):

@@ -94,9 +94,7 @@ ARCHS = {
     # Tied input and output embeddings, like SmolLM2: the checkpoint has no lm_head.weight.
     "llama-tied": lambda: LlamaForCausalLM(LlamaConfig(tie_word_embeddings=True, **_DECODER)),
     # A window shorter than the 9 test tokens.
-    "mistral": lambda: MistralForCausalLM(
-        MistralConfig(num_key_value_heads=2, sliding_window=4, **_DECODER)
-    ),
+    "mistral": lambda: MistralForCausalLM(MistralConfig(num_key_value_heads=2, sliding_window=4, **_DECODER)),
     # q/k/v biases (perturbed by _perturb).
     "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(num_key_value_heads=2, **_DECODER)),
     # head_dim != hidden/heads, scores scaled by query_pre_attn_scalar, caps low enough to bite on
@@ -225,8 +223,7 @@ def test_qwen2_qkv_biases(checkpoint, loaded):
     _, hf = checkpoint("qwen2")
     attn, hf_attn = loaded("qwen2").blocks[1].attn, hf.model.layers[1].self_attn
     torch.testing.assert_close(attn.b_Q, hf_attn.q_proj.bias.reshape(4, 16), rtol=0, atol=0)
-    torch.testing.assert_close(attn.b_V, hf_attn.v_proj.bias.reshape(2, 16).repeat_interleave(2, 0),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(attn.b_V, hf_attn.v_proj.bias.reshape(2, 16).repeat_interleave(2, 0), rtol=0, atol=0)
 
 
 def _random_hpr_editor(resid: torch.Tensor, layer: int, n_layers: int, folder):

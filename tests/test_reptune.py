@@ -163,11 +163,14 @@ def test_save_load_round_trip_gives_identical_logits(model, tmp_path):
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"n_heads": 4, "d_head": 8}, r"blocks.1.attn.W_Q has shape \(2, 32, 16\) in the editor but \(4, 32, 8\)"),
-    ({"normalization_type": None}, r"blocks.1.ln1.w is not a parameter of this model"),
-    ({"n_layers": 2}, r"n_layers=3.*n_layers=2"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"n_heads": 4, "d_head": 8}, r"blocks.1.attn.W_Q has shape \(2, 32, 16\) in the editor but \(4, 32, 8\)"),
+        ({"normalization_type": None}, r"blocks.1.ln1.w is not a parameter of this model"),
+        ({"n_layers": 2}, r"n_layers=3.*n_layers=2"),
+    ],
+)
 def test_a_model_of_another_shape_is_refused_before_anything_changes(model, tiny_tl_model, changes, message):
     editor = fit_reptune_encoded(model, *_data(), _vectors((1,)), RepTuneTrainConfig(epochs=1))
     other = tiny_tl_model(**changes).eval()
@@ -188,8 +191,8 @@ def test_tuning_raises_the_cosine_to_v_on_the_tiny_toy_and_generation_agrees_wit
     pairs = [(fmt.context(q), fmt.continuation(c.text)) for q in train for c in q.mc2]
     truth = [c.is_true for q in train for c in q.mc2]
     acts = answer_activations(toy, pairs)
-    true = torch.cat([a for a, t in zip(acts, truth) if t])
-    false = torch.cat([a for a, t in zip(acts, truth) if not t])
+    true = torch.cat([a for a, t in zip(acts, truth, strict=True) if t])
+    false = torch.cat([a for a, t in zip(acts, truth, strict=True) if not t])
     vectors = {l: true[:, l].mean(0) - false[:, l].mean(0) for l in range(toy.cfg.n_layers)}  # CAA directions
     state = _state(toy)
 
@@ -200,8 +203,13 @@ def test_tuning_raises_the_cosine_to_v_on_the_tiny_toy_and_generation_agrees_wit
     with editor.applied(toy):
         after = answer_cosines(toy, train, fmt, vectors)
         prompt = toy.to_tokens(fmt.context(train[0]), prepend_bos=False)
-        kwargs = {"max_new_tokens": 5, "do_sample": False, "verbose": False, "return_type": "tokens",
-                  "stop_at_eos": False}
+        kwargs = {
+            "max_new_tokens": 5,
+            "do_sample": False,
+            "verbose": False,
+            "return_type": "tokens",
+            "stop_at_eos": False,
+        }
         cached = toy.generate(prompt, use_past_kv_cache=True, **kwargs)
         uncached = toy.generate(prompt, use_past_kv_cache=False, **kwargs)
     _assert_state(toy, state)

@@ -51,7 +51,8 @@ def test_older_run_configs_read_as_what_those_versions_did_so_they_do_not_resume
     as_then = RunConfig().with_settings(
         iti=dataclasses.replace(RunConfig().iti, positions="all", features="answer_tokens"),
         caa=dataclasses.replace(RunConfig().caa, positions="all", layers="hpr_layers"),
-        sadi=dataclasses.replace(RunConfig().sadi, positions="all"))
+        sadi=dataclasses.replace(RunConfig().sadi, positions="all"),
+    )
     assert same_settings(recorded, as_then)
     with pytest.raises(ValueError, match="iti.positions must be one of"):
         dataclasses.replace(RunConfig().iti, positions="answers")
@@ -106,8 +107,9 @@ def test_the_released_sadi_grid_is_searched_on_validation(tiny_toy, tmp_path):
         dataclasses.replace(RunConfig().sadi, grid="wide")
 
 
-@pytest.mark.parametrize("dtype, message", [("float8", "Unsupported dtype 'float8'"),
-                                            ("float16", "float16 needs a GPU")])
+@pytest.mark.parametrize(
+    "dtype, message", [("float8", "Unsupported dtype 'float8'"), ("float16", "float16 needs a GPU")]
+)
 def test_reproduce_refuses_a_bad_dtype_before_any_work(dtype, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         reproduce(RunConfig(dtype=dtype), tmp_path / "run", device="cpu")

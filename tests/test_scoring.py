@@ -55,7 +55,7 @@ def test_scores_match_whole_sequence_definition(family, edited, tiny_lm):
     torch.testing.assert_close(torch.tensor(whole), torch.tensor(expected), rtol=0, atol=1e-4)
     if edited:  # the edit reaches the scores on both paths
         plain = score(model, pairs)
-        assert max(abs(a - b) for a, b in zip(plain, shared)) > 1e-3
+        assert max(abs(a - b) for a, b in zip(plain, shared, strict=True)) > 1e-3
 
 
 @pytest.mark.parametrize("mode", positions.MODES)
@@ -72,7 +72,7 @@ def test_every_position_mode_scores_alike_on_both_paths(mode, tiny_lm):
         whole = score(model, pairs, batch_size=4, share_prefix=False)
     torch.testing.assert_close(torch.tensor(shared), torch.tensor(expected), rtol=0, atol=1e-4)
     torch.testing.assert_close(torch.tensor(whole), torch.tensor(expected), rtol=0, atol=1e-4)
-    assert max(abs(a - b) for a, b in zip(plain, shared)) > 1e-3  # the edit reaches the scores
+    assert max(abs(a - b) for a, b in zip(plain, shared, strict=True)) > 1e-3  # the edit reaches the scores
 
 
 def test_scores_do_not_depend_on_batch_size(tiny_lm):
@@ -86,8 +86,12 @@ def test_mixed_lengths_near_the_context_window(tiny_lm):
     """A long context with a short answer shares a batch with a short context and a long answer: padding must
     not push positions past n_ctx (it did when pads took positions: IndexError in the position embedding)."""
     model = tiny_lm("gpt2-like")  # learned absolute positions, n_ctx 32
-    pairs = [(" ".join(["w1"] * 27), " w2 w2"), (" ".join(["w1"] * 27), " w2"),
-             ("w3 w4 w5", " " + " ".join(["w6"] * 8)), ("w3 w4 w5", " w7")]
+    pairs = [
+        (" ".join(["w1"] * 27), " w2 w2"),
+        (" ".join(["w1"] * 27), " w2"),
+        ("w3 w4 w5", " " + " ".join(["w6"] * 8)),
+        ("w3 w4 w5", " w7"),
+    ]
     expected = _reference(model, pairs)
     for share_prefix in (True, False):
         got = score(model, pairs, batch_size=16, share_prefix=share_prefix)

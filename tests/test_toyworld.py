@@ -7,7 +7,13 @@ import re
 import pytest
 
 from hpr.toyworld.world import (
-    HEADERS, MARKS, RELATIONS, ToyWorldConfig, build_world, generate_corpus, mc_dataset,
+    HEADERS,
+    MARKS,
+    RELATIONS,
+    ToyWorldConfig,
+    build_world,
+    generate_corpus,
+    mc_dataset,
 )
 
 SMALL = ToyWorldConfig(n_entities=30, n_docs=300)
@@ -141,8 +147,10 @@ def test_tokenizer_round_trips_the_corpus_and_keeps_the_answer_space(kind, tmp_p
     # The scored continuation " value" is its own token(s), so context + continuation splits cleanly.
     context, continuation = "Q: pet and food of X?\nA:", " " + RELATIONS["pet"][0]
     whole = tok(context + continuation, add_special_tokens=False)["input_ids"]
-    assert whole[: len(tok(context, add_special_tokens=False)["input_ids"])] == tok(
-        context, add_special_tokens=False)["input_ids"]
+    assert (
+        whole[: len(tok(context, add_special_tokens=False)["input_ids"])]
+        == tok(context, add_special_tokens=False)["input_ids"]
+    )
     if kind == "word":
         assert len(tok) < 400  # one id per word of the toy language
         assert tok("Hello", add_special_tokens=False)["input_ids"] == [tok.unk_token_id]
