@@ -132,3 +132,12 @@ def test_no_function_in_hpr_is_over_60_lines():
                     f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
                 )
     assert not long, "split these into smaller functions:\n" + "\n".join(long)
+
+
+def test_git_ignores_no_source_file():
+    """A pattern such as ``runs/`` once hid ``hpr/runs/`` from commits: every file passed here, none in a clone."""
+    sources = [
+        str(p.relative_to(ROOT)) for d in ("hpr", "app", "analyses", "bench", "tests") for p in (ROOT / d).rglob("*.py")
+    ]
+    out = subprocess.run(["git", "check-ignore", "--no-index", *sources], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 1 and not out.stdout, f"ignored by .gitignore: {out.stdout.split()}"

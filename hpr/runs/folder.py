@@ -1,0 +1,181 @@
+"""A run folder, read and written: the layout ``hpr reproduce`` writes, and :class:`Run`, which opens a finished
+one for the analyses and the app.
+
+Layout::
+
+    config.json           everything needed to rerun (settings, the data's and model's fingerprints)
+    splits.json           question ids of train / val / test
+    activations/<split>/  answer-token resid_post shards (hpr.activations)
+    probes.json           per-layer probe accuracy (val, test), the selected layers, the epoch kept
+    editors/<label>/      config.json + state.safetensors (hpr_all_layers: HPR fitted on every layer)
+    iti_heads.json        ITI: per-head val probe accuracy and the selected heads
+    <method>_sweep.json   CAA, SADI: val MC1/MC2 per candidate setting, and the one chosen
+    predictions/<label>.parquet, predictions/<label>.norms.safetensors, predictions.parquet
+    results.json
+
+Every write is atomic (a temporary file renamed into place). A damaged cache (an editor, predictions, norms)
+is reported and rebuilt on the next run; a damaged record of settings or results is an error naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import pandas as pd
+
+from hpr.data.prompts import PromptFormat
+from hpr.data.schema import MCQuestion
+from hpr.editors import BASE, load_editor
+from hpr.sources import load_dataset, load_model, prompt_format
+
+log = logging.getLogger(__name__)
+
+_RESULT_KEYS = {"model": str, "dataset": str, "splits": dict, "n_layers": int, "probe_accuracy": dict,
+                "selected_layers": list, "methods": dict, "flip_rates": dict, "norm_change": dict,
+                "norm_change_vs_base": dict}
+
+
+def check_results(results, path: Path) -> dict:
+    """``results`` if it has the shape ``hpr reproduce`` writes, else a ``ValueError`` naming what is wrong."""
+    def bad(problem):
+        return ValueError(f"{path} is not a results file of hpr reproduce ({problem}); rerun hpr reproduce into "
+                          "its folder to rebuild it")
+
+    if not isinstance(results, dict):
+        raise bad(f"a JSON {type(results).__name__}, not an object")
+    for key, kind in _RESULT_KEYS.items():
+        if not isinstance(results.get(key), kind):
+            raise bad(f"{key!r} is missing or not a {kind.__name__}")
+    for method, row in results["methods"].items():
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), (int, float))
+                                                for k in ("mc1", "mc2", "mc1_stderr", "mc2_stderr")):
+            raise bad(f"methods[{method!r}] lacks numbers mc1, mc2, mc1_stderr, mc2_stderr")
+    if not all(isinstance(results["probe_accuracy"].get(s), list) for s in ("val", "test")):
+        raise bad("probe_accuracy lacks its val and test lists")
+    if not isinstance(results["splits"].get("test"), int):
+        raise bad("splits lacks the test count")
+    return results
+
+
+@dataclass
+class Run:
+    """A finished run folder (``hpr reproduce``), opened for analysis."""
+
+    folder: Path
+    device: str | None = None
+
+    def __post_init__(self):
+        self.folder = Path(self.folder)
+        path = self.folder / "results.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{self.folder} is not a finished run folder (no results.json); run "
+                                    f"`hpr reproduce --out {self.folder} ...` first")
+        self.results = check_results(read_json(path, "results"), path)
+        record = read_json(self.folder / "config.json", "run config")
+        if not isinstance(record, dict) or not isinstance(record.get("run"), dict):
+            raise ValueError(f"{self.folder / 'config.json'} holds no run settings; rerun hpr reproduce")
+        self.config = record["run"]
+        self.inputs = record.get("inputs", {})
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.results["methods"])
+
+    @cached_property
+    def model(self):
+        return load_model(self.config["model"], device=self.device, dtype=self.config.get("dtype"))
+
+    @cached_property
+    def fmt(self) -> PromptFormat:
+        return prompt_format(self.config["dataset"])
+
+    def questions(self, split: str = "test") -> list[MCQuestion]:
+        questions = load_dataset(self.config["dataset"], self.config.get("data_path"))
+        if self.config.get("limit") is not None:
+            questions = questions[: self.config["limit"]]
+        recorded = self.inputs.get("dataset_sha256")
+        if recorded is not None and recorded != dataset_fingerprint(questions):
+            raise ValueError(f"the data at {self.config.get('data_path') or self.config['dataset']} changed since "
+                             f"{self.folder} was run (its fingerprint differs); restore it, or rerun into a new folder")
+        ids = set(json.loads((self.folder / "splits.json").read_text())[split])
+        return [q for q in questions if q.id in ids]
+
+    def editor(self, method: str):
+        """The method's editor, or None for ``base``."""
+        return None if method == BASE else load_editor(self.folder / "editors" / method, device=self.device)
+
+    def editors(self, methods: Sequence[str] | None = None) -> dict:
+        return {m: self.editor(m) for m in (methods or self.methods)}
+
+
+def read_json(path: Path, what: str):
+    """A JSON file of a run folder, or a ``ValueError`` naming it and what is wrong."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: the {what} file is damaged ({e}); restore it or start a new run folder") from e
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def editor_is_intact(folder: Path) -> bool:
+    """Whether a fitted editor is saved in ``folder`` and loads. A damaged one is a cache: it is reported,
+    removed, and fitted again."""
+    if not (folder / "config.json").exists():
+        return False
+    try:
+        load_editor(folder)
+        return True
+    except (ValueError, OSError) as e:
+        log.warning("%s is damaged (%s); fitting it again", folder, " ".join(str(e).split()))
+        for name in ("config.json", "state.safetensors"):
+            (folder / name).unlink(missing_ok=True)
+        return False
+
+
+def saved_predictions(path: Path) -> pd.DataFrame | None:
+    """A method's saved predictions, or None when there are none or they are damaged (reported; scored again)."""
+    if not path.exists():
+        return None
+    try:
+        return pd.read_parquet(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow's own error types
+        log.warning("%s is damaged (%s); scoring again", path, e)
+        return None
+
+
+def write_parquet(df: pd.DataFrame, path: Path) -> None:
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def dataset_fingerprint(questions) -> str:
+    """sha256 of the questions as the run uses them (ids, texts, choices, labels): the same for the same
+    data in any file format, different when any label or text changes."""
+    records = [[q.id, q.question, [[c.text, c.is_true] for c in q.mc1], [[c.text, c.is_true] for c in q.mc2]]
+               for q in questions]
+    return hashlib.sha256(json.dumps(records, ensure_ascii=False).encode()).hexdigest()
+
+
+def check_inputs(out: Path, recorded: dict | None, inputs: dict) -> None:
+    """Refuse a run folder built from another dataset or model, naming which and both fingerprints."""
+    for key, what in (("dataset_sha256", "dataset"), ("model_fingerprint", "model's weights"),
+                      ("n_questions", "number of questions")):
+        old = (recorded or {}).get(key)
+        if old is not None and old != inputs[key]:
+            raise ValueError(f"{out} was built from another {what} ({key} {str(old)[:16]} there, "
+                             f"{str(inputs[key])[:16]} now); "
+                             "pick another --out, or restore the input it was built from to resume")
