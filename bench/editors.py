@@ -1,7 +1,8 @@
 """The editors the forward and generation measures apply: built here only, with random parameters.
 
-A method registry will replace ``build_editors``; until then this is the one place that knows how to
-construct each method's editor for the bench.
+The bench times the five methods of the paper's comparison; this is the one place that knows how to build
+each one's editor with random parameters (the method registry, :mod:`hpr.editors.registry`, knows how to fit
+them, which the bench does not need).
 """
 
 from __future__ import annotations

@@ -42,7 +42,6 @@ FLAG_ALIASES = {"--top-k": "--hpr-top-k"}
 def _setting_flags(parser: argparse.ArgumentParser) -> None:
     """``--<method>-<field>`` for every field of every registered method's settings, typed and with its help."""
     import dataclasses
-    import typing
 
     from hpr.editors import methods
 
@@ -51,29 +50,47 @@ def _setting_flags(parser: argparse.ArgumentParser) -> None:
         if method.settings is None:
             continue
         group = parser.add_argument_group(f"{name} settings", method.summary)
-        hints = typing.get_type_hints(method.settings)
         for f in dataclasses.fields(method.settings):
             if f.name == "seed":  # the run's --seed seeds every training
                 continue
             flag = f"--{name}-{f.name.replace('_', '-')}"
-            kind = hints[f.name]
-            options: dict[str, Any] = dict(
-                dest=f"{name}.{f.name}",
-                default=None,
-                metavar=f.name.upper(),
-                help=f"{f.metadata.get('help', '')} (default: {_shown(f.default)})",
-            )
-            if typing.get_origin(kind) is tuple:
-                options.update(nargs="+", type=typing.get_args(kind)[0])
-            elif kind is bool:
-                options.update(type=_boolean, metavar="true|false")
-            else:
-                options.update(type=kind, choices=f.metadata.get("choices"))
-                if f.name == "positions":
-                    from hpr.positions import MODES
+            group.add_argument(*[flag] + ([aliases[flag]] if flag in aliases else []), **_flag_options(name, f, method))
 
-                    options["choices"] = MODES
-            group.add_argument(*[flag] + ([aliases[flag]] if flag in aliases else []), **options)
+
+def _flag_options(name: str, f, method) -> dict[str, Any]:
+    """argparse options for one settings field: its type (str, int, float, bool or a tuple of one of them),
+    choices and help with the default."""
+    import dataclasses
+    import typing
+
+    kind = typing.get_type_hints(method.settings)[f.name]
+    choices = f.metadata.get("choices")
+    if f.name == "positions":
+        from hpr.positions import MODES
+
+        choices = MODES
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    options: dict[str, Any] = dict(
+        dest=f"{name}.{f.name}",
+        default=None,
+        metavar="{" + ",".join(choices) + "}" if choices else f.name.upper(),
+        help=f"{f.metadata.get('help', '')} (default: {_shown(default)})".replace("%", "%%"),
+    )
+    item = typing.get_args(kind)[0] if typing.get_origin(kind) is tuple else kind
+    if item not in (str, int, float, bool) or (
+        typing.get_origin(kind) is tuple and typing.get_args(kind)[1:] != (...,)
+    ):
+        raise TypeError(
+            f"{method.settings.__name__}.{f.name}: a setting must be str, int, float, bool or "
+            f"tuple[one of them, ...] to be a flag, not {kind}"
+        )
+    if typing.get_origin(kind) is tuple:
+        options.update(nargs="+", type=item)
+    elif kind is bool:
+        options.update(type=_boolean, metavar="{true,false}")
+    else:
+        options.update(type=kind, choices=choices)
+    return options
 
 
 def _shown(default) -> str:

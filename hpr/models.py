@@ -1,8 +1,9 @@
 """Model loading: the only module that knows how TransformerLens builds a model.
 
 Everything else in hpr talks to a ``HookedTransformer`` through hook names
-(:func:`resid_post_hook`, :func:`head_z_hook`) and the object returned by
-:func:`load_checkpoint`, so moving to TL 4's TransformerBridge should touch this file only.
+(:func:`resid_post_hook`, :func:`head_z_hook`) and the objects built here (:func:`load_checkpoint` for
+checkpoints, :func:`new_hooked_transformer` for the toy world's model), so moving to TL 4's TransformerBridge
+should touch this file only.
 
 Weights are loaded *without* TL's processing (no LayerNorm folding, no centering of
 writing weights or unembed, no value-bias folding), so activation norms are the

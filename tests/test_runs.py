@@ -130,3 +130,31 @@ def test_cli_passes_dtype_on(monkeypatch, tmp_path, capsys):
     monkeypatch.undo()
     assert main(["reproduce", "--out", str(tmp_path / "run"), "--quiet", "--dtype", "fp16", "--device", "cpu"]) == 2
     assert "float16 needs a GPU" in capsys.readouterr().err
+
+
+def test_a_run_config_is_hashable_and_its_settings_read_only():
+    cfg = RunConfig(seed=3)
+    assert hash(cfg) == hash(RunConfig(seed=3)) and cfg == RunConfig(seed=3)
+    with pytest.raises(TypeError):
+        cfg.settings["iti"] = None  # type: ignore[index]
+    changed = cfg.with_settings(iti=dataclasses.replace(cfg.iti, k=8))
+    assert changed.iti.k == 8 and cfg.iti.k == 48 and changed.hpr == cfg.hpr
+
+
+def test_settings_flags_refuse_field_types_they_cannot_parse():
+    from dataclasses import dataclass, field
+
+    from hpr.cli import _flag_options
+    from hpr.editors import Method
+
+    @dataclass(frozen=True)
+    class Odd:
+        fine: tuple[float, ...] = field(default=(1.0,), metadata={"help": "100% fine"})
+        maybe: int | None = None
+
+    method = Method(name="odd", summary="", labels=("odd",), colours={}, order=99, settings=Odd)
+    fields = {f.name: f for f in dataclasses.fields(Odd)}
+    options = _flag_options("odd", fields["fine"], method)
+    assert options["nargs"] == "+" and options["type"] is float and "100%% fine" in options["help"]
+    with pytest.raises(TypeError, match="Odd.maybe: a setting must be str, int, float, bool"):
+        _flag_options("odd", fields["maybe"], method)

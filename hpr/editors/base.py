@@ -79,7 +79,8 @@ class Editor:
             )
 
     def edit(self, layer: int, h: Tensor) -> Tensor:
-        """``h`` of ``layer`` after the edit, for editors that rewrite activations (HPR, Diff, SEA, ITI, CAA)."""
+        """``h`` of ``layer`` after the edit, for editors that rewrite activations (all but LoRA and reptune,
+        which edit weights)."""
         raise NotImplementedError(f"{self.method} edits through its hooks only")
 
     def hooks(self, model) -> list[Hook]:

@@ -73,6 +73,13 @@ class HPRTrainConfig:
     def __post_init__(self):
         if self.select_epoch not in ("best_val", "last"):
             raise ValueError(f"select_epoch must be 'best_val' or 'last', got {self.select_epoch!r}")
+        # epochs may be 0 (an untrained probe and angle network, for comparisons); the rest must be positive
+        for name, least in (("top_k", 1), ("batch_size", 1), ("epochs", 0), ("angle_layers", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"hpr.{name} must be a whole number >= {least}, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"hpr.lr must be positive, got {self.lr!r}")
 
 
 def stacked_mlp(x: Tensor, weights, biases) -> Tensor:

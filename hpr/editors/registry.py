@@ -51,17 +51,31 @@ _METHODS: dict[str, Method] = {}
 
 
 def register_method(method: Method) -> Method:
-    if method.name in _METHODS and _METHODS[method.name] != method:
-        raise ValueError(f"two methods are registered as {method.name!r}")
+    """Register ``method``; a module registering again (reloaded) replaces its own entry, another module's
+    method of the same name is refused."""
+    old = _METHODS.get(method.name)
+    if (
+        old is not None
+        and old.fit is not None
+        and method.fit is not None
+        and old.fit.__module__ != method.fit.__module__
+    ):
+        raise ValueError(
+            f"two methods are registered as {method.name!r}: in {old.fit.__module__} and {method.fit.__module__}"
+        )
     _METHODS[method.name] = method
     return method
 
 
+_IMPORTED: list[bool] = []  # whether every module of the package has been imported (once per process)
+
+
 def methods() -> dict[str, Method]:
-    """Every registered method, in :attr:`Method.order`; imports each module of this package once."""
-    package = Path(__file__).parent
-    for info in pkgutil.iter_modules([str(package)]):
-        importlib.import_module(f"{__package__}.{info.name}")
+    """Every registered method, in :attr:`Method.order`; the first call imports each module of this package."""
+    if not _IMPORTED:
+        for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
+            importlib.import_module(f"{__package__}.{info.name}")
+        _IMPORTED.append(True)
     return dict(sorted(_METHODS.items(), key=lambda item: item[1].order))
 
 
@@ -101,9 +115,9 @@ class FitContext:
     batch_size: int
     progress: bool
     score_on_val: Callable[[str, Any], dict]  # (label, editor) -> {"mc1", "mc2"} on the validation split
+    train_pairs: Callable[[], tuple]  # the aligned (pos, neg, question index) train pairs, read from disk per call
+    is_saved: Callable[[Path], bool]  # whether an editor folder holds an intact editor (a damaged one is refitted)
     probes: dict | None = None  # HPR's probes.json, once HPR has fitted: its selected layers are everyone's
-    train_pairs: Callable[[], tuple] = lambda: ()  # the aligned (pos, neg, qids) train pairs, read from disk
-    is_saved: Callable[[Path], bool] = lambda folder: (folder / "config.json").exists()
 
     @property
     def layers(self) -> list[int]:

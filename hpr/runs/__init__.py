@@ -5,5 +5,15 @@ from hpr.runs.config import FEW_TEST_QUESTIONS, RunConfig, same_settings, settin
 from hpr.runs.folder import Run, dataset_fingerprint, editor_is_intact, read_json
 from hpr.runs.pipeline import format_results, reproduce
 
-__all__ = ["FEW_TEST_QUESTIONS", "Run", "RunConfig", "dataset_fingerprint", "editor_is_intact", "format_results",
-           "read_json", "reproduce", "same_settings", "settings_differences"]
+__all__ = [
+    "FEW_TEST_QUESTIONS",
+    "Run",
+    "RunConfig",
+    "dataset_fingerprint",
+    "editor_is_intact",
+    "format_results",
+    "read_json",
+    "reproduce",
+    "same_settings",
+    "settings_differences",
+]

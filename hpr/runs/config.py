@@ -9,14 +9,42 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from hpr.editors import BASE, default_labels, method_of, methods
 from hpr.sources import DATASETS
 
+# config.json's "run": 2 nests each method's settings under its name; 1 (before the registry; no marker) kept
+# them flat (``iti_k``). Both are read.
+CONFIG_FORMAT = 2
 FEW_TEST_QUESTIONS = 30  # below this, format_results warns that the scores say little
+
+
+class MethodSettings(Mapping[str, Any]):
+    """Each method's settings by method name: read-only and hashable, as the frozen run config holding it."""
+
+    def __init__(self, items: Mapping[str, Any]):
+        self._items = dict(items)
+
+    def __getitem__(self, name: str) -> Any:
+        return self._items[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(tuple(self._items.items()))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Mapping) and dict(self._items) == dict(other)
+
+    def __repr__(self) -> str:
+        return f"MethodSettings({self._items!r})"
 
 
 def default_settings() -> dict[str, Any]:
@@ -25,10 +53,12 @@ def default_settings() -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class RunConfig:
-    model: str = field(default="toy", metadata={
-        "help": '"toy", "smollm2", path/to/file.gguf, a local HF checkpoint dir, or a hub id'})
-    dtype: str = field(default="float32",
-                       metadata={"help": "model dtype: float32 (CPU default) | bfloat16 | float16 (GPU)"})
+    model: str = field(
+        default="toy", metadata={"help": '"toy", "smollm2", path/to/file.gguf, a local HF checkpoint dir, or a hub id'}
+    )
+    dtype: str = field(
+        default="float32", metadata={"help": "model dtype: float32 (CPU default) | bfloat16 | float16 (GPU)"}
+    )
     dataset: str = field(default="toy", metadata={"help": "toy | truthfulqa | jsonl"})
     data_path: str | None = field(default=None, metadata={"help": "file or folder for truthfulqa / jsonl"})
     methods: tuple[str, ...] = field(default_factory=default_labels, metadata={"help": "methods to evaluate"})
@@ -43,6 +73,9 @@ class RunConfig:
     def __post_init__(self):
         object.__setattr__(self, "methods", tuple(self.methods))
         known = default_settings()
+        clashes = sorted(set(known) & {f.name for f in dataclasses.fields(self)})
+        if clashes:
+            raise ValueError(f"methods named like a shared run setting: {clashes}; rename the method")
         unknown = sorted(set(self.settings) - set(known))
         if unknown:
             raise ValueError(f"settings for unknown methods {unknown}; methods with settings: {', '.join(known)}")
@@ -55,7 +88,7 @@ class RunConfig:
             if any(f.name == "seed" for f in dataclasses.fields(given)) and given.seed != self.seed:
                 given = dataclasses.replace(given, seed=self.seed)
             settings[name] = given
-        object.__setattr__(self, "settings", settings)
+        object.__setattr__(self, "settings", MethodSettings(settings))
         self._check()
 
     def __getattr__(self, name: str):
@@ -77,24 +110,25 @@ class RunConfig:
             raise ValueError(f"methods is empty: name at least one of {', '.join(default_labels())}")
         unknown = [m for m in labels if m != BASE and method_of(m) is None]
         if unknown:
-            raise ValueError(f"unknown methods {unknown}; available: {', '.join(default_labels())}, or iti<alpha> "
-                             "(e.g. iti50) for ITI at any alpha")
+            raise ValueError(
+                f"unknown methods {unknown}; available: {', '.join(default_labels())}, or iti<alpha> "
+                "(e.g. iti50) for ITI at any alpha"
+            )
         if len(set(labels)) != len(labels):
             raise ValueError(f"methods named twice: {[m for m in dict.fromkeys(labels) if labels.count(m) > 1]}")
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
         if self.dataset == "jsonl" and not self.data_path:
             raise ValueError("dataset jsonl needs a data path (--data-path FILE.jsonl)")
-        at_least_one = {"limit": self.limit, "batch_size": self.batch_size, "hpr.top_k": self.hpr.top_k,
-                        "hpr.epochs": self.hpr.epochs, "hpr.batch_size": self.hpr.batch_size}
+        at_least_one = {"limit": self.limit, "batch_size": self.batch_size}
         for name, value in at_least_one.items():
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
-        if not self.hpr.lr > 0:
-            raise ValueError(f"hpr.lr must be positive, got {self.hpr.lr!r}")
         fractions = tuple(self.fractions)
         if len(fractions) != 3 or any(not f > 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
-            raise ValueError(f"fractions must be three positive numbers (train, val, test) summing to 1, got {fractions}")
+            raise ValueError(
+                f"fractions must be three positive numbers (train, val, test) summing to 1, got {fractions}"
+            )
 
     def to_json(self) -> dict:
         shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "settings"}
@@ -149,9 +183,11 @@ def settings_differences(recorded: dict | None, cfg: RunConfig) -> list[str]:
     old, new = flat(old), flat(new)
     diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     seed = recorded.get("seed", 0)
-    diffs += [f"{name}.seed: trained with {recorded[name]['seed']!r}, not the run's seed {seed!r}"
-              for name in cfg.settings if isinstance(recorded.get(name), dict)
-              and recorded[name].get("seed", seed) != seed]
+    diffs += [
+        f"{name}.seed: trained with {recorded[name]['seed']!r}, not the run's seed {seed!r}"
+        for name in cfg.settings
+        if isinstance(recorded.get(name), dict) and recorded[name].get("seed", seed) != seed
+    ]
     return diffs
 
 

@@ -3,13 +3,15 @@ one for the analyses and the app.
 
 Layout::
 
-    config.json           everything needed to rerun (settings, the data's and model's fingerprints)
+    config.json           everything needed to rerun: the settings (each method's under its name;
+                          config_format 2), the data's and the model's fingerprints
     splits.json           question ids of train / val / test
     activations/<split>/  answer-token resid_post shards (hpr.activations)
     probes.json           per-layer probe accuracy (val, test), the selected layers, the epoch kept
     editors/<label>/      config.json + state.safetensors (hpr_all_layers: HPR fitted on every layer)
     iti_heads.json        ITI: per-head val probe accuracy and the selected heads
     <method>_sweep.json   CAA, SADI: val MC1/MC2 per candidate setting, and the one chosen
+    caa_layer_sweep.json  CAA: val MC1/MC2 at each of HPR's layers (multiplier 1), and the layer chosen
     predictions/<label>.parquet, predictions/<label>.norms.safetensors, predictions.parquet
     results.json
 
@@ -37,16 +39,28 @@ from hpr.sources import load_dataset, load_model, prompt_format
 
 log = logging.getLogger(__name__)
 
-_RESULT_KEYS = {"model": str, "dataset": str, "splits": dict, "n_layers": int, "probe_accuracy": dict,
-                "selected_layers": list, "methods": dict, "flip_rates": dict, "norm_change": dict,
-                "norm_change_vs_base": dict}
+_RESULT_KEYS = {
+    "model": str,
+    "dataset": str,
+    "splits": dict,
+    "n_layers": int,
+    "probe_accuracy": dict,
+    "selected_layers": list,
+    "methods": dict,
+    "flip_rates": dict,
+    "norm_change": dict,
+    "norm_change_vs_base": dict,
+}
 
 
 def check_results(results, path: Path) -> dict:
     """``results`` if it has the shape ``hpr reproduce`` writes, else a ``ValueError`` naming what is wrong."""
+
     def bad(problem):
-        return ValueError(f"{path} is not a results file of hpr reproduce ({problem}); rerun hpr reproduce into "
-                          "its folder to rebuild it")
+        return ValueError(
+            f"{path} is not a results file of hpr reproduce ({problem}); rerun hpr reproduce into "
+            "its folder to rebuild it"
+        )
 
     if not isinstance(results, dict):
         raise bad(f"a JSON {type(results).__name__}, not an object")
@@ -54,8 +68,9 @@ def check_results(results, path: Path) -> dict:
         if not isinstance(results.get(key), kind):
             raise bad(f"{key!r} is missing or not a {kind.__name__}")
     for method, row in results["methods"].items():
-        if not isinstance(row, dict) or not all(isinstance(row.get(k), (int, float))
-                                                for k in ("mc1", "mc2", "mc1_stderr", "mc2_stderr")):
+        if not isinstance(row, dict) or not all(
+            isinstance(row.get(k), (int, float)) for k in ("mc1", "mc2", "mc1_stderr", "mc2_stderr")
+        ):
             raise bad(f"methods[{method!r}] lacks numbers mc1, mc2, mc1_stderr, mc2_stderr")
     if not all(isinstance(results["probe_accuracy"].get(s), list) for s in ("val", "test")):
         raise bad("probe_accuracy lacks its val and test lists")
@@ -75,8 +90,10 @@ class Run:
         self.folder = Path(self.folder)
         path = self.folder / "results.json"
         if not path.exists():
-            raise FileNotFoundError(f"{self.folder} is not a finished run folder (no results.json); run "
-                                    f"`hpr reproduce --out {self.folder} ...` first")
+            raise FileNotFoundError(
+                f"{self.folder} is not a finished run folder (no results.json); run "
+                f"`hpr reproduce --out {self.folder} ...` first"
+            )
         self.results = check_results(read_json(path, "results"), path)
         record = read_json(self.folder / "config.json", "run config")
         if not isinstance(record, dict) or not isinstance(record.get("run"), dict):
@@ -102,8 +119,10 @@ class Run:
             questions = questions[: self.config["limit"]]
         recorded = self.inputs.get("dataset_sha256")
         if recorded is not None and recorded != dataset_fingerprint(questions):
-            raise ValueError(f"the data at {self.config.get('data_path') or self.config['dataset']} changed since "
-                             f"{self.folder} was run (its fingerprint differs); restore it, or rerun into a new folder")
+            raise ValueError(
+                f"the data at {self.config.get('data_path') or self.config['dataset']} changed since "
+                f"{self.folder} was run (its fingerprint differs); restore it, or rerun into a new folder"
+            )
         ids = set(json.loads((self.folder / "splits.json").read_text())[split])
         return [q for q in questions if q.id in ids]
 
@@ -165,17 +184,24 @@ def write_parquet(df: pd.DataFrame, path: Path) -> None:
 def dataset_fingerprint(questions) -> str:
     """sha256 of the questions as the run uses them (ids, texts, choices, labels): the same for the same
     data in any file format, different when any label or text changes."""
-    records = [[q.id, q.question, [[c.text, c.is_true] for c in q.mc1], [[c.text, c.is_true] for c in q.mc2]]
-               for q in questions]
+    records = [
+        [q.id, q.question, [[c.text, c.is_true] for c in q.mc1], [[c.text, c.is_true] for c in q.mc2]]
+        for q in questions
+    ]
     return hashlib.sha256(json.dumps(records, ensure_ascii=False).encode()).hexdigest()
 
 
 def check_inputs(out: Path, recorded: dict | None, inputs: dict) -> None:
     """Refuse a run folder built from another dataset or model, naming which and both fingerprints."""
-    for key, what in (("dataset_sha256", "dataset"), ("model_fingerprint", "model's weights"),
-                      ("n_questions", "number of questions")):
+    for key, what in (
+        ("dataset_sha256", "dataset"),
+        ("model_fingerprint", "model's weights"),
+        ("n_questions", "number of questions"),
+    ):
         old = (recorded or {}).get(key)
         if old is not None and old != inputs[key]:
-            raise ValueError(f"{out} was built from another {what} ({key} {str(old)[:16]} there, "
-                             f"{str(inputs[key])[:16]} now); "
-                             "pick another --out, or restore the input it was built from to resume")
+            raise ValueError(
+                f"{out} was built from another {what} ({key} {str(old)[:16]} there, "
+                f"{str(inputs[key])[:16]} now); "
+                "pick another --out, or restore the input it was built from to resume"
+            )

@@ -23,7 +23,7 @@ from hpr.data import apply_split, split_groups, split_ids
 from hpr.data.prompts import PromptFormat
 from hpr.editors import BASE, FitContext, load_editor, method_of, methods
 from hpr.models import check_device, model_dtype, model_fingerprint
-from hpr.runs.config import FEW_TEST_QUESTIONS, RunConfig, settings_differences
+from hpr.runs.config import CONFIG_FORMAT, FEW_TEST_QUESTIONS, RunConfig, settings_differences
 from hpr.runs.folder import (
     check_inputs,
     dataset_fingerprint,
@@ -59,12 +59,22 @@ class Pipeline:
     def fit_context(self, probes: dict | None) -> FitContext:
         cfg = self.cfg
         return FitContext(
-            settings=cfg.settings, labels=cfg.methods, model=self.model, parts=self.parts, fmt=self.fmt,
-            acts_dir=self.out / "activations", editors_dir=self.out / "editors", out=self.out,
-            batch_size=cfg.batch_size, progress=self.progress, score_on_val=self.val_mc, probes=probes,
+            settings=cfg.settings,
+            labels=cfg.methods,
+            model=self.model,
+            parts=self.parts,
+            fmt=self.fmt,
+            acts_dir=self.out / "activations",
+            editors_dir=self.out / "editors",
+            out=self.out,
+            batch_size=cfg.batch_size,
+            progress=self.progress,
+            score_on_val=self.val_mc,
+            probes=probes,
             # loaded from disk per use, so no split's activations stay in memory while other methods fit
             train_pairs=lambda: activations.load(self.out / "activations" / "train").pair_rows(),
-            is_saved=editor_is_intact)
+            is_saved=editor_is_intact,
+        )
 
     def val_mc(self, label: str, editor) -> dict:
         """MC1/MC2 of ``editor`` on the validation split (the only split any method is tuned on)."""
@@ -77,8 +87,9 @@ def reproduce(cfg: RunConfig, out: Path, device=None, progress: bool = True) -> 
     out = Path(out)
     questions, split, model, load_s = _prepared(cfg, device)
     _claim_folder(cfg, out, questions, split, model)
-    run = Pipeline(cfg, out, model, apply_split(questions, split), prompt_format(cfg.dataset), progress,
-                   {"load_model": load_s})
+    run = Pipeline(
+        cfg, out, model, apply_split(questions, split), prompt_format(cfg.dataset), progress, {"load_model": load_s}
+    )
     run.timed("activations", collect_activations)
     probes = run.timed("hpr_training", fit_hpr)
     for method in _methods_to_fit(cfg):
@@ -100,8 +111,10 @@ def _prepared(cfg: RunConfig, device):
     empty = [name for name, ids in split.items() if not ids]
     if empty:
         needed = math.ceil(1 / min(cfg.fractions))
-        raise ValueError(f"{len(questions)} question(s) leave the {' and '.join(empty)} split(s) empty with "
-                         f"fractions {tuple(cfg.fractions)}: use at least {needed} questions (--limit, or more data)")
+        raise ValueError(
+            f"{len(questions)} question(s) leave the {' and '.join(empty)} split(s) empty with "
+            f"fractions {tuple(cfg.fractions)}: use at least {needed} questions (--limit, or more data)"
+        )
     t0 = time.perf_counter()
     model = load_model(cfg.model, device=device, dtype=dtype)
     return questions, split, model, round(time.perf_counter() - t0, 2)
@@ -109,30 +122,45 @@ def _prepared(cfg: RunConfig, device):
 
 def _claim_folder(cfg: RunConfig, out: Path, questions, split: dict, model) -> None:
     """Refuse a folder holding another run (other settings, data, model or split); then record this one's."""
-    inputs = {"dataset_sha256": dataset_fingerprint(questions), "n_questions": len(questions),
-              "model_fingerprint": model_fingerprint(model)}
+    inputs = {
+        "dataset_sha256": dataset_fingerprint(questions),
+        "n_questions": len(questions),
+        "model_fingerprint": model_fingerprint(model),
+    }
     cfg_path, splits_path = out / "config.json", out / "splits.json"
     if cfg_path.exists():
         recorded = read_json(cfg_path, "run config")
         differences = settings_differences(recorded.get("run"), cfg) if isinstance(recorded, dict) else ["unreadable"]
         if differences:
-            raise ValueError(f"{out} holds a run with other settings ({'; '.join(differences)}); pick another --out "
-                             "or rerun with the same settings to resume")
+            raise ValueError(
+                f"{out} holds a run with other settings ({'; '.join(differences)}); pick another --out "
+                "or rerun with the same settings to resume"
+            )
         check_inputs(out, recorded.get("inputs"), inputs)
     if splits_path.exists():
         recorded_split = read_json(splits_path, "splits")
         if not isinstance(recorded_split, dict) or {k: tuple(v) for k, v in recorded_split.items()} != split:
             raise ValueError(f"{splits_path} does not hold the split of this data and seed; pick another --out")
     out.mkdir(parents=True, exist_ok=True)
-    write_json(cfg_path, {"run": cfg.to_json(), "hpr_version": hpr.__version__, "inputs": inputs})
+    write_json(
+        cfg_path,
+        {"run": cfg.to_json(), "config_format": CONFIG_FORMAT, "hpr_version": hpr.__version__, "inputs": inputs},
+    )
     write_json(splits_path, {k: list(v) for k, v in split.items()})
 
 
 def collect_activations(run: Pipeline) -> None:
     for name in ("train", "val", "test"):  # written to disk; each step loads what it needs
-        activations.collect(run.model, run.parts[name], run.fmt, run.out / "activations" / name,
-                            batch_size=run.cfg.batch_size, fp16=run.cfg.fp16_activations, progress=run.progress,
-                            load_result=False)
+        activations.collect(
+            run.model,
+            run.parts[name],
+            run.fmt,
+            run.out / "activations" / name,
+            batch_size=run.cfg.batch_size,
+            fp16=run.cfg.fp16_activations,
+            progress=run.progress,
+            load_result=False,
+        )
 
 
 def fit_hpr(run: Pipeline) -> dict:
@@ -175,8 +203,9 @@ def _test_predictions(run: Pipeline, label: str, editor) -> pd.DataFrame:
     path = run.out / "predictions" / f"{label}.parquet"
     df = saved_predictions(path)
     if df is None:
-        df = evaluate.predictions(run.model, run.parts["test"], run.fmt, label, editor, run.cfg.batch_size,
-                                  run.progress)
+        df = evaluate.predictions(
+            run.model, run.parts["test"], run.fmt, label, editor, run.cfg.batch_size, run.progress
+        )
         write_parquet(df, path)
         df = pd.read_parquet(path)  # as written, so a fresh run and a resumed one concatenate the same frames
     return df
@@ -203,8 +232,9 @@ def _answer_norms(run: Pipeline, editor, label: str):
     return before, after
 
 
-def summarize(run: Pipeline, split: dict, probes: dict, preds: pd.DataFrame, norm_change: dict,
-              norm_vs_base: dict) -> dict:
+def summarize(
+    run: Pipeline, split: dict, probes: dict, preds: pd.DataFrame, norm_change: dict, norm_vs_base: dict
+) -> dict:
     cfg = run.cfg
     scores = metrics.question_scores(preds)
     summary = metrics.summarize(scores)
@@ -232,17 +262,23 @@ def summarize(run: Pipeline, split: dict, probes: dict, preds: pd.DataFrame, nor
 
 def format_results(results: dict) -> str:
     """The headline table of a run: MC1/MC2 with standard errors, flips against base, norm change."""
-    lines = [f"{results['model']} on {results['dataset']}: {results['splits']['test']} test questions; "
-             f"HPR layers {results['selected_layers']}",
-             f"{'method':<13} {'MC1':>14} {'MC2':>14} {'f->t':>6} {'t->f':>6} {'max |dnorm|/norm':>17}"]
+    lines = [
+        f"{results['model']} on {results['dataset']}: {results['splits']['test']} test questions; "
+        f"HPR layers {results['selected_layers']}",
+        f"{'method':<13} {'MC1':>14} {'MC2':>14} {'f->t':>6} {'t->f':>6} {'max |dnorm|/norm':>17}",
+    ]
     for method, row in results["methods"].items():
         flips = results["flip_rates"].get(method, {})
         norm = max(results.get("norm_change_vs_base", {}).get(method, [0.0]))
-        lines.append(f"{method:<13} {row['mc1']:>7.3f}±{row['mc1_stderr']:.3f} {row['mc2']:>7.3f}±{row['mc2_stderr']:.3f} "
-                     f"{flips.get('false_to_true', 0):>6.3f} {flips.get('true_to_false', 0):>6.3f} {norm:>17.3f}")
+        lines.append(
+            f"{method:<13} {row['mc1']:>7.3f}±{row['mc1_stderr']:.3f} {row['mc2']:>7.3f}±{row['mc2_stderr']:.3f} "
+            f"{flips.get('false_to_true', 0):>6.3f} {flips.get('true_to_false', 0):>6.3f} {norm:>17.3f}"
+        )
     if results["splits"]["test"] < FEW_TEST_QUESTIONS:
-        lines.append(f"warning: only {results['splits']['test']} test questions: MC1/MC2 and their standard "
-                     "errors say little at this size")
+        lines.append(
+            f"warning: only {results['splits']['test']} test questions: MC1/MC2 and their standard "
+            "errors say little at this size"
+        )
     if "toy_ceiling" in results:
         lines.append(f"toy knowledge ceiling (truthful header): MC1 {results['toy_ceiling']['mc1']:.3f}")
     return "\n".join(lines)
