@@ -4,14 +4,14 @@ Mean KL(base || edited) of the next-token distribution and the perplexity change
 Neutral text: --neutral-text FILE, or for the toy world held-out documents of its corpus.
 """
 
-from hpr import analysis, figures
+from hpr import figures, measurements
 
 
-def make(run: analysis.Run, args) -> dict:
-    texts = analysis.neutral_texts(run.config["dataset"], path=args.neutral_text)
-    df = analysis.capability(run.model, texts, run.editors(args.methods))
+def make(run: measurements.Run, args) -> dict:
+    texts = measurements.neutral_texts(run.config["dataset"], path=args.neutral_text)
+    df = measurements.capability(run.model, texts, run.editors(args.methods))
     return {"figures": {"capability": figures.capability_bars(df)}, "tables": {"capability": df}}
 
 
 if __name__ == "__main__":
-    raise SystemExit(analysis.script_main(make, __doc__))
+    raise SystemExit(measurements.script_main(make, __doc__))

@@ -4,14 +4,14 @@ Per token: cos(h_edited, h_base) against ||h_edited|| / ||h_base|| for every met
 predicted angle theta against the reflection angle gamma for the test tokens it edits.
 """
 
-from hpr import analysis, figures
+from hpr import figures, measurements
 
 
-def make(run: analysis.Run, args) -> dict:
+def make(run: measurements.Run, args) -> dict:
     layer = max(run.results["selected_layers"])
     editors = run.editors(args.methods)
-    samples = analysis.direction_magnitude(run.model, run.questions("test"), run.fmt, editors, layer)
-    angles = analysis.split_hpr_angles(run.editor("hpr"), run.folder / "activations" / "test")
+    samples = measurements.direction_magnitude(run.model, run.questions("test"), run.fmt, editors, layer)
+    angles = measurements.split_hpr_angles(run.editor("hpr"), run.folder / "activations" / "test")
     summary = (
         samples.groupby("method", sort=False)
         .agg(
@@ -31,4 +31,4 @@ def make(run: analysis.Run, args) -> dict:
 
 
 if __name__ == "__main__":
-    raise SystemExit(analysis.script_main(make, __doc__))
+    raise SystemExit(measurements.script_main(make, __doc__))

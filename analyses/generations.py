@@ -2,13 +2,13 @@
 
 import pandas as pd
 
-from hpr import analysis
+from hpr import measurements
 
 
-def make(run: analysis.Run, args) -> dict:
+def make(run: measurements.Run, args) -> dict:
     questions = run.questions("test")[: args.prompts]
     prompts = [run.fmt.context(q) for q in questions]
-    df = analysis.generations(run.model, prompts, run.editors(args.methods), args.max_new_tokens)
+    df = measurements.generations(run.model, prompts, run.editors(args.methods), args.max_new_tokens)
     df["question"] = df["prompt"].map({p: q.question for p, q in zip(prompts, questions, strict=True)})
     table = df.pivot(index="question", columns="method", values="text").reset_index()
     table = table[["question", *[m for m in (args.methods or run.methods) if m in table.columns]]]
@@ -28,4 +28,4 @@ def make(run: analysis.Run, args) -> dict:
 
 
 if __name__ == "__main__":
-    raise SystemExit(analysis.script_main(make, __doc__))
+    raise SystemExit(measurements.script_main(make, __doc__))

@@ -1,14 +1,14 @@
 """Paper Table 1: MC1 and MC2 (± standard error) of every method on the test split, with a bar chart."""
 
-from hpr import analysis, figures
+from hpr import figures, measurements
 
 
-def make(run: analysis.Run, args) -> dict:
-    df = analysis.mc_frame(run.results)
+def make(run: measurements.Run, args) -> dict:
+    df = measurements.mc_frame(run.results)
     if args.methods:
         df = df[df["method"].isin(args.methods)]
     return {"figures": {"mc_scores": figures.mc_bars(df)}, "tables": {"mc_scores": df}}
 
 
 if __name__ == "__main__":
-    raise SystemExit(analysis.script_main(make, __doc__))
+    raise SystemExit(measurements.script_main(make, __doc__))

@@ -4,16 +4,16 @@ Fig. 3: base model, every true vs every false answer token. Fig. 4: base vs ITI1
 at the true answers' tokens. Boxes use exact quantiles over all tokens.
 """
 
-from hpr import activations, analysis, figures
+from hpr import activations, figures, measurements
 
 PAPER_METHODS = ("base", "iti15", "iti200", "hpr")
 
 
-def make(run: analysis.Run, args) -> dict:
-    pos_neg = analysis.true_false_norm_quantiles(activations.load(run.folder / "activations" / "test"))
+def make(run: measurements.Run, args) -> dict:
+    pos_neg = measurements.true_false_norm_quantiles(activations.load(run.folder / "activations" / "test"))
     methods = args.methods or [m for m in PAPER_METHODS if m in run.methods]
-    by_method = analysis.norm_quantiles(run.model, run.questions("test"), run.fmt, run.editors(methods))
-    change = analysis.norm_change_frame(run.results)
+    by_method = measurements.norm_quantiles(run.model, run.questions("test"), run.fmt, run.editors(methods))
+    change = measurements.norm_change_frame(run.results)
     return {
         "figures": {
             "norms_true_vs_false": figures.norm_boxes(pos_neg, "Base model: norms of true vs false answer tokens"),
@@ -29,4 +29,4 @@ def make(run: analysis.Run, args) -> dict:
 
 
 if __name__ == "__main__":
-    raise SystemExit(analysis.script_main(make, __doc__))
+    raise SystemExit(measurements.script_main(make, __doc__))

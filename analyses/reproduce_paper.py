@@ -20,12 +20,12 @@ import norms
 import probe_accuracy
 import topk_sweep
 
-from hpr import analysis
+from hpr import measurements
 
 SCRIPTS = (probe_accuracy, norms, mc_table, flip_table, topk_sweep, generations, direction_magnitude, capability)
 
 
-def make(run: analysis.Run, args) -> dict:
+def make(run: measurements.Run, args) -> dict:
     outputs = {"figures": {}, "tables": {}}
     unknown = set(args.skip) - {script.__name__ for script in SCRIPTS}
     if unknown:
@@ -47,4 +47,4 @@ def make(run: analysis.Run, args) -> dict:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).parent))
-    raise SystemExit(analysis.script_main(make, __doc__))
+    raise SystemExit(measurements.script_main(make, __doc__))

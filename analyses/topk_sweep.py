@@ -6,11 +6,11 @@ The run itself picks k on validation; this sweep shows both splits, so the choic
 
 import pandas as pd
 
-from hpr import analysis, evaluate, figures, metrics
+from hpr import evaluate, figures, measurements, metrics
 from hpr.editors.hpr import HPREditor, top_k_layers
 
 
-def make(run: analysis.Run, args) -> dict:
+def make(run: measurements.Run, args) -> dict:
     full = run.editor("hpr_all_layers")
     val_acc = run.results["probe_accuracy"]["val"]
     rows = []
@@ -33,4 +33,4 @@ def make(run: analysis.Run, args) -> dict:
 
 
 if __name__ == "__main__":
-    raise SystemExit(analysis.script_main(make, __doc__))
+    raise SystemExit(measurements.script_main(make, __doc__))

@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from hpr import analysis, figures
+from hpr import figures, measurements
 
 ROOT = Path(__file__).resolve().parent.parent
 ANALYSES = ROOT / "analyses"
@@ -70,7 +70,7 @@ def inside_workspace(path: str | os.PathLike) -> Path:
     return resolved
 
 
-def open_run(folder: str | os.PathLike) -> analysis.Run:
+def open_run(folder: str | os.PathLike) -> measurements.Run:
     """Open a finished run folder (reads its results.json and config.json only) and make it this session's."""
     run = read_run(str(inside_workspace(folder)))
     st.session_state.run_folder = str(run.folder)
@@ -78,14 +78,14 @@ def open_run(folder: str | os.PathLike) -> analysis.Run:
     return run
 
 
-def read_run(folder: str) -> analysis.Run:
+def read_run(folder: str) -> measurements.Run:
     path = Path(folder)
     if not path.exists():
         raise FileNotFoundError(f"{folder} does not exist")
     if not path.is_dir():
         raise NotADirectoryError(f"{folder} is not a folder")
     try:
-        return analysis.Run(path)
+        return measurements.Run(path)
     except json.JSONDecodeError as e:
         raise ValueError(f"{folder} holds a damaged results.json or config.json ({e})") from e
     except (KeyError, FileNotFoundError) as e:
@@ -94,7 +94,7 @@ def read_run(folder: str) -> analysis.Run:
         raise ValueError(f"{folder} is not a complete run folder (missing {e})") from e
 
 
-def current_run() -> analysis.Run:
+def current_run() -> measurements.Run:
     """The open run, or a pointer to the Runs page and the end of this page."""
     folder = st.session_state.get("run_folder")
     if not folder:
@@ -108,7 +108,7 @@ def current_run() -> analysis.Run:
         st.stop()
 
 
-def stamp(run: analysis.Run) -> float:
+def stamp(run: measurements.Run) -> float:
     """Changes when the run folder is rewritten: part of every cache key, with the folder."""
     return (run.folder / "results.json").stat().st_mtime
 
@@ -128,7 +128,7 @@ def shared_model(name: str, device: str, dtype: str = "float32"):
     return hpr.load_model(name, device=device, dtype=dtype)
 
 
-def with_model(run: analysis.Run) -> analysis.Run:
+def with_model(run: measurements.Run) -> measurements.Run:
     """``run`` with the shared model in place of its own (``Run.model`` is a cached property)."""
     run.device = device()
     run.__dict__["model"] = shared_model(run.config["model"], run.device, run.config.get("dtype") or "float32")

@@ -179,7 +179,7 @@ def training(shape: M.Shape, sizes: Sizes) -> Measured:
     GPU was lent to this task).
     """
     from bench.naive import layer_losses, train_per_layer
-    from hpr.editors.hpr import HPRTrainConfig, train_layerwise
+    from hpr.editors.hpr import HPRTrainConfig, fit_layerwise
 
     g = torch.Generator().manual_seed(0)
     n, L, d = sizes.train_pairs, shape.n_layers, shape.d_model
@@ -190,11 +190,11 @@ def training(shape: M.Shape, sizes: Sizes) -> Measured:
     cfg = HPRTrainConfig(epochs=sizes.train_epochs)
     nets = {}
     sides = {
-        "batched": lambda: nets.update(batched=train_layerwise(pos, neg, cfg)),
+        "batched": lambda: nets.update(batched=fit_layerwise(pos, neg, cfg)),
         "loop": lambda: nets.update(loop=train_per_layer(pos, neg, cfg)),
     }
     small = (pos[: 4 * cfg.batch_size], neg[: 4 * cfg.batch_size])
-    train_layerwise(*small, cfg), train_per_layer(*small, cfg)  # warm-up: first fused-optimiser call etc.
+    fit_layerwise(*small, cfg), train_per_layer(*small, cfg)  # warm-up: first fused-optimiser call etc.
     times = interleaved(sides, 1, warmup=False)
     speedup = times["loop"][0] / times["batched"][0]
     all_cores = _on_all_cores(sides)  # it may train both sides again: the losses below read the latest nets

@@ -2,7 +2,7 @@
 
 HPR training: one ``LayerwiseHPR(n_layers=1)`` per layer, trained in a loop.
 
-Same optimiser settings, schedule, clipping and batch order as :func:`hpr.editors.hpr.train_layerwise`,
+Same optimiser settings, schedule, clipping and batch order as :func:`hpr.editors.hpr.fit_layerwise`,
 and the same initial parameters (each layer's net starts from that layer's slice of the batched net's
 initialisation), so the two differ only in how the work is issued. The one semantic difference is
 inherent to training layers separately: gradient clipping is per layer instead of global.
@@ -39,10 +39,10 @@ def _slice(net: LayerwiseHPR, layer: int) -> LayerwiseHPR:
 
 
 def train_per_layer(pos: Tensor, neg: Tensor, cfg: HPRTrainConfig) -> list[LayerwiseHPR]:
-    """A Python loop over layers, each trained on its own with the batches ``train_layerwise`` uses."""
+    """A Python loop over layers, each trained on its own with the batches ``fit_layerwise`` uses."""
     torch.manual_seed(cfg.seed)
     n, n_layers, d = pos.shape
-    init = LayerwiseHPR(n_layers, d, cfg.angle_layers)  # same draws as train_layerwise's net
+    init = LayerwiseHPR(n_layers, d, cfg.angle_layers)  # same draws as fit_layerwise's net
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     warm = max(1, int(cfg.warmup * total))

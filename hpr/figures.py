@@ -1,5 +1,5 @@
 """Plotly figure builders and paper export. Builders take tidy DataFrames and compute nothing themselves
-(statistics come from :mod:`hpr.analysis`); each returns a ``plotly.graph_objects.Figure``.
+(statistics come from :mod:`hpr.measurements`); each returns a ``plotly.graph_objects.Figure``.
 
 Every method has one colour in every figure (Okabe-Ito, a colour-blind-safe palette). Export writes PNG,
 SVG and PDF through one kaleido session for a whole batch; tables go to CSV, markdown and LaTeX (booktabs).
@@ -92,7 +92,7 @@ def norm_boxes(df: pd.DataFrame, title: str = "Activation norms per layer") -> g
     """Box plots of per-token ``||h||`` at ``hook_resid_post`` per layer and group (paper Figs. 3 and 4).
 
     ``df``: ``layer, group, q1, median, q3, lowerfence, upperfence`` (exact quantiles from
-    :func:`hpr.analysis.norm_quantiles`, so every token counts and the figure stays small); one box per row.
+    :func:`hpr.measurements.norm_quantiles`, so every token counts and the figure stays small); one box per row.
     """
     _require(df, ("layer", "group", "q1", "median", "q3", "lowerfence", "upperfence"), "norm_boxes")
     fig = go.Figure()

@@ -62,7 +62,7 @@ def mc_breakdown(predictions: pd.DataFrame, questions) -> dict:
 
 def diagnose(config: ToyWorldConfig, progress: bool = True, batch_size: int = 32) -> dict:
     """Build (or find) the world's model and measure it. Returns a JSON-ready dict."""
-    from hpr.editors.hpr import HPREditor, HPRTrainConfig, probe_accuracy, top_k_layers, train_layerwise
+    from hpr.editors.hpr import HPREditor, HPRTrainConfig, fit_layerwise, probe_accuracy, top_k_layers
     from hpr.toyworld.build import ensure_built, load_built
 
     folder = ensure_built(config, progress=progress)
@@ -93,7 +93,7 @@ def diagnose(config: ToyWorldConfig, progress: bool = True, batch_size: int = 32
             activations.collect(model, parts[name], neutral, Path(tmp) / name, batch_size=batch_size, load_result=False)
             pos, neg, _ = activations.load(Path(tmp) / name).pairs()
             pairs[name] = (pos, neg)
-        net = train_layerwise(*pairs["train"], HPRTrainConfig(), progress=progress)
+        net = fit_layerwise(*pairs["train"], HPRTrainConfig(), progress=progress)
         report["probe_accuracy"] = {
             name: [round(a, 3) for a in probe_accuracy(net.probe.detach(), *pairs[name])]
             for name in ("train", "val", "test")

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from hpr import activations, analysis
+from hpr import activations, measurements
 
 ANALYSES = Path(__file__).resolve().parent.parent / "analyses"
 
@@ -22,27 +22,27 @@ def tiny_run(tiny_run_folder, tmp_path_factory):
 
 
 def test_measurements_on_a_tiny_run(tiny_run, tmp_path):
-    run = analysis.Run(tiny_run, device="cpu")
+    run = measurements.Run(tiny_run, device="cpu")
     questions = run.questions("test")[:4]
     editors = run.editors(["base", "hpr", "iti200"])
-    cap = analysis.capability(run.model, analysis.neutral_texts("toy", n=4), editors)
+    cap = measurements.capability(run.model, measurements.neutral_texts("toy", n=4), editors)
     base = cap.set_index("method").loc["base"]
     assert base["kl"] == pytest.approx(0.0, abs=1e-6) and base["ppl_change"] == pytest.approx(0.0, abs=1e-6)
     assert (cap.set_index("method")["kl"].drop("base") > 0).all()
     first = min(run.results["selected_layers"])  # HPR's input there is unedited: pure rotation, norm kept
-    dm = analysis.direction_magnitude(run.model, questions, run.fmt, {"hpr": editors["hpr"]}, first)
+    dm = measurements.direction_magnitude(run.model, questions, run.fmt, {"hpr": editors["hpr"]}, first)
     assert torch.allclose(torch.tensor(dm["norm_ratio"].values), torch.tensor(1.0), atol=1e-5)
     assert (dm["cosine"] <= 1 + 1e-6).all()
-    whole = analysis.resid_tokens(run.model, questions, run.fmt, editors["hpr"])
-    some = analysis.resid_tokens(run.model, questions, run.fmt, editors["hpr"], layers=[first, 0], max_tokens=5)
+    whole = measurements.resid_tokens(run.model, questions, run.fmt, editors["hpr"])
+    some = measurements.resid_tokens(run.model, questions, run.fmt, editors["hpr"], layers=[first, 0], max_tokens=5)
     assert some.shape == (5, 2, whole.shape[-1])  # only the answers holding the first 5 tokens were run
     assert torch.allclose(some, whole[:5][:, [first, 0]], atol=1e-5)
     test_acts = tmp_path / "acts"
     activations.collect(run.model, run.questions("test"), run.fmt, test_acts, questions_per_shard=3)
-    by_shard = analysis.split_hpr_angles(editors["hpr"], test_acts)
+    by_shard = measurements.split_hpr_angles(editors["hpr"], test_acts)
     assert len(list(activations.shard_paths(test_acts))) > 1  # the shards really are read one by one
-    pd.testing.assert_frame_equal(by_shard, analysis.hpr_angles(editors["hpr"], activations.load(test_acts).acts))
-    norms = analysis.norm_quantiles(run.model, questions, run.fmt, {"base": None, "iti200": editors["iti200"]})
+    pd.testing.assert_frame_equal(by_shard, measurements.hpr_angles(editors["hpr"], activations.load(test_acts).acts))
+    norms = measurements.norm_quantiles(run.model, questions, run.fmt, {"base": None, "iti200": editors["iti200"]})
     assert len(norms) == 2 * run.results["n_layers"]
     by = norms.set_index(["group", "layer"])["median"]
     assert by["iti200", run.results["n_layers"] - 1] > by["base", run.results["n_layers"] - 1]
@@ -53,7 +53,7 @@ def test_every_analysis_script_writes_its_outputs(tiny_run, tmp_path, monkeypatc
     reproduce_paper = importlib.import_module("reproduce_paper")
     out = tmp_path / "paper"
     argv = ["--run", str(tiny_run), "--out", str(out), "--formats", "--prompts", "2", "--max-new-tokens", "4"]
-    assert analysis.script_main(reproduce_paper.make, "test", argv) == 0
+    assert measurements.script_main(reproduce_paper.make, "test", argv) == 0
     figures = {p.stem for p in (out / "figures").glob("*.html")}
     assert {
         "probe_accuracy",
@@ -80,7 +80,7 @@ def test_every_analysis_script_writes_its_outputs(tiny_run, tmp_path, monkeypatc
     # each script also runs alone
     alone = tmp_path / "alone"
     assert (
-        analysis.script_main(
+        measurements.script_main(
             importlib.import_module("flip_table").make, "t", ["--run", str(tiny_run), "--out", str(alone), "--formats"]
         )
         == 0
@@ -95,5 +95,5 @@ def test_scripts_refuse_a_folder_that_is_no_run(tmp_path, capsys):
         module = importlib.import_module("mc_table")
     finally:
         sys.path.remove(str(ANALYSES))
-    assert analysis.script_main(module.make, "t", ["--run", str(tmp_path), "--formats"]) == 2
+    assert measurements.script_main(module.make, "t", ["--run", str(tmp_path), "--formats"]) == 2
     assert "no results.json" in capsys.readouterr().err

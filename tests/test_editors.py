@@ -7,7 +7,7 @@ import torch
 
 from hpr import ops
 from hpr.editors import load_editor
-from hpr.editors.hpr import HPREditor, HPRTrainConfig, LayerwiseHPR, probe_accuracy, top_k_layers, train_layerwise
+from hpr.editors.hpr import HPREditor, HPRTrainConfig, LayerwiseHPR, fit_layerwise, probe_accuracy, top_k_layers
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_training_separates_a_planted_direction():
     direction = torch.randn(d, generator=g)
     base = torch.randn(n, layers, d, generator=g) * 2
     pos, neg = base + direction, base - direction
-    net = train_layerwise(pos, neg, HPRTrainConfig(epochs=5, lr=5e-3))
+    net = fit_layerwise(pos, neg, HPRTrainConfig(epochs=5, lr=5e-3))
     acc = probe_accuracy(net.probe.detach(), pos, neg)
     assert min(acc) > 0.9
     assert top_k_layers([0.5, 0.9, 0.7], 2) == (1, 2)
@@ -119,10 +119,10 @@ def test_the_epoch_kept_is_the_first_with_the_best_validation_score():
         return next(scripted)
 
     cfg = HPRTrainConfig(epochs=4, lr=5e-3)
-    net = train_layerwise(pos, neg, cfg, score_epoch=score_epoch)
+    net = fit_layerwise(pos, neg, cfg, score_epoch=score_epoch)
     assert len(probes) == 4 and not torch.equal(probes[1], probes[3])
     assert torch.equal(net.probe.detach(), probes[1])  # epoch 2: the best, and before the tie at epoch 4
-    last = train_layerwise(pos, neg, dataclasses.replace(cfg, select_epoch="last"), score_epoch=score_epoch)
+    last = fit_layerwise(pos, neg, dataclasses.replace(cfg, select_epoch="last"), score_epoch=score_epoch)
     assert len(probes) == 4 and torch.equal(last.probe.detach(), probes[3])  # not scored; the last epoch kept
     with pytest.raises(ValueError, match="select_epoch"):
         HPRTrainConfig(select_epoch="best")
@@ -132,7 +132,7 @@ def test_the_seed_decides_initialisation_and_batch_order():
     pos, neg = _planted()
 
     def probe(seed):
-        return train_layerwise(pos, neg, HPRTrainConfig(epochs=1, seed=seed)).probe.detach()
+        return fit_layerwise(pos, neg, HPRTrainConfig(epochs=1, seed=seed)).probe.detach()
 
     assert torch.equal(probe(1), probe(1))
     assert not torch.equal(probe(1), probe(2))

@@ -256,7 +256,7 @@ def test_a_tiny_test_split_is_flagged(tiny_toy, tmp_path, capsys):
 
 
 def test_analyses_refuse_results_of_the_wrong_shape_and_changed_data(tiny_toy, tmp_path):
-    from hpr.analysis import Run
+    from hpr.measurements import Run
 
     data = _write_jsonl(tmp_path / "q.jsonl")
     out = tmp_path / "run"

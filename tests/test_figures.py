@@ -4,14 +4,14 @@ import pandas as pd
 import pytest
 import torch
 
-from hpr import analysis, figures
+from hpr import figures, measurements
 
 
 def _boxes(groups=("base", "hpr"), layers=2):
     rows = []
     for g in groups:
         for layer in range(layers):
-            rows.append({"group": g, "layer": layer, **analysis.box_stats(torch.arange(1.0, 101.0) + layer)})
+            rows.append({"group": g, "layer": layer, **measurements.box_stats(torch.arange(1.0, 101.0) + layer)})
     return pd.DataFrame(rows)
 
 
@@ -36,7 +36,7 @@ def test_norm_boxes_one_box_per_group_and_layer():
 
 def test_box_stats_are_exact_tukey_statistics():
     values = torch.cat([torch.arange(1.0, 101.0), torch.tensor([1000.0])])  # one outlier
-    stats = analysis.box_stats(values)
+    stats = measurements.box_stats(values)
     assert stats["median"] == 51.0 and stats["n"] == 101
     assert stats["q1"] == 26.0 and stats["q3"] == 76.0
     assert stats["upperfence"] == 100.0 and stats["lowerfence"] == 1.0  # the outlier is beyond the whisker

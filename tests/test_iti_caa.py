@@ -178,7 +178,7 @@ def test_fitted_toy_editor_alpha_zero_is_a_no_op_and_save_load_reproduces_logits
     assert val_acc.shape == (toy.cfg.n_layers, toy.cfg.n_heads) and len(editor.config.heads) == 2
     tokens = torch.tensor([[1, 5, 9, 14, 20, 3]])
     base = toy(tokens)
-    with editor.with_alpha(0.0).applied(toy):
+    with editor.with_strength(0.0).applied(toy):
         torch.testing.assert_close(toy(tokens), base, rtol=0, atol=0)
     with editor.applied(toy):
         edited = toy(tokens)
@@ -212,7 +212,7 @@ def test_iti_generation_shifts_only_the_newest_position_of_each_pass(toy, toy_he
     for before, after in zip(pre, post, strict=True):
         assert torch.equal(after[:-1], before[:-1])
         torch.testing.assert_close(after[-1], before[-1] + shift, rtol=0, atol=1e-5)
-    with editor.with_alpha(0.0).applied(toy):
+    with editor.with_strength(0.0).applied(toy):
         assert generation.greedy(toy, prompt, max_new_tokens=4) == generation.greedy(toy, prompt, max_new_tokens=4)
     base = toy.generate(
         torch.tensor([prompt]),
@@ -293,7 +293,7 @@ def test_caa_fits_from_collected_answer_activations(toy, tmp_path):
     assert editor.tensors["layer1.vector"].shape == (toy.cfg.d_model,)
     tokens = torch.tensor([[1, 5, 9, 14]])
     base = toy(tokens)
-    with editor.with_multiplier(0.0).applied(toy):
+    with editor.with_strength(0.0).applied(toy):
         torch.testing.assert_close(toy(tokens), base, rtol=0, atol=0)
 
 

@@ -23,7 +23,7 @@ LAYERS = [
     ("editors", ["hpr.editors"]),
     ("evaluation", ["hpr.evaluate"]),
     ("runs", ["hpr.runs"]),
-    ("entry points", ["hpr.cli", "hpr.analysis", "hpr.figures", "hpr.toy_diagnose"]),
+    ("entry points", ["hpr.cli", "hpr.measurements", "hpr.figures", "hpr.toy_diagnose"]),
 ]
 
 
@@ -102,8 +102,10 @@ def test_no_import_cycles():
 
 def test_the_checker_sees_lazy_imports(tmp_path):
     lazy = tmp_path / "lazy.py"
-    lazy.write_text("def f():\n    from hpr.runs import RunConfig\n    import hpr.ops\n    from hpr import analysis\n")
-    assert imported_modules(lazy) == {"hpr.runs", "hpr.ops", "hpr.analysis"}
+    lazy.write_text(
+        "def f():\n    from hpr.runs import RunConfig\n    import hpr.ops\n    from hpr import measurements\n"
+    )
+    assert imported_modules(lazy) == {"hpr.runs", "hpr.ops", "hpr.measurements"}
     with pytest.raises(AssertionError, match="in no layer"):
         layer_of("hpr.somewhere_new")
 

@@ -12,7 +12,7 @@ from hpr import positions
 from hpr.data.prompts import PromptFormat
 from hpr.editors import load_editor
 from hpr.editors.caa import CAAEditor
-from hpr.editors.diff import train_diff
+from hpr.editors.diff import fit_diff
 from hpr.editors.hpr import HPREditor, HPRTrainConfig, LayerwiseHPR
 from hpr.editors.iti import ITIEditor
 from hpr.editors.lora import LoRAConfig, LoRAEditor
@@ -43,7 +43,7 @@ def _acts(n=64, seed=0):
 
 def _diff():
     pos, neg, _ = _acts()
-    return train_diff(pos, neg, (1, 2), dataclasses.replace(HPRTrainConfig(), epochs=1))
+    return fit_diff(pos, neg, (1, 2), dataclasses.replace(HPRTrainConfig(), epochs=1))
 
 
 def _sea():
@@ -120,15 +120,15 @@ def editors(tiny_tl_model):
             lambda: _hpr(True),
             lambda e: HPREditor(dataclasses.replace(e.config, layers=()), e.tensors, 32, 3),
         ),
-        "iti": (_iti, lambda e: e.with_alpha(0.0)),
-        "caa": (_caa, lambda e: e.with_multiplier(0.0)),
-        "diff": (_diff, lambda e: e.with_scale(0.0)),
+        "iti": (_iti, lambda e: e.with_strength(0.0)),
+        "caa": (_caa, lambda e: e.with_strength(0.0)),
+        "diff": (_diff, lambda e: e.with_strength(0.0)),
         "lora": (lambda: _lora(tiny_tl_model), _lora_zero),
         "reptune": (lambda: _reptune(tiny_tl_model), lambda e: _reptune(tiny_tl_model, zero=True)),
         "sea": (_sea, lambda e: SEAEditor(dataclasses.replace(e.config, layers=()), e.tensors, 32, 3)),
-        "sadi_heads": (lambda: _sadi("heads"), lambda e: e.with_delta(0.0)),
-        "sadi_hidden": (lambda: _sadi("hidden"), lambda e: e.with_delta(0.0)),
-        "sadi_neurons": (lambda: _sadi("neurons"), lambda e: e.with_delta(0.0)),
+        "sadi_heads": (lambda: _sadi("heads"), lambda e: e.with_strength(0.0)),
+        "sadi_hidden": (lambda: _sadi("hidden"), lambda e: e.with_strength(0.0)),
+        "sadi_neurons": (lambda: _sadi("neurons"), lambda e: e.with_strength(0.0)),
     }
     assert sorted(made) == sorted(EDITORS)
     return made
@@ -274,13 +274,13 @@ def test_diff_edit_is_h_plus_scaled_network_output():
     h = torch.randn(5, 32)
     shift = editor.shift(1, h)
     assert torch.allclose(editor.edit(1, h), h + shift, atol=1e-6)
-    assert torch.allclose(editor.with_scale(0.5).edit(1, h), h + 0.5 * shift, atol=1e-6)
+    assert torch.allclose(editor.with_strength(0.5).edit(1, h), h + 0.5 * shift, atol=1e-6)
 
 
 def test_diff_learns_the_shift_to_the_positive_side():
     pos, neg, _ = _acts(n=256)
-    before = train_diff(pos, neg, (2,), dataclasses.replace(HPRTrainConfig(), epochs=0))
-    after = train_diff(pos, neg, (2,), dataclasses.replace(HPRTrainConfig(), epochs=20, lr=3e-3))
+    before = fit_diff(pos, neg, (2,), dataclasses.replace(HPRTrainConfig(), epochs=0))
+    after = fit_diff(pos, neg, (2,), dataclasses.replace(HPRTrainConfig(), epochs=20, lr=3e-3))
 
     def error(editor):
         return float(
@@ -294,9 +294,9 @@ def test_diff_learns_the_shift_to_the_positive_side():
 def test_diff_refuses_bad_input():
     pos, neg, _ = _acts()
     with pytest.raises(ValueError, match="layers in"):
-        train_diff(pos, neg, (3,), HPRTrainConfig())
+        fit_diff(pos, neg, (3,), HPRTrainConfig())
     with pytest.raises(ValueError, match="same|both"):
-        train_diff(pos, neg[:, :2], (1,), HPRTrainConfig())
+        fit_diff(pos, neg[:, :2], (1,), HPRTrainConfig())
 
 
 # -------------------------------------------------------------------------------------------------- SEA

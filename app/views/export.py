@@ -6,12 +6,12 @@ Offers the run's own figures and tables, and whatever the other pages computed i
 import streamlit as st
 import workbench as wb
 
-from hpr import analysis, figures
+from hpr import figures, measurements
 
 st.title("Export")
 run = wb.current_run()
-probe = analysis.probe_frame(run.results)
-mc = analysis.mc_frame(run.results)
+probe = measurements.probe_frame(run.results)
+mc = measurements.mc_frame(run.results)
 made = {
     "figures": {
         "probe_accuracy": figures.probe_accuracy(probe, run.results["selected_layers"]),
@@ -20,8 +20,8 @@ made = {
     "tables": {
         "probe_accuracy": probe.pivot(index="layer", columns="split", values="accuracy").reset_index(),
         "mc_scores": mc,
-        "flip_rates": analysis.flip_frame(run.results),
-        "norm_change_vs_base": analysis.norm_change_frame(run.results),
+        "flip_rates": measurements.flip_frame(run.results),
+        "norm_change_vs_base": measurements.norm_change_frame(run.results),
     },
 }
 for kind in made:

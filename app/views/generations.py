@@ -3,7 +3,7 @@
 import streamlit as st
 import workbench as wb
 
-from hpr import analysis
+from hpr import measurements
 from hpr.data.schema import MCQuestion
 
 
@@ -20,7 +20,7 @@ def generate(
     run = wb.with_model(wb.read_run(folder))
     editors = run.editors(list(methods))
     with wb.MODEL_LOCK:  # the shared model: no other session's edit may overlap this one
-        return analysis.generations(run.model, [prompt], editors, max_new_tokens, stop_at_newline)
+        return measurements.generations(run.model, [prompt], editors, max_new_tokens, stop_at_newline)
 
 
 st.title("Generations")

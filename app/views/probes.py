@@ -3,11 +3,11 @@
 import streamlit as st
 import workbench as wb
 
-from hpr import analysis, figures
+from hpr import figures, measurements
 
 st.title("Probes")
 run = wb.current_run()
-df = analysis.probe_frame(run.results)
+df = measurements.probe_frame(run.results)
 splits = st.multiselect("Splits", list(df["split"].unique()), default=list(df["split"].unique()))
 show_selected = st.checkbox("Star HPR's selected layers", value=True)
 

@@ -3,7 +3,7 @@
 import streamlit as st
 import workbench as wb
 
-from hpr import analysis, figures
+from hpr import figures, measurements
 
 st.title("Results")
 run = wb.current_run()
@@ -11,7 +11,7 @@ methods = st.multiselect("Methods", run.methods, default=run.methods)
 shown = methods or run.methods
 
 st.subheader("Multiple choice (test split)")
-mc = analysis.mc_frame(run.results)
+mc = measurements.mc_frame(run.results)
 mc = mc[mc["method"].isin(shown)].reset_index(drop=True)
 fig = figures.mc_bars(mc)
 st.plotly_chart(fig, key="mc_scores")
@@ -21,7 +21,7 @@ wb.remember("figures", "mc_scores", fig)
 wb.remember("tables", "mc_scores", mc)
 
 st.subheader("Flips against the base model")
-flips = analysis.flip_frame(run.results)
+flips = measurements.flip_frame(run.results)
 if flips.empty:
     st.info("This run has no base model, so no flip rates.")
 else:

@@ -45,6 +45,8 @@ class Editor:
     method: ClassVar[str]
     config_cls: ClassVar[type]
 
+    # The config field that sets how strongly it edits (ITI's alpha, CAA's multiplier, ...), if it has one.
+    strength: ClassVar[str | None] = None
     # Tensors that hold integers (shapes), not fitted values; every other tensor must be floating and finite.
     integer_tensors: ClassVar[frozenset[str]] = frozenset()
 
@@ -92,6 +94,13 @@ class Editor:
     def positions(self) -> str:
         """Which positions the editor edits (:mod:`hpr.positions`): its config's ``positions``, else ``all``."""
         return getattr(self.config, "positions", "all")
+
+    def with_strength(self, value: float):
+        """The same fitted editor at another strength (its config's :attr:`strength` field; 0 edits nothing)."""
+        if self.strength is None:
+            raise ValueError(f"{self.method} has no strength setting")
+        config = dataclasses.replace(self.config, **{self.strength: value})
+        return self._derived(config, self.tensors, self.d_model, self.n_layers)
 
     def with_positions(self, mode: str):
         """The same editor editing ``mode``'s positions (:data:`hpr.positions.MODES`)."""

@@ -72,6 +72,7 @@ def fit_caa(pos: Tensor, neg: Tensor, layers: Sequence[int], multiplier: float) 
 class CAAEditor(Editor):
     method = "caa"
     config_cls = CAAConfig
+    strength = "multiplier"
 
     @classmethod
     def from_vectors(cls, vectors: Mapping[int, Tensor], multiplier: float, n_layers: int) -> CAAEditor:
@@ -82,11 +83,6 @@ class CAAEditor(Editor):
         tensors = {f"layer{layer}.vector": v.detach().float().cpu().clone() for layer, v in vectors.items()}
         d_model = next(iter(shapes))[0]
         return cls(CAAConfig(layers=tuple(sorted(vectors)), multiplier=multiplier), tensors, d_model, n_layers)
-
-    def with_multiplier(self, multiplier: float) -> CAAEditor:
-        """The same vectors with another multiplier."""
-        config = dataclasses.replace(self.config, multiplier=multiplier)
-        return self._derived(config, self.tensors, self.d_model, self.n_layers)
 
     def with_layers(self, layers: Sequence[int]) -> CAAEditor:
         """The same vectors at a subset of the layers (e.g. the single layer CAA steers at)."""
@@ -173,7 +169,7 @@ def fit_step(fit: FitContext) -> None:
         )
     best = fit.sweep(
         "caa",
-        [({"multiplier": m}, caa.with_multiplier(m)) for m in settings.multipliers],
+        [({"multiplier": m}, caa.with_strength(m)) for m in settings.multipliers],
         {"layers": list(caa.config.layers)},
     )
     fit.save("caa", best)

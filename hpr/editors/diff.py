@@ -19,7 +19,6 @@ up to the output width.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -73,7 +72,7 @@ class LayerwiseDiff(nn.Module):
         return stacked_mlp(h, self.weights, self.biases)
 
 
-def train_diff(
+def fit_diff(
     pos: Tensor, neg: Tensor, layers: Sequence[int], cfg: HPRTrainConfig, progress: bool = False
 ) -> DiffEditor:
     """Fit the shift networks of ``layers`` on aligned token pairs ``pos``/``neg`` ``[N, n_layers, d]``."""
@@ -120,9 +119,7 @@ def train_diff(
 class DiffEditor(Editor):
     method = "diff"
     config_cls = DiffConfig
-
-    def with_scale(self, scale: float) -> DiffEditor:
-        return self._derived(dataclasses.replace(self.config, scale=scale), self.tensors, self.d_model, self.n_layers)
+    strength = "scale"
 
     def _params(self, layer: int) -> list[tuple[Tensor, Tensor]]:
         params, i = [], 0
@@ -157,7 +154,7 @@ def fit_step(fit: FitContext) -> None:
     if fit.done("diff"):
         return
     pos, neg, _ = fit.train_pairs()
-    fit.save("diff", train_diff(pos, neg, fit.layers, fit.settings["hpr"], fit.progress))
+    fit.save("diff", fit_diff(pos, neg, fit.layers, fit.settings["hpr"], fit.progress))
 
 
 register_method(

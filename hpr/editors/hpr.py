@@ -141,7 +141,7 @@ def reference_optimizer(net: nn.Module, cfg: HPRTrainConfig, total_steps: int):
     return opt, sched
 
 
-def train_layerwise(
+def fit_layerwise(
     pos: Tensor,
     neg: Tensor,
     cfg: HPRTrainConfig,
@@ -296,7 +296,7 @@ def fit_step(fit: FitContext) -> None:
         epoch_val.append(sum(per_layer) / len(per_layer))  # every layer has the same tokens: pooled
         return epoch_val[-1]
 
-    net = train_layerwise(pos, neg, settings, progress=fit.progress, score_epoch=score_epoch)
+    net = fit_layerwise(pos, neg, settings, progress=fit.progress, score_epoch=score_epoch)
     del pos, neg
     probe = net.probe.detach()
     acc = {name: split_probe_accuracy(probe, fit.acts_dir / name) for name in ("train", "val", "test")}

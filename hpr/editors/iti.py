@@ -21,7 +21,6 @@ Math in float32, result cast back to the activation's dtype.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -220,6 +219,7 @@ def _add_to_heads(z: Tensor, idx: Tensor, shift: Tensor) -> Tensor:
 class ITIEditor(Editor):
     method = "iti"
     config_cls = ITIConfig
+    strength = "alpha"
     integer_tensors = frozenset({"head_shape"})
 
     @classmethod
@@ -251,10 +251,6 @@ class ITIEditor(Editor):
             tensors[f"L{layer}.H{head}.direction"] = theta / norm
             tensors[f"L{layer}.H{head}.sigma"] = torch.tensor(float(sigmas[(layer, head)]))
         return cls(ITIConfig(heads=heads, alpha=alpha), tensors, d_model or n_heads * d_head, n_layers)
-
-    def with_alpha(self, alpha: float) -> ITIEditor:
-        """The same fitted heads with another alpha (e.g. the values of :data:`ITI_PRESETS`)."""
-        return self._derived(dataclasses.replace(self.config, alpha=alpha), self.tensors, self.d_model, self.n_layers)
 
     @property
     def head_shape(self) -> tuple[int, int]:
@@ -388,7 +384,7 @@ def fit_step(fit: FitContext) -> None:
         fit.write_json("iti_heads.json", {"val_accuracy": head_acc.tolist(), "heads": list(iti.config.heads)})
     for label, alpha in sorted(alphas.items()):
         if not fit.done(label):
-            fit.save(label, iti.with_alpha(alpha))
+            fit.save(label, iti.with_strength(alpha))
 
 
 register_method(

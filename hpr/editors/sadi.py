@@ -27,7 +27,6 @@ Math in float32, cast back.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -163,10 +162,8 @@ def scale_masked(a: Tensor, units: Tensor, delta: float, mode: str, level: str) 
 class SADIEditor(Editor):
     method = "sadi"
     config_cls = SADIConfig
+    strength = "delta"
     integer_tensors = frozenset({"units"})
-
-    def with_delta(self, delta: float) -> SADIEditor:
-        return self._derived(dataclasses.replace(self.config, delta=delta), self.tensors, self.d_model, self.n_layers)
 
     def check_model(self, model) -> None:
         units = int(self.tensors["units"]) if "units" in self.tensors else None
