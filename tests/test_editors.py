@@ -154,3 +154,32 @@ def test_generation_with_and_without_kv_cache_agree_under_the_edit(tiny_toy):
     assert torch.equal(cached, uncached)
     assert cached.shape == base.shape
     assert all(not hp.fwd_hooks for hp in toy.hook_dict.values())
+
+
+def test_an_editor_defines_edit_or_edit_fn_and_either_serves_both():
+    from hpr.editors.base import Editor
+
+    class Plain(Editor):
+        method = "plain"
+
+        def edit(self, layer, h):
+            return h * 2
+
+    class Prepared(Editor):
+        method = "prepared"
+
+        def edit_fn(self, layer, device):
+            return lambda h: h + 1
+
+    class Neither(Editor):
+        method = "neither"
+
+    h = torch.ones(3)
+    for cls, expected in ((Plain, 2.0), (Prepared, 2.0)):
+        editor = cls(None, {}, 3, 1)
+        assert torch.equal(editor.edit(0, h), torch.full((3,), expected))
+        assert torch.equal(editor.prepared_edit(0, "cpu")(h), torch.full((3,), expected))
+    with pytest.raises(NotImplementedError, match="edits through its hooks only"):
+        Neither(None, {}, 3, 1).edit(0, h)  # an error, not an endless recursion
+    with pytest.raises(NotImplementedError, match="edits through its hooks only"):
+        Neither(None, {}, 3, 1).prepared_edit(0, "cpu")

@@ -82,8 +82,14 @@ class Editor:
 
     def edit(self, layer: int, h: Tensor) -> Tensor:
         """``h`` of ``layer`` after the edit, for editors that rewrite activations (all but LoRA and reptune,
-        which edit weights)."""
-        raise NotImplementedError(f"{self.method} edits through its hooks only")
+        which edit weights).
+
+        An editor defines either this (a plain function of ``h``) or :meth:`edit_fn` (which may precompute per
+        device); this default runs :meth:`edit_fn`'s function, so an ``edit`` override never needs to.
+        """
+        if type(self).edit_fn is Editor.edit_fn:
+            raise NotImplementedError(f"{self.method} edits through its hooks only")
+        return self.prepared_edit(layer, h.device)(h)
 
     def hooks(self, model) -> list[Hook]:
         """The editor's hooks, each position-wise on ``[batch, pos, ...]``; :meth:`position_hooks` restricts
@@ -144,6 +150,8 @@ class Editor:
     def edit_fn(self, layer: int, device) -> Callable[[Tensor], Tensor]:
         """``self.edit`` of one layer, with whatever it can precompute for ``device`` done up front (a hook
         runs once per forward pass: per token in generation). Subclasses override it to precompute."""
+        if type(self).edit is Editor.edit:
+            raise NotImplementedError(f"{self.method} edits through its hooks only")
         return lambda h: self.edit(layer, h)
 
     def prepared_edit(self, layer: int, device) -> Callable[[Tensor], Tensor]:

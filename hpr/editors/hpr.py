@@ -237,11 +237,8 @@ class HPREditor(Editor):
             i += 1
         return params
 
-    def edit(self, layer: int, h: Tensor) -> Tensor:
-        """The HPR edit of activations ``h [..., d]`` at ``layer`` (float32 math, input dtype out)."""
-        return self.prepared_edit(layer, h.device)(h)
-
     def edit_fn(self, layer: int, device):
+        """The HPR edit of activations ``h [..., d]`` at ``layer`` (float32 math, input dtype out)."""
         normal = ops.unit(self.tensors[f"layer{layer}.probe"].to(device, torch.float32))
         params = [(w.to(device, torch.float32), b.to(device, torch.float32)) for w, b in self._angle_params(layer)]
 

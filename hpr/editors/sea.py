@@ -205,11 +205,8 @@ class SEAEditor(Editor):
             raise ValueError(f"SEA editor state is missing tensors {missing}")
         return self.tensors[keys[0]], self.tensors[keys[1]]
 
-    def edit(self, layer: int, h: Tensor) -> Tensor:
-        """``h [..., d]`` after the spectral edit (float32 math, input dtype out)."""
-        return self.prepared_edit(layer, h.device)(h)
-
     def edit_fn(self, layer: int, device):
+        """``h [..., d]`` after the spectral edit (float32 math, input dtype out)."""
         keep, tail = (t.to(device, torch.float32) for t in self.projections(layer))
         d = keep.shape[0]
         if keep.shape[1] + tail.shape[1] > d // 2:
