@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from hpr.editors.base import Editor, Hook, distinct_layers, register
-from hpr.editors.hpr import HPRTrainConfig, mlp, reference_optimizer, stacked_mlp
+from hpr.editors.hpr import HPRTrainConfig, fit_on_pairs, mlp, stacked_mlp
 from hpr.editors.registry import FitContext, Method, register_method
 from hpr.positions import HELP as POSITIONS_HELP
 from hpr.positions import check_mode
@@ -76,7 +76,6 @@ def fit_diff(
     pos: Tensor, neg: Tensor, layers: Sequence[int], cfg: HPRTrainConfig, progress: bool = False
 ) -> DiffEditor:
     """Fit the shift networks of ``layers`` on aligned token pairs ``pos``/``neg`` ``[N, n_layers, d]``."""
-    from tqdm.auto import tqdm
 
     if pos.ndim != 3 or pos.shape != neg.shape or len(pos) == 0:
         raise ValueError(
@@ -88,25 +87,16 @@ def fit_diff(
     if bad or not layers:
         raise ValueError(f"Diff needs layers in [0, {n_layers}), got {layers}")
     chosen = list(layers)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    net = LayerwiseDiff(len(layers), d, cfg.angle_layers)
-    total = math.ceil(n / cfg.batch_size) * cfg.epochs
-    opt, sched = reference_optimizer(net, cfg, total)
-    bar = tqdm(total=total, desc="training Diff", disable=not progress, unit="step")
-    for _ in range(cfg.epochs):
-        for idx in torch.randperm(n, generator=gen).split(cfg.batch_size):
-            p, q = pos[idx][:, chosen].float(), neg[idx][:, chosen].float()  # batch by batch: pos may be Rows
-            x = torch.cat([p, q]).transpose(0, 1)  # [layers, 2B, d]
-            target = torch.cat([torch.zeros_like(p), p - q]).transpose(0, 1)
-            loss = ((net(x) - target) ** 2).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-            opt.step()
-            sched.step()
-            bar.update()
-    bar.close()
+
+    def loss(net: LayerwiseDiff, p: Tensor, q: Tensor) -> Tensor:
+        p, q = p[:, chosen].float(), q[:, chosen].float()
+        x = torch.cat([p, q]).transpose(0, 1)  # [layers, 2B, d]
+        target = torch.cat([torch.zeros_like(p), p - q]).transpose(0, 1)
+        return ((net(x) - target) ** 2).mean()
+
+    net = fit_on_pairs(
+        lambda: LayerwiseDiff(len(layers), d, cfg.angle_layers), pos, neg, cfg, loss, "training Diff", progress
+    )
     tensors = {}
     for j, layer in enumerate(layers):
         for i, (w, b) in enumerate(zip(net.weights, net.biases, strict=True)):

@@ -155,38 +155,64 @@ def fit_layerwise(
     must read no training or test data) is called after each epoch and the first epoch with the highest
     score is returned, as the official trainer's ``load_best_model_at_end``.
     """
+    n_layers, d = pos.shape[1:]
+
+    def loss(net: LayerwiseHPR, p: Tensor, q: Tensor) -> Tensor:
+        p, q = p.float(), q.float()
+        x = torch.cat([p, q]).transpose(0, 1)  # [layers, 2B, d]
+        y = torch.cat([torch.ones(len(p)), torch.zeros(len(p))]).expand(n_layers, -1)
+        t = torch.cat([torch.zeros(len(p), n_layers), ops.vector_angle(q, p)]).T  # target angle per layer
+        bce = nn.functional.binary_cross_entropy_with_logits(net.logits(x), y, reduction="none").mean(1)
+        mse = ((net.theta(x) - t) ** 2).mean(1)
+        return (bce + mse).mean()
+
+    select = score_epoch if cfg.select_epoch == "best_val" else None
+    return fit_on_pairs(
+        lambda: LayerwiseHPR(n_layers, d, cfg.angle_layers), pos, neg, cfg, loss, "training HPR", progress, select
+    )
+
+
+def fit_on_pairs(
+    make_net,
+    pos,
+    neg,
+    cfg: HPRTrainConfig,
+    loss,
+    desc: str,
+    progress: bool = False,
+    score_epoch: Callable | None = None,
+):
+    """The training loop HPR and Diff share (the official code's): seeded initialisation and batch order,
+    AdamW with linear warmup and decay (:func:`reference_optimizer`), gradient clipping, ``cfg.epochs`` passes
+    over the aligned pairs in batches of ``cfg.batch_size``; ``loss(net, pos[idx], neg[idx])`` per batch.
+
+    With ``score_epoch``, the net after the first epoch with the highest score is returned.
+    """
     from tqdm.auto import tqdm
 
     gen = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    n, n_layers, d = pos.shape
-    net = LayerwiseHPR(n_layers, d, cfg.angle_layers)
+    torch.manual_seed(cfg.seed)  # the net's initialisation
+    net = make_net()
+    n = len(pos)
     total = math.ceil(n / cfg.batch_size) * cfg.epochs
     opt, sched = reference_optimizer(net, cfg, total)
-    bar = tqdm(total=total, desc="training HPR", disable=not progress, unit="step")
     best_score, best_state = -math.inf, None
-    for _ in range(cfg.epochs):
-        for idx in torch.randperm(n, generator=gen).split(cfg.batch_size):
-            p, q = pos[idx].float(), neg[idx].float()
-            x = torch.cat([p, q]).transpose(0, 1)  # [layers, 2B, d]
-            y = torch.cat([torch.ones(len(idx)), torch.zeros(len(idx))]).expand(n_layers, -1)
-            t = torch.cat([torch.zeros(len(idx), n_layers), ops.vector_angle(q, p)]).T  # target angle per layer
-            bce = nn.functional.binary_cross_entropy_with_logits(net.logits(x), y, reduction="none").mean(1)
-            mse = ((net.theta(x) - t) ** 2).mean(1)
-            loss = (bce + mse).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-            opt.step()
-            sched.step()
-            bar.update()
-        if cfg.select_epoch == "best_val" and score_epoch is not None:
-            with torch.no_grad():
-                score = float(score_epoch(net.eval()))
-            net.train()
-            if score > best_score:  # strict: ties keep the earlier epoch
-                best_score, best_state = score, {k: v.detach().clone() for k, v in net.state_dict().items()}
-    bar.close()
+    with tqdm(total=total, desc=desc, disable=not progress, unit="step") as bar:
+        for _ in range(cfg.epochs):
+            for idx in torch.randperm(n, generator=gen).split(cfg.batch_size):
+                batch_loss = loss(net, pos[idx], neg[idx])  # batch by batch: pos may be Rows
+                opt.zero_grad(set_to_none=True)
+                batch_loss.backward()
+                nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+                opt.step()
+                sched.step()
+                bar.update()
+            if score_epoch is not None:
+                with torch.no_grad():
+                    score = float(score_epoch(net.eval()))
+                net.train()
+                if score > best_score:  # strict: ties keep the earlier epoch
+                    best_score, best_state = score, {k: v.detach().clone() for k, v in net.state_dict().items()}
     if best_state is not None:
         net.load_state_dict(best_state)
     return net.eval()
