@@ -183,16 +183,16 @@ class AnswerActivations:
         lengths = self.offsets[1:] - self.offsets[:-1]
         return torch.tensor(self.is_true, dtype=torch.bool).repeat_interleave(lengths)
 
-    def pairs(self) -> tuple[Tensor, Tensor, Tensor]:
+    def token_pairs(self) -> tuple[Tensor, Tensor, Tensor]:
         """Aligned token pairs: ``pos [N, layers, d]``, ``neg [N, layers, d]`` and each row's question index.
 
-        Materialised copies (a token is copied once per pair it is in): for small data. :meth:`pair_rows`
+        Materialised copies (a token is copied once per pair it is in): for small data. :meth:`token_pair_rows`
         gives the same rows without copying anything.
         """
-        pos, neg, question = self.pair_rows()
+        pos, neg, question = self.token_pair_rows()
         return pos[:], neg[:], question
 
-    def pair_rows(self) -> tuple[Rows, Rows, Tensor]:
+    def token_pair_rows(self) -> tuple[Rows, Rows, Tensor]:
         """Aligned token pairs as :class:`Rows` of ``acts`` (no copies) and each pair's question index.
 
         For each (true, false) answer pair of a question, the i-th answer token of the true answer is aligned

@@ -10,7 +10,7 @@ import torch
 
 from hpr.activations import resid_names
 from hpr.continuations import continuation_batches
-from hpr.data.prompts import PromptFormat
+from hpr.data.prompts import PromptFormat, best_answer_texts
 from hpr.data.schema import MCQuestion
 from hpr.encoding import encode_all
 from hpr.scoring import score
@@ -45,11 +45,6 @@ def predictions(
     )
 
 
-def true_answer_pairs(questions: Sequence[MCQuestion], fmt: PromptFormat) -> list[tuple[str, str]]:
-    """``(context, continuation)`` of each question's true MC1 answer: the tokens the norm measures read."""
-    return [(fmt.context(q), fmt.continuation(q.mc1[0].text)) for q in questions]
-
-
 @torch.inference_mode()
 def answer_norms(
     model, questions: Sequence[MCQuestion], fmt: PromptFormat, editor=None, batch_size: int = 16
@@ -62,7 +57,7 @@ def answer_norms(
     at the answer tokens only: the tokens that are scored, and the ones every editor edits.
     """
     names = resid_names(model.cfg.n_layers)
-    encoded = encode_all(model, true_answer_pairs(questions, fmt))
+    encoded = encode_all(model, best_answer_texts(questions, fmt))
     starts = torch.tensor([0] + [e.n_cont for e in encoded]).cumsum(0)
     before = torch.empty(int(starts[-1]), len(names))
     after = torch.empty_like(before)

@@ -16,10 +16,9 @@ import torch
 
 from hpr import activations, generation, ops, positions
 from hpr.activations import gather_continuations, resid_names
-from hpr.data.prompts import PromptFormat
+from hpr.data.prompts import PromptFormat, best_answer_texts
 from hpr.data.schema import MCQuestion
 from hpr.encoding import encode_all, encode_context, pad_token_id
-from hpr.evaluate import true_answer_pairs
 from hpr.runs.folder import Run, check_results  # noqa: F401 - the run-folder reader, for the analyses
 
 # ------------------------------------------------------------------------------------ frames from results
@@ -88,7 +87,7 @@ def resid_tokens(
     activations. Contexts run once each (:mod:`hpr.continuations`); only the answer tokens are kept, so
     memory is the result.
     """
-    encoded = encode_all(model, true_answer_pairs(questions, fmt))
+    encoded = encode_all(model, best_answer_texts(questions, fmt))
     if max_tokens is not None:
         encoded = _covering(encoded, max_tokens)
     layers = range(model.cfg.n_layers) if layers is None else layers

@@ -91,7 +91,7 @@ def diagnose(config: ToyWorldConfig, progress: bool = True, batch_size: int = 32
         pairs = {}
         for name in ("train", "val", "test"):
             activations.collect(model, parts[name], neutral, Path(tmp) / name, batch_size=batch_size, load_result=False)
-            pos, neg, _ = activations.load(Path(tmp) / name).pairs()
+            pos, neg, _ = activations.load(Path(tmp) / name).token_pairs()
             pairs[name] = (pos, neg)
         net = fit_layerwise(*pairs["train"], HPRTrainConfig(), progress=progress)
         report["probe_accuracy"] = {

@@ -108,7 +108,7 @@ def test_probe_accuracy_read_shard_by_shard_equals_the_whole_split(tiny_lm, tmp_
     got = activations.collect(model, _questions(7), PRIMED, tmp_path, questions_per_shard=3, batch_size=4)
     assert len(activations.shard_paths(tmp_path)) == 3
     probe = torch.randn(2, 32, generator=torch.Generator().manual_seed(1))
-    pos, neg, _ = got.pair_rows()
+    pos, neg, _ = got.token_pair_rows()
     expected = probe_accuracy(probe, pos, neg, chunk=5)  # chunked too: the same counts
     assert expected == probe_accuracy(probe, pos[:], neg[:])
     torch.testing.assert_close(torch.tensor(split_probe_accuracy(probe, tmp_path)), torch.tensor(expected))

@@ -288,7 +288,7 @@ def test_caa_fits_from_collected_answer_activations(toy, tmp_path):
     from hpr.toyworld import PRIMER, toy_dataset
 
     acts = collect(toy, toy_dataset()[:6], PromptFormat(primer=PRIMER), tmp_path / "acts")
-    pos, neg, _ = acts.pairs()
+    pos, neg, _ = acts.token_pairs()
     editor = fit_caa(pos, neg, layers=(1,), multiplier=1.0)
     assert editor.tensors["layer1.vector"].shape == (toy.cfg.d_model,)
     tokens = torch.tensor([[1, 5, 9, 14]])

@@ -359,7 +359,7 @@ def test_sea_collects_greedy_base_answers_on_the_toy_world(tiny_toy):
     answers = greedy_answers(toy, questions, fmt, max_new_tokens=6)
     assert len(answers) == 4 and all(a.strip() and "\n" not in a for a in answers)
     base, pos, neg = sea_activations(toy, questions, fmt, max_new_tokens=6)
-    n_pairs = sum(len(q.pairs()) for q in questions)
+    n_pairs = sum(len(q.true_false_pairs()) for q in questions)
     assert base.shape == pos.shape == neg.shape == (n_pairs, toy.cfg.n_layers, toy.cfg.d_model)
     assert not torch.equal(pos, neg)
 

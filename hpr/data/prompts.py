@@ -8,6 +8,7 @@ move by points with small prompt changes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from hpr.data.schema import MCQuestion
@@ -43,3 +44,19 @@ class PromptFormat:
     def continuation(self, answer: str) -> str:
         """The scored text: a space then the answer, as lm-eval's default target delimiter."""
         return " " + answer
+
+
+def best_answer_texts(questions: Sequence[MCQuestion], fmt: PromptFormat) -> list[tuple[str, str]]:
+    """``(context, continuation)`` of each question's true MC1 answer (its best answer): the tokens the norm
+    measures and the analyses read."""
+    return [(fmt.context(q), fmt.continuation(q.mc1[0].text)) for q in questions]
+
+
+def true_answer_texts(questions: Sequence[MCQuestion], fmt: PromptFormat) -> list[tuple[str, str]]:
+    """``(context, continuation)`` of every true answer (MC1 and MC2, each text once) of every question: what
+    LoRA and representation tuning train on."""
+    texts: list[tuple[str, str]] = []
+    for q in questions:
+        answers = dict.fromkeys(c.text for c in (*q.mc1, *q.mc2) if c.is_true)
+        texts.extend((fmt.context(q), fmt.continuation(a)) for a in answers)
+    return texts

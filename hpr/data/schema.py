@@ -28,7 +28,7 @@ class MCQuestion:
     context: str = ""  # optional passage shown before the question (generic JSONL); "" for TruthfulQA
     meta: dict = field(default_factory=dict, compare=False, hash=False)
 
-    def pairs(self) -> list[tuple[str, str]]:
+    def true_false_pairs(self) -> list[tuple[str, str]]:
         """All (true answer, false answer) pairs of the MC2 set."""
         trues = [c.text for c in self.mc2 if c.is_true]
         falses = [c.text for c in self.mc2 if not c.is_true]

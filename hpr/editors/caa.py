@@ -50,7 +50,7 @@ def fit_caa(pos: Tensor, neg: Tensor, layers: Sequence[int], multiplier: float) 
     """``v_l = mean_i pos[i, l] - mean_i neg[i, l]`` for each of ``layers``, from ``[N, n_layers, d_model]``.
 
     ``pos``/``neg`` are the aligned true/false answer tokens of
-    :meth:`hpr.activations.AnswerActivations.pairs` (so ``v_l`` is also the mean pairwise difference).
+    :meth:`hpr.activations.AnswerActivations.token_pairs` (so ``v_l`` is also the mean pairwise difference).
     """
     if pos.ndim != 3 or pos.shape != neg.shape or len(pos) == 0:
         raise ValueError(
@@ -156,7 +156,7 @@ def fit_step(fit: FitContext) -> None:
     if fit.done("caa"):
         return
     settings: CAASettings = fit.settings["caa"]
-    pos, neg, _ = fit.train_pairs()
+    pos, neg, _ = fit.train_token_pairs()
     layers = fit.layers
     caa = fit_caa(pos, neg, layers, 1.0).with_positions(settings.positions)
     del pos, neg  # the train split (GBs on a real model) is freed before the validation sweeps

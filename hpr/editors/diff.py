@@ -1,7 +1,7 @@
 """Diff: the HPR paper's learned-difference baseline.
 
 Per edited layer l, a network ``f_l: R^d -> R^d`` learns the shift that takes an activation to the
-positive side: trained on the aligned answer-token pairs of :meth:`AnswerActivations.pairs` with target
+positive side: trained on the aligned answer-token pairs of :meth:`AnswerActivations.token_pairs` with target
 ``pos - h``, i.e. ``0`` for a positive token and ``pos - neg`` for its aligned negative. Loss: MSE (mean
 over tokens and dimensions, then over layers); all layers are trained together in one batched pass with
 HPR's reference optimiser settings (AdamW lr 5e-4, 5 epochs, batch 16 pairs, 5 % warmup then linear decay,
@@ -143,7 +143,7 @@ def fit_step(fit: FitContext) -> None:
     """Trained with HPR's settings (schedule, epochs, seed) at HPR's layers, so the two differ in the edit only."""
     if fit.done("diff"):
         return
-    pos, neg, _ = fit.train_pairs()
+    pos, neg, _ = fit.train_token_pairs()
     fit.save("diff", fit_diff(pos, neg, fit.layers, fit.settings["hpr"], fit.progress))
 
 

@@ -295,7 +295,7 @@ def split_probe_accuracy(probe: Tensor, folder) -> list[float]:
     correct: Tensor | float = 0.0
     total = 0
     for shard in activations.load_shards(folder):
-        pos, neg, _ = shard.pair_rows()
+        pos, neg, _ = shard.token_pair_rows()
         correct = correct + torch.tensor(probe_accuracy(probe, pos, neg)) * (2 * len(pos))
         total += 2 * len(pos)
     return torch.as_tensor(correct / total).tolist()
@@ -311,7 +311,7 @@ def fit_step(fit: FitContext) -> None:
     if all([fit.done(label) for label in labels]) and (fit.out / "probes.json").exists():
         return
     settings: HPRTrainConfig = fit.settings["hpr"]
-    pos, neg, _ = fit.train_pairs()
+    pos, neg, _ = fit.train_token_pairs()
     epoch_val: list[float] = []  # pooled val probe accuracy after each epoch: picks the epoch kept
 
     def score_epoch(net):

@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from hpr.continuations import shared_prefix_forward
-from hpr.data.prompts import PromptFormat
+from hpr.data.prompts import PromptFormat, true_answer_texts
 from hpr.data.schema import MCQuestion
 from hpr.editors.base import Editor, Hook, register
 from hpr.editors.registry import FitContext, Method, register_method
@@ -274,15 +274,6 @@ class LoRAEditor(Editor):
 # ---------------------------------------------------------------------------------------------- training
 
 
-def true_answer_pairs(questions: Sequence[MCQuestion], fmt: PromptFormat) -> list[tuple[str, str]]:
-    """``(context, continuation)`` for every true answer (MC1 and MC2, deduplicated) of every question."""
-    pairs: list[tuple[str, str]] = []
-    for q in questions:
-        answers = dict.fromkeys(c.text for c in (*q.mc1, *q.mc2) if c.is_true)
-        pairs.extend((fmt.context(q), fmt.continuation(a)) for a in answers)
-    return pairs
-
-
 def _answer_nll(model, batch: Sequence[Encoded], pad_id: int) -> tuple[Tensor, int]:
     """Summed token cross-entropy of the continuation tokens of ``batch`` (one forward pass) and their count.
 
@@ -309,7 +300,7 @@ def true_answer_loss(
     model, questions: Sequence[MCQuestion], fmt: PromptFormat, editor: Editor | None = None, batch_size: int = 16
 ) -> float:
     """Mean token cross-entropy of the true answers' continuation tokens (the training objective), under ``editor``."""
-    encoded = encode_all(model, true_answer_pairs(questions, fmt))
+    encoded = encode_all(model, true_answer_texts(questions, fmt))
     if not encoded:
         raise ValueError("no true answers to compute a loss on")
     pad_id = pad_token_id(model)
@@ -367,7 +358,7 @@ def fit_lora(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     config = LoRAConfig(layers=tuple(layers), rank=cfg.rank, alpha=cfg.alpha, targets=cfg.targets)
-    encoded = encode_all(model, true_answer_pairs(questions, fmt))
+    encoded = encode_all(model, true_answer_texts(questions, fmt))
     if not encoded:
         raise ValueError("LoRA needs at least one true answer to train on")
     editor = LoRAEditor.initialise(model, config, seed=cfg.seed)

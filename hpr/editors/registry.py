@@ -115,7 +115,9 @@ class FitContext:
     batch_size: int
     progress: bool
     score_on_val: Callable[[str, Any], dict]  # (label, editor) -> {"mc1", "mc2"} on the validation split
-    train_pairs: Callable[[], tuple]  # the aligned (pos, neg, question index) train pairs, read from disk per call
+    train_token_pairs: Callable[
+        [], tuple
+    ]  # the aligned (pos, neg, question index) train pairs, read from disk per call
     is_saved: Callable[[Path], bool]  # whether an editor folder holds an intact editor (a damaged one is refitted)
     probes: dict | None = None  # HPR's probes.json, once HPR has fitted: its selected layers are everyone's
 

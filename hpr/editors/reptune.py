@@ -475,7 +475,7 @@ def fit_step(fit: FitContext) -> None:
         return
     from hpr.editors.caa import fit_caa
 
-    pos, neg, _ = fit.train_pairs()
+    pos, neg, _ = fit.train_token_pairs()
     layers = fit.layers
     caa = fit_caa(pos, neg, layers, 1.0)  # the steering vectors: CAA's, from the train split
     vectors = {layer: caa.tensors[f"layer{layer}.vector"] for layer in layers}

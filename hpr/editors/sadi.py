@@ -115,7 +115,7 @@ def mean_differences(
     index = {(q.id, c.text, c.is_true): i for i, (q, c) in enumerate((q, c) for q in questions for c in q.mc2)}
     pos, neg = [], []
     for q in questions:
-        for true, false in q.pairs():
+        for true, false in q.true_false_pairs():
             pos.append(index[(q.id, true, True)])
             neg.append(index[(q.id, false, False)])
     if not pos:

@@ -173,7 +173,7 @@ def sea_activations(
 
     base_rows, pos_pairs, neg_pairs = [], [], []
     for i, q in enumerate(questions):
-        for true, false in q.pairs():
+        for true, false in q.true_false_pairs():
             base_rows.append(i)
             pos_pairs.append((fmt.context(q), fmt.continuation(true)))
             neg_pairs.append((fmt.context(q), fmt.continuation(false)))

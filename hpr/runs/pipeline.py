@@ -72,7 +72,7 @@ class Pipeline:
             score_on_val=self.val_mc,
             probes=probes,
             # loaded from disk per use, so no split's activations stay in memory while other methods fit
-            train_pairs=lambda: activations.load(self.out / "activations" / "train").pair_rows(),
+            train_token_pairs=lambda: activations.load(self.out / "activations" / "train").token_pair_rows(),
             is_saved=editor_is_intact,
         )
 
