@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hpr.editors import BASE, default_labels, method_of, methods
+from hpr.editors.registry import default_settings
 from hpr.sources import DATASETS
 
 # config.json's "run": 2 nests each method's settings under its name; 1 (before the registry; no marker) kept
@@ -45,10 +46,6 @@ class MethodSettings(Mapping[str, Any]):
 
     def __repr__(self) -> str:
         return f"MethodSettings({self._items!r})"
-
-
-def default_settings() -> dict[str, Any]:
-    return {name: m.settings() for name, m in methods().items() if m.settings is not None}
 
 
 @dataclass(frozen=True)
