@@ -1,11 +1,12 @@
 """The method registry: each editor module registers one :class:`Method`, and everything that lists methods
-(the run pipeline, the CLI, the app, the figures, the bench) reads it here.
+(the run pipeline, the CLI, the app, the figures' colours) reads it here.
 
 A method is one file in ``hpr/editors/``: its editor class, its settings (a frozen dataclass whose fields carry
 their help text; the run config holds one under the method's name, the CLI makes ``--<method>-<field>`` flags
 of them), its fit step (fits on the train split, tunes on val only, saves every run label it provides) and its
 run labels (``iti15``, ``iti200``). Every module of this package is imported by :func:`methods`, so adding a
-file is all it takes.
+file is all the package needs; the shared editor tests (``tests/test_methods.py``) need an entry for it, and
+fail until it has one.
 
 The fit step talks to the run through a :class:`FitContext`, which the run builds: the split questions, the
 cached activations, the layers HPR selected, and a validation scorer. Editors never import the evaluation
