@@ -20,7 +20,7 @@ from bench import models as M
 from bench.editors import build_editors
 from bench.memory_worker import run_in_fresh_process
 from bench.sizes import Sizes
-from bench.timing import HookClock, interleaved, overhead_estimates, paired, ratios
+from bench.timing import HookClock, interleaved, overhead_estimates, paired, race, ratios
 from hpr import positions
 
 
@@ -250,18 +250,10 @@ def scoring(model, label: str, sizes: Sizes) -> Measured:
     fmt = PromptFormat()
     qs = list(M.questions()[: sizes.score_questions])
     pairs = list(dict.fromkeys((fmt.context(q), fmt.continuation(c.text)) for q in qs for c in q.mc1 + q.mc2))
-    got = {}
-
-    def batched():
-        got["batched"] = score(model, pairs, batch_size=16)
-
-    def single():
-        got["single"] = score_one_at_a_time(model, pairs)
-
     with torch.inference_mode():
         model(torch.zeros(1, 8, dtype=torch.long))  # warm-up
-    times = interleaved({"batched": batched, "single": single}, sizes.score_rounds, warmup=False)
-    speedup = statistics.median(ratios(times, "single", "batched"))
+    sides = {"batched": lambda: score(model, pairs, batch_size=16), "single": lambda: score_one_at_a_time(model, pairs)}
+    got, times, speedup = race(sides, sizes.score_rounds, slow="single", fast="batched")
     diff = max(abs(a - b) for a, b in zip(got["batched"], got["single"], strict=True))
     return Measured(
         f"MC scoring speedup batched / one at a time [{label}]",

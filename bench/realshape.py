@@ -17,7 +17,7 @@ from bench import models as M
 from bench.measures import Measured
 from bench.memory_worker import run_in_fresh_process
 from bench.sizes import Sizes
-from bench.timing import interleaved, ratios
+from bench.timing import race, ratios
 
 
 def realshape(sizes: Sizes, cache: Path, work: Path) -> Iterator[Measured]:
@@ -79,17 +79,12 @@ def collection(model, label: str, sizes: Sizes, batch: int = 16) -> Measured:
     from hpr.activations import answer_activations
 
     qs, pairs = _real_pairs(sizes.real_questions, "mc2")
-    got = {}
-
-    def whole():
-        got["whole"] = collect_whole_sequences(model, pairs, batch)
-
-    def shared():
-        got["shared"] = torch.cat(answer_activations(model, pairs, batch))
-
     _warm(model)
-    times = interleaved({"whole": whole, "shared": shared}, sizes.real_rounds, warmup=False)
-    speedup = statistics.median(ratios(times, "whole", "shared"))
+    sides = {
+        "whole": lambda: collect_whole_sequences(model, pairs, batch),
+        "shared": lambda: torch.cat(answer_activations(model, pairs, batch)),
+    }
+    got, times, speedup = race(sides, sizes.real_rounds, slow="whole", fast="shared")
     diff = float((got["whole"] - got["shared"]).abs().max())
     return Measured(
         f"activation collection per question, whole sequences / shared contexts [{label}]",
@@ -120,17 +115,12 @@ def scoring(model, label: str, sizes: Sizes, batch: int = 16) -> Measured:
     from hpr.scoring import score
 
     qs, pairs = _real_pairs(sizes.real_questions, "mc1+mc2")
-    got = {}
-
-    def contexts():
-        got["contexts"] = score_question_contexts(model, pairs, batch)
-
-    def primer():
-        got["primer"] = score(model, pairs, batch_size=batch)
-
     _warm(model)
-    times = interleaved({"contexts": contexts, "primer": primer}, sizes.real_rounds, warmup=False)
-    speedup = statistics.median(ratios(times, "contexts", "primer"))
+    sides = {
+        "contexts": lambda: score_question_contexts(model, pairs, batch),
+        "primer": lambda: score(model, pairs, batch_size=batch),
+    }
+    got, times, speedup = race(sides, sizes.real_rounds, slow="contexts", fast="primer")
     diff = max(abs(a - b) for a, b in zip(got["contexts"], got["primer"], strict=True))
     return Measured(
         f"MC scoring per question, question contexts / shared primer [{label}]",

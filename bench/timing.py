@@ -10,6 +10,7 @@ import contextlib
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 # glibc returns large freed blocks to the OS, so every forward pass page-faults its activations back in;
 # on this VM that made a GPT-2 forward 25 % slower and twice as noisy. Keeping the heap is set before the
@@ -41,6 +42,21 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int, warmup: bool 
 def ratios(times: dict[str, list[float]], num: str, den: str) -> list[float]:
     """Per round, ``num``'s time over ``den``'s: each ratio pairs two calls taken back to back."""
     return [a / b for a, b in zip(times[num], times[den], strict=True)]
+
+
+def race(fns: dict[str, Callable[[], Any]], rounds: int, slow: str, fast: str):
+    """Two ways to compute the same thing, timed by :func:`interleaved` (callers warm up themselves): the
+    last output of each, the times, and the median per-round speedup of ``fast`` over ``slow``."""
+    outputs: dict[str, Any] = {}
+
+    def keeping(name, fn):
+        def call():
+            outputs[name] = fn()
+
+        return call
+
+    times = interleaved({name: keeping(name, fn) for name, fn in fns.items()}, rounds, warmup=False)
+    return outputs, times, statistics.median(ratios(times, slow, fast))
 
 
 class HookClock:

@@ -13,9 +13,9 @@ so an interrupted collection resumes where it stopped.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +29,7 @@ from hpr.continuations import continuation_batches
 from hpr.data.prompts import PromptFormat
 from hpr.data.schema import MCQuestion
 from hpr.encoding import Encoded, encode_all
+from hpr.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -289,9 +290,7 @@ def collect(
             gather_continuations(model, encoded, resid_names(model.cfg.n_layers), acts, batch_size, progress=bar)
         meta = {"question_ids": expected, "is_true": [c.is_true for q in block for c in q.mc2]}
         tensors = {"acts": acts, "offsets": torch.tensor([0] + counts).cumsum(0)}
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, tmp, metadata={"answers": json.dumps(meta)})
-        os.replace(tmp, path)
+        atomic_write(path, functools.partial(save_file, tensors, metadata={"answers": json.dumps(meta)}))
     bar.close()
     buffer = acts = tensors = None  # freed before load allocates the result
     for stale in range(len(blocks), 1 << 30):  # shards of a longer earlier run

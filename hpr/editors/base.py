@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import ClassVar
@@ -21,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from hpr import positions
+from hpr.files import atomic_write, write_json
 
 Hook = tuple[str, Callable]
 REGISTRY: dict[str, type[Editor]] = {}
@@ -189,25 +189,15 @@ class Editor:
         }
         if self.fitted_on is not None:
             config["model_fingerprint"] = self.fitted_on
-        _atomic_write(
+        atomic_write(
             folder / "state.safetensors",
             lambda p: save_file({k: v.contiguous().cpu() for k, v in self.tensors.items()}, p),
         )
-        _atomic_write(folder / "config.json", lambda p: _write_text(p, json.dumps(config, indent=2)))
+        write_json(folder / "config.json", config)
 
 
 def _jsonable(d: dict) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-
-def _write_text(path: str, text: str) -> None:
-    Path(path).write_text(text)
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(str(tmp))
-    os.replace(tmp, path)
 
 
 def load_editor(folder: str | Path, device=None) -> Editor:

@@ -16,14 +16,14 @@ or run code; the context brings it to them.
 from __future__ import annotations
 
 import importlib
-import json
-import os
 import pkgutil
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from hpr.files import write_json
 
 BASE = "base"  # the unedited model: a run label of no method
 BASE_COLOUR = "#000000"
@@ -135,10 +135,7 @@ class FitContext:
         editor.save(self.editors_dir / label, self.model)
 
     def write_json(self, name: str, obj) -> None:
-        path = self.out / name
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(obj, indent=2))
-        os.replace(tmp, path)
+        write_json(self.out / name, obj)
 
     def sweep(
         self, label: str, candidates: list[tuple[dict, Any]], extra: dict | None = None, record: str | None = None

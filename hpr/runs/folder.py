@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -35,6 +34,7 @@ import pandas as pd
 from hpr.data.prompts import PromptFormat
 from hpr.data.schema import MCQuestion
 from hpr.editors import BASE, load_editor
+from hpr.files import atomic_write
 from hpr.sources import load_dataset, load_model, prompt_format
 
 log = logging.getLogger(__name__)
@@ -142,12 +142,6 @@ def read_json(path: Path, what: str):
         raise ValueError(f"{path}: the {what} file is damaged ({e}); restore it or start a new run folder") from e
 
 
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
 def editor_is_intact(folder: Path) -> bool:
     """Whether a fitted editor is saved in ``folder`` and loads. A damaged one is a cache: it is reported,
     removed, and fitted again."""
@@ -176,9 +170,7 @@ def saved_predictions(path: Path) -> pd.DataFrame | None:
 
 def write_parquet(df: pd.DataFrame, path: Path) -> None:
     path.parent.mkdir(exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
 
 
 def dataset_fingerprint(questions) -> str:

@@ -22,6 +22,7 @@ from hpr import activations, evaluate, metrics
 from hpr.data import apply_split, split_groups, split_ids
 from hpr.data.prompts import PromptFormat
 from hpr.editors import BASE, FitContext, load_editor, method_of, methods
+from hpr.files import atomic_write, write_json
 from hpr.models import check_device, model_dtype, model_fingerprint
 from hpr.runs.config import CONFIG_FORMAT, FEW_TEST_QUESTIONS, RunConfig, settings_differences
 from hpr.runs.folder import (
@@ -30,7 +31,6 @@ from hpr.runs.folder import (
     editor_is_intact,
     read_json,
     saved_predictions,
-    write_json,
     write_parquet,
 )
 from hpr.sources import load_dataset, load_model, prompt_format, toy_world_record
@@ -213,8 +213,6 @@ def _test_predictions(run: Pipeline, label: str, editor) -> pd.DataFrame:
 
 def _answer_norms(run: Pipeline, editor, label: str):
     """:func:`hpr.evaluate.answer_norms` of ``label`` on the test split, kept beside its predictions."""
-    import os
-
     from safetensors.torch import load_file, save_file
 
     path = run.out / "predictions" / f"{label}.norms.safetensors"
@@ -226,9 +224,7 @@ def _answer_norms(run: Pipeline, editor, label: str):
             log.warning("%s is damaged (%s); measuring again", path, e)
     before, after = evaluate.answer_norms(run.model, run.parts["test"], run.fmt, editor, run.cfg.batch_size)
     path.parent.mkdir(exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({"before": before.contiguous(), "after": after.contiguous()}, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file({"before": before.contiguous(), "after": after.contiguous()}, tmp))
     return before, after
 
 
