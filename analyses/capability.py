@@ -8,7 +8,7 @@ from hpr import figures, measurements
 
 
 def make(run: measurements.Run, args) -> dict:
-    texts = measurements.neutral_texts(run.config["dataset"], path=args.neutral_text)
+    texts = measurements.neutral_texts(run.config["model"], path=args.neutral_text)
     df = measurements.capability(run.model, texts, run.editors(args.methods))
     return {"figures": {"capability": figures.capability_bars(df)}, "tables": {"capability": df}}
 

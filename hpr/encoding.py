@@ -55,7 +55,7 @@ def encode_context(model, context: str, room: int = 0) -> list[int]:
 
 def pad_token_id(model) -> int:
     """The id used to right-pad batches (padding follows the real tokens, so causal attention ignores it)."""
-    pad = model.tokenizer.pad_token_id
+    pad = model.tokenizer.pad_token_id if model.tokenizer is not None else None
     return pad if pad is not None else 0
 
 

@@ -14,11 +14,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from hpr import activations, generation, ops, positions
+from hpr import activations, generation, ops
 from hpr.activations import gather_continuations, resid_names
 from hpr.data.prompts import PromptFormat, best_answer_texts
 from hpr.data.schema import MCQuestion
-from hpr.encoding import encode_all, encode_context, pad_token_id
+from hpr.encoding import encode_all, encode_context
 from hpr.runs.folder import Run, check_results  # noqa: F401 - the run-folder reader, for the analyses
 
 # ------------------------------------------------------------------------------------ frames from results
@@ -237,67 +237,21 @@ def generations(
     return pd.DataFrame(rows)
 
 
-@torch.inference_mode()
-def capability(model, texts: Sequence[str], editors: Mapping[str, object], batch_size: int = 8) -> pd.DataFrame:
-    """On neutral text, per method: mean KL(base || edited) of the next-token distribution and perplexity.
+def capability(model, texts: Sequence[str], editors: Mapping[str, object], max_tokens: int = 128) -> pd.DataFrame:
+    """On neutral text, per method: mean KL(base || edited) of the next-token distribution, perplexity and its
+    change against the base model (:mod:`hpr.capability`); each passage cut to ``max_tokens`` tokens."""
+    from hpr import capability as cap
 
-    Every next-token prediction of every text counts (BOS by the model's default). ``ppl_change`` is relative
-    to the base model's perplexity.
-    """
-    tok = model.tokenizer
-    prefix = [tok.bos_token_id] if model.cfg.default_prepend_bos else []
-    encoded = [(prefix + tok(t, add_special_tokens=False)["input_ids"])[: model.cfg.n_ctx] for t in texts]
-    encoded = [e for e in encoded if len(e) >= 2]
-    if not encoded:
-        raise ValueError("capability needs neutral texts of at least two tokens")
-    pad_id = pad_token_id(model)
-    sums = {m: {"kl": 0.0, "nll": 0.0} for m in editors}
-    count = 0
-    for start in range(0, len(encoded), batch_size):
-        batch = encoded[start : start + batch_size]
-        ids = torch.full((len(batch), max(map(len, batch))), pad_id, dtype=torch.long)
-        for i, e in enumerate(batch):
-            ids[i, : len(e)] = torch.tensor(e)
-        lengths = torch.tensor([len(e) for e in batch])
-        mask = torch.arange(ids.shape[1] - 1)[None] < (lengths - 1)[:, None]  # positions with a next token
-        targets = ids[:, 1:]
-        base_logp = model(ids.to(model.cfg.device)).float().log_softmax(-1)[:, :-1].cpu()
-        for method, editor in editors.items():
-            with _applied(editor, model), positions.as_answer():  # neutral text: every token is continuation
-                logp = model(ids.to(model.cfg.device)).float().log_softmax(-1)[:, :-1].cpu()
-            kl = (base_logp.exp() * (base_logp - logp)).sum(-1)
-            nll = -logp.gather(-1, targets[..., None]).squeeze(-1)
-            sums[method]["kl"] += float(kl[mask].sum())
-            sums[method]["nll"] += float(nll[mask].sum())
-        count += int(mask.sum())
-    base_ppl = None
-    rows = []
-    for method in editors:
-        ppl = float(torch.tensor(sums[method]["nll"] / count).exp())
-        rows.append({"method": method, "kl": sums[method]["kl"] / count, "perplexity": ppl})
-        if editors[method] is None:
-            base_ppl = ppl
-    df = pd.DataFrame(rows)
-    if base_ppl is not None:
-        df["ppl_change"] = df["perplexity"] / base_ppl - 1
-    return df
+    measures = cap.with_ppl_change(cap.measure(model, cap.encode_passages(model, texts, max_tokens), editors))
+    return pd.DataFrame([{"method": m, **measures["base" if editors[m] is None else m]} for m in editors])
 
 
-def neutral_texts(dataset: str, n: int = 64, path: str | None = None) -> list[str]:
-    """Neutral text for :func:`capability`: a text file (one passage per blank-line-separated block), or,
-    for the toy world, ``n`` documents of the world's corpus drawn with a seed the model never trained on."""
-    if path:
-        blocks = [b.strip() for b in Path(path).read_text().split("\n\n") if b.strip()]
-        if not blocks:
-            raise ValueError(f"{path} holds no text")
-        return blocks[:n]
-    if dataset == "toy":
-        import hpr.toyworld
-        from hpr.toyworld.world import build_world, generate_corpus
+def neutral_texts(model: str, n: int = 64, path: str | None = None) -> list[str]:
+    """Neutral text for :func:`capability`: :func:`hpr.sources.neutral_passages` (``path``, the toy world's
+    held-out documents for the toy model, else the shipped corpus), ``n`` passages."""
+    from hpr.sources import neutral_passages
 
-        world = build_world(hpr.toyworld.DEFAULT)
-        return list(generate_corpus(world, n_docs=n, seed_offset=10_007))
-    raise ValueError(f"no built-in neutral text for dataset {dataset!r}; pass a text file (--neutral-text)")
+    return neutral_passages(model, path, n)
 
 
 # ------------------------------------------------------------------------------------- analysis scripts

@@ -78,6 +78,21 @@ def prompt_format(dataset: str, truthful: bool = False) -> PromptFormat:
     return PromptFormat()
 
 
+def neutral_passages(model: str, path: str | os.PathLike[str] | None = None, n: int | None = None) -> list[str]:
+    """The neutral text of the capability step: ``path`` (blank-line separated passages) if given; else, for the
+    toy model, held-out documents of its world's corpus (drawn with a seed it never trained on; English prose
+    means nothing to its tokenizer); else the shipped public-domain corpus (:mod:`hpr.data.neutral`). ``n``
+    passages, evenly spaced over the file (all of them if None)."""
+    from hpr.data import neutral
+
+    if path is None and model == "toy":
+        from hpr.toyworld.world import build_world, generate_corpus
+
+        return list(generate_corpus(build_world(toyworld.DEFAULT), n_docs=n or 64, seed_offset=10_007))
+    passages = neutral.read_passages(path)
+    return passages if n is None else neutral.evenly_spaced(passages, n)
+
+
 def toy_world_record() -> dict:
     """Which world built the toy model: generator version, cache key and every parameter (seed included)."""
     world = toyworld.DEFAULT  # read now: tests and notebooks may point "toy" at another world

@@ -60,11 +60,19 @@ def test_reproduce_tiny_toy(tiny_toy, tmp_path):
         assert (out / "editors" / name / "config.json").exists()
         assert (out / "editors" / name / "state.safetensors").exists()
 
+    # What each edit costs on neutral text (the toy model's held-out corpus): the base is the reference.
+    costs = results["capability"]
+    assert set(costs) == methods and costs["base"]["kl"] == 0.0 and costs["base"]["ppl_change"] == 0.0
+    assert all(costs[m]["kl"] > 0 for m in methods - {"base"})
+    assert results["neutral_text"]["passages"] == 32 and results["neutral_text"]["path"] == "toy world corpus"
+    assert all(c["tokens"] == results["neutral_text"]["predictions"] for c in costs.values())
+
     # A rerun resumes: finished steps are skipped and give the same results.
     before = (out / "predictions" / "hpr.parquet").stat().st_mtime_ns
     assert main(["reproduce", "--model", "toy", "--dataset", "toy", "--out", str(out), "--quiet"]) == 0
     assert (out / "predictions" / "hpr.parquet").stat().st_mtime_ns == before
     assert json.loads((out / "results.json").read_text())["methods"] == results["methods"]
+    assert json.loads((out / "results.json").read_text())["capability"] == costs
 
 
 def test_reproduce_refuses_other_settings_in_same_folder(tiny_toy, tmp_path):
@@ -79,12 +87,15 @@ def test_a_rerun_with_more_methods_extends_the_run(tiny_toy, tmp_path):
     probes = (out / "probes.json").stat().st_mtime_ns
     hpr_preds = (out / "predictions" / "hpr.parquet").stat().st_mtime_ns
     hpr_norms = (out / "predictions" / "hpr.norms.safetensors").stat().st_mtime_ns
+    hpr_cost = (out / "capability" / "hpr.json").stat().st_mtime_ns
     first = json.loads((out / "results.json").read_text())
     assert main(["reproduce", "--out", str(out), "--quiet", "--methods", "base,hpr,caa"]) == 0
     assert (out / "probes.json").stat().st_mtime_ns == probes  # shared steps are not redone
     assert (out / "predictions" / "hpr.parquet").stat().st_mtime_ns == hpr_preds
     assert (out / "predictions" / "hpr.norms.safetensors").stat().st_mtime_ns == hpr_norms
+    assert (out / "capability" / "hpr.json").stat().st_mtime_ns == hpr_cost  # only CAA's cost is measured
     again = json.loads((out / "results.json").read_text())
+    assert again["capability"]["hpr"] == first["capability"]["hpr"] and again["capability"]["caa"]["kl"] > 0
     assert again["norm_change_vs_base"]["hpr"] == first["norm_change_vs_base"]["hpr"]
     assert set(json.loads((out / "results.json").read_text())["methods"]) == {"base", "hpr", "caa"}
 

@@ -296,3 +296,23 @@ def test_a_header_only_csv_says_it_holds_no_questions(tmp_path):
     csv.write_text("Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers,Source\n")
     with pytest.raises(DataError, match="holds no questions"):
         load_dataset("truthfulqa", csv)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "no such file"),
+        (b"", "holds no text"),
+        (b"\n\n  \n\n", "holds no text"),
+        (b"PK\x03\x04\x00\x00binary", "is binary"),
+        (b"caf\xe9 latin-1", "is not UTF-8"),
+    ],
+)
+def test_a_bad_neutral_text_file_is_named_before_anything_is_written(content, message, tiny_toy, tmp_path, capsys):
+    path = tmp_path / "neutral.txt"
+    if content is not None:
+        path.write_bytes(content)
+    assert _run(tmp_path / "run", "--neutral-text", str(path)) == 2
+    err = _one_line_error(capsys)
+    assert message in err and str(path) in err
+    assert not (tmp_path / "run").exists()

@@ -21,7 +21,7 @@ LAYERS = [
     ("sources", ["hpr.sources"]),  # names to models, questions and prompt formats
     ("model plumbing", ["hpr.continuations", "hpr.scoring", "hpr.generation", "hpr.activations"]),
     ("editors", ["hpr.editors"]),
-    ("evaluation", ["hpr.evaluate"]),
+    ("evaluation", ["hpr.evaluate", "hpr.capability"]),
     ("runs", ["hpr.runs"]),
     ("entry points", ["hpr.cli", "hpr.measurements", "hpr.figures", "hpr.toy_diagnose"]),
 ]

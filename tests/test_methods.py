@@ -178,6 +178,24 @@ def every_token_is_answer():
 
 
 @pytest.mark.parametrize("name", sorted(EDITORS))
+def test_capability_is_exactly_the_base_at_zero_strength(name, model, editors):
+    """KL(base || edited) is exactly 0 and perplexity exactly the base's for an editor that edits nothing; the
+    editor itself moves both."""
+    from hpr import capability
+
+    make, zero = editors[name]
+    editor = make()
+    g = torch.Generator().manual_seed(5)
+    encoded = [torch.randint(0, model.cfg.d_vocab, (n,), generator=g).tolist() for n in (12, 7, 9)]
+    measured = capability.measure(model, encoded, {"edited": editor, "zero": zero(editor), "none": None})
+    assert set(measured) == {"base", "edited", "zero"}  # None is the unedited model, measured once as base
+    assert measured["zero"]["kl"] == 0.0 and measured["base"]["kl"] == 0.0
+    assert measured["zero"]["perplexity"] == measured["base"]["perplexity"]
+    assert measured["edited"]["kl"] > 0 and measured["edited"]["perplexity"] != measured["base"]["perplexity"]
+    assert measured["base"]["tokens"] == 11 + 6 + 8  # every next-token prediction of every passage
+
+
+@pytest.mark.parametrize("name", sorted(EDITORS))
 def test_every_editor_obeys_the_interface(name, model, editors, tiny_tl_model, tmp_path, every_token_is_answer):
     make, zero = editors[name]
     editor = make()

@@ -64,6 +64,15 @@ class RunConfig:
     fractions: tuple[float, float, float] = field(default=(0.4, 0.1, 0.5), metadata={"help": "train/val/test"})
     batch_size: int = field(default=16, metadata={"help": "sequences per forward pass"})
     fp16_activations: bool = field(default=False, metadata={"help": "store activations in float16"})
+    neutral_text: str | None = field(
+        default=None,
+        metadata={
+            "help": "capability step: a UTF-8 file of blank-line separated neutral passages (default: the shipped "
+            "public-domain corpus; the toy model's own held-out documents)"
+        },
+    )
+    neutral_passages: int = field(default=32, metadata={"help": "capability step: passages, evenly spaced"})
+    neutral_tokens: int = field(default=64, metadata={"help": "capability step: tokens per passage, at most"})
     # Each method's own settings, by method name; any left out take their defaults.
     settings: Mapping[str, Any] = field(default_factory=dict, metadata={"help": "each method's settings"})
 
@@ -117,7 +126,12 @@ class RunConfig:
             raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
         if self.dataset == "jsonl" and not self.data_path:
             raise ValueError("dataset jsonl needs a data path (--data-path FILE.jsonl)")
-        at_least_one = {"limit": self.limit, "batch_size": self.batch_size}
+        at_least_one = {
+            "limit": self.limit,
+            "batch_size": self.batch_size,
+            "neutral_passages": self.neutral_passages,
+            "neutral_tokens": self.neutral_tokens,
+        }
         for name, value in at_least_one.items():
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")

@@ -3,7 +3,8 @@ skipped on rerun.
 
 Steps, in order: check the settings against the folder; collect the answer activations of each split; fit HPR
 (its probes select every method's layers); fit each other method asked for (registry order; ITI at every alpha
-shares one fit); score every method on the test split; write ``results.json``.
+shares one fit); score every method on the test split; measure what each edit costs on neutral text
+(:mod:`hpr.capability`); write ``results.json``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from hpr.runs.folder import (
     saved_predictions,
     write_parquet,
 )
-from hpr.sources import load_dataset, load_model, prompt_format, toy_world_record
+from hpr.sources import load_dataset, load_model, neutral_passages, prompt_format, toy_world_record
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class Pipeline:
     fmt: PromptFormat
     progress: bool
     timings: dict[str, float] = field(default_factory=dict)
+    neutral: list[str] = field(default_factory=list)  # the capability step's passages, read before any write
 
     def timed(self, name: str, step, *args):
         t0 = time.perf_counter()
@@ -85,23 +87,24 @@ class Pipeline:
 
 def reproduce(cfg: RunConfig, out: Path, device=None, progress: bool = True) -> dict:
     out = Path(out)
-    questions, split, model, load_s = _prepared(cfg, device)
+    questions, split, model, load_s, neutral = _prepared(cfg, device)
     _claim_folder(cfg, out, questions, split, model)
-    run = Pipeline(
-        cfg, out, model, apply_split(questions, split), prompt_format(cfg.dataset), progress, {"load_model": load_s}
-    )
+    parts = apply_split(questions, split)
+    run = Pipeline(cfg, out, model, parts, prompt_format(cfg.dataset), progress, {"load_model": load_s}, neutral)
     run.timed("activations", collect_activations)
     probes = run.timed("hpr_training", fit_hpr)
     for method in _methods_to_fit(cfg):
         run.timed(f"fit_{method}", fit_method, method, probes)
     preds, norm_change, norm_vs_base = run.timed("evaluation", evaluate_test_split)
+    costs = run.timed("capability", measure_capability)
     results = summarize(run, split, probes, preds, norm_change, norm_vs_base)
+    results.update(costs)
     write_json(out / "results.json", results)
     return results
 
 
 def _prepared(cfg: RunConfig, device):
-    """Device, dtype, data, split and model, all checked before anything is written."""
+    """Device, dtype, data, split, neutral text and model, all checked before anything is written."""
     device = check_device(device)
     dtype = model_dtype(cfg.dtype, device)
     questions = load_dataset(cfg.dataset, cfg.data_path)
@@ -115,9 +118,10 @@ def _prepared(cfg: RunConfig, device):
             f"{len(questions)} question(s) leave the {' and '.join(empty)} split(s) empty with "
             f"fractions {tuple(cfg.fractions)}: use at least {needed} questions (--limit, or more data)"
         )
+    neutral = neutral_passages(cfg.model, cfg.neutral_text, cfg.neutral_passages)
     t0 = time.perf_counter()
     model = load_model(cfg.model, device=device, dtype=dtype)
-    return questions, split, model, round(time.perf_counter() - t0, 2)
+    return questions, split, model, round(time.perf_counter() - t0, 2), neutral
 
 
 def _claim_folder(cfg: RunConfig, out: Path, questions, split: dict, model) -> None:
@@ -228,6 +232,59 @@ def _answer_norms(run: Pipeline, editor, label: str):
     return before, after
 
 
+def measure_capability(run: Pipeline) -> dict:
+    """``capability`` (per label: KL to base, perplexity, its change) and ``neutral_text`` (what was read) for
+    ``results.json``. Each label's measure is kept in ``capability/<label>.json`` with the text's fingerprint;
+    a rerun measures only the labels it lacks (the base pass, which every KL needs, runs again then)."""
+    from hpr import capability
+    from hpr.data import neutral
+
+    cfg, folder = run.cfg, run.out / "capability"
+    sha = neutral.fingerprint(run.neutral)
+    key = {"neutral_sha256": sha, "neutral_tokens": cfg.neutral_tokens}
+    labels = list(dict.fromkeys([BASE, *cfg.methods]))
+    saved = {label: _saved_measure(folder / f"{label}.json", key) for label in labels}
+    measures = {label: m for label, m in saved.items() if m is not None}
+    missing = [label for label in labels if label not in measures]
+    if missing:
+        editors = {label: load_editor(run.out / "editors" / label) for label in missing if label != BASE}
+        from tqdm.auto import tqdm
+
+        encoded = capability.encode_passages(run.model, run.neutral, cfg.neutral_tokens)
+        with tqdm(total=len(encoded), disable=not run.progress, desc="capability", unit="passage") as bar:
+            fresh = capability.measure(run.model, encoded, editors, progress=bar)
+        folder.mkdir(exist_ok=True)
+        for label in missing:
+            measures[label] = fresh[label]
+            write_json(folder / f"{label}.json", {**key, "measure": fresh[label]})
+    costs = capability.with_ppl_change(measures)
+    return {
+        "capability": {label: costs[label] for label in cfg.methods},
+        "neutral_text": {
+            "path": cfg.neutral_text or ("toy world corpus" if cfg.model == "toy" else "shipped"),
+            "passages": len(run.neutral),
+            "tokens_per_passage": cfg.neutral_tokens,
+            "predictions": costs[BASE]["tokens"],
+            "sha256": sha,
+        },
+    }
+
+
+def _saved_measure(path: Path, key: dict) -> dict | None:
+    """A label's saved capability measure, if it was taken on this text; None if absent, stale or damaged."""
+    if not path.exists():
+        return None
+    try:
+        saved = read_json(path, "capability measure")
+    except ValueError as e:
+        log.warning("%s; measuring again", e)
+        return None
+    if not isinstance(saved, dict) or any(saved.get(k) != v for k, v in key.items()):
+        return None
+    measure = saved.get("measure")
+    return measure if isinstance(measure, dict) and {"kl", "nll", "perplexity", "tokens"} <= set(measure) else None
+
+
 def summarize(
     run: Pipeline, split: dict, probes: dict, preds: pd.DataFrame, norm_change: dict, norm_vs_base: dict
 ) -> dict:
@@ -261,14 +318,17 @@ def format_results(results: dict) -> str:
     lines = [
         f"{results['model']} on {results['dataset']}: {results['splits']['test']} test questions; "
         f"HPR layers {results['selected_layers']}",
-        f"{'method':<13} {'MC1':>14} {'MC2':>14} {'f->t':>6} {'t->f':>6} {'max |dnorm|/norm':>17}",
+        f"{'method':<13} {'MC1':>14} {'MC2':>14} {'f->t':>6} {'t->f':>6} {'max |dnorm|/norm':>17} "
+        f"{'KL':>7} {'dPPL':>7}",
     ]
     for method, row in results["methods"].items():
         flips = results["flip_rates"].get(method, {})
         norm = max(results.get("norm_change_vs_base", {}).get(method, [0.0]))
+        cost = results.get("capability", {}).get(method, {})
         lines.append(
             f"{method:<13} {row['mc1']:>7.3f}±{row['mc1_stderr']:.3f} {row['mc2']:>7.3f}±{row['mc2_stderr']:.3f} "
-            f"{flips.get('false_to_true', 0):>6.3f} {flips.get('true_to_false', 0):>6.3f} {norm:>17.3f}"
+            f"{flips.get('false_to_true', 0):>6.3f} {flips.get('true_to_false', 0):>6.3f} {norm:>17.3f} "
+            f"{cost.get('kl', float('nan')):>7.3f} {cost.get('ppl_change', float('nan')):>+7.1%}"
         )
     if results["splits"]["test"] < FEW_TEST_QUESTIONS:
         lines.append(
