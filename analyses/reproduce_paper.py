@@ -2,7 +2,7 @@
 
     python analyses/reproduce_paper.py --run runs/toy            # figures/ and tables/ inside the run
     python analyses/reproduce_paper.py --run runs/toy --formats  # HTML figures only (no browser needed)
-    python analyses/reproduce_paper.py --run runs/smollm2 --topk 1 5 30 --skip capability  # a real model
+    python analyses/reproduce_paper.py --run runs/smollm2 --topk 1 5 30  # a real model
 
 Each script here also runs alone with the same options. Figures are exported in one browser session.
 """
@@ -18,11 +18,22 @@ import generations
 import mc_table
 import norms
 import probe_accuracy
+import strength_curves
 import topk_sweep
 
 from hpr import measurements
 
-SCRIPTS = (probe_accuracy, norms, mc_table, flip_table, topk_sweep, generations, direction_magnitude, capability)
+SCRIPTS = (
+    probe_accuracy,
+    norms,
+    mc_table,
+    flip_table,
+    topk_sweep,
+    generations,
+    direction_magnitude,
+    capability,
+    strength_curves,
+)
 
 
 def make(run: measurements.Run, args) -> dict:

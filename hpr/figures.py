@@ -214,6 +214,82 @@ def capability_bars(df: pd.DataFrame) -> go.Figure:
     return _layout(fig, "Capability retention on neutral text", "method", "mean KL(base ‖ edited) (nats/token)")
 
 
+def strength_curves(df: pd.DataFrame, method: str, metrics: Sequence[str] = ("mc1", "mc2", "kl")) -> go.Figure:
+    """One method's curve: each metric of ``df`` (``method, strength, fitted`` and the metric columns, from
+    :func:`hpr.strength.curves`) against its strength; the fitted strength circled. KL on its own axis."""
+    from plotly.subplots import make_subplots
+
+    _require(df, ("method", "strength", "fitted", *metrics), "strength_curves")
+    part = df[df["method"] == method].sort_values("strength")
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    dashes = ("solid", "dash", "dot", "dashdot")
+    for i, metric in enumerate(m for m in metrics if m != "kl"):
+        fig.add_trace(
+            go.Scatter(
+                x=part["strength"],
+                y=part[metric],
+                name=metric.replace("_", " "),
+                mode="lines+markers",
+                line=dict(color=color(method), dash=dashes[i % len(dashes)]),
+            )
+        )
+    if "kl" in metrics:
+        fig.add_trace(
+            go.Scatter(
+                x=part["strength"],
+                y=part["kl"],
+                name="KL (right axis)",
+                mode="lines+markers",
+                line=dict(color="#000000", dash="dot"),
+            ),
+            secondary_y=True,
+        )
+        fig.update_yaxes(title_text="KL(base ‖ edited), nats/token", secondary_y=True, rangemode="tozero")
+    fitted = part[part["fitted"]]
+    for metric in (m for m in metrics if m != "kl"):
+        fig.add_trace(
+            go.Scatter(
+                x=fitted["strength"],
+                y=fitted[metric],
+                mode="markers",
+                marker=dict(symbol="circle-open", size=16, color="#000000", line=dict(width=2)),
+                name="fitted",
+                showlegend=metric == metrics[0],
+            )
+        )
+    return _layout(fig, f"{method}: strength on the validation split", "strength", "score (val)")
+
+
+def tradeoff(df: pd.DataFrame, base_mc1: float) -> go.Figure:
+    """MC1 gain over the base model against KL(base ‖ edited), one curve per method through its strengths
+    (``df`` as :func:`strength_curves`); each fitted strength is a filled marker. Up and to the left is
+    better: more truthfulness for less change on unrelated text. KL is on a log axis, so strength 0 (the base
+    model itself, at KL 0 and gain 0 for every method) is left out."""
+    _require(df, ("method", "strength", "fitted", "mc1", "kl"), "tradeoff")
+    fig = go.Figure()
+    for method, part in df[df["kl"] > 0].groupby("method", sort=False):
+        part = part.sort_values("strength")
+        fig.add_trace(
+            go.Scatter(
+                x=part["kl"],
+                y=part["mc1"] - base_mc1,
+                mode="lines+markers",
+                name=str(method),
+                text=[f"strength {s:g}" for s in part["strength"]],
+                line=dict(color=color(str(method))),
+                marker=dict(size=[13 if f else 7 for f in part["fitted"]], line=dict(width=1, color="#000000")),
+            )
+        )
+    fig.add_hline(y=0, line=dict(color="#999999", dash="dot", width=1), annotation_text="base")
+    fig.update_xaxes(type="log")
+    return _layout(
+        fig,
+        "Truthfulness gained against what it costs (validation)",
+        "KL(base ‖ edited), nats/token (log)",
+        "MC1 − base MC1",
+    )
+
+
 # ------------------------------------------------------------------------------------------------ export
 
 

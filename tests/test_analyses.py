@@ -64,7 +64,12 @@ def test_every_analysis_script_writes_its_outputs(tiny_run, tmp_path, monkeypatc
         "direction_magnitude",
         "hpr_angles",
         "capability",
+        "tradeoff",
+        "strength_hpr",
+        "strength_iti200",
+        "strength_caa",
     } <= figures
+    assert "strength_sea" not in figures  # SEA has no strength
     tables = {p.name for p in (out / "tables").iterdir()}
     for name in (
         "probe_accuracy",
@@ -75,6 +80,7 @@ def test_every_analysis_script_writes_its_outputs(tiny_run, tmp_path, monkeypatc
         "generations_settings",
         "capability",
         "norm_change_vs_base",
+        "strength_curves",
     ):
         assert {f"{name}.csv", f"{name}.md", f"{name}.tex"} <= tables
     # each script also runs alone
@@ -87,6 +93,14 @@ def test_every_analysis_script_writes_its_outputs(tiny_run, tmp_path, monkeypatc
     )
     assert (alone / "tables" / "flip_rates.csv").exists()
     sys.modules.pop("reproduce_paper", None)
+    curves = pd.read_csv(out / "tables" / "strength_curves.csv")
+    assert set(curves["method"]) == {"hpr", "hpr_no_angle", "iti15", "iti200", "caa"}
+    at_zero = curves[curves["strength"] == 0]
+    assert (at_zero["kl"] == 0).all() and at_zero["mc1"].nunique() == 1  # strength 0 is the base model
+    fitted = curves[curves["fitted"]].set_index("method")
+    assert fitted.loc["iti200", "strength"] == 200 and fitted.loc["hpr", "strength"] == 1
+    val_mc1 = {m: g.set_index("strength")["mc1"] for m, g in curves.groupby("method")}
+    assert val_mc1["iti15"].equals(val_mc1["iti200"])  # one ITI fit: the same curve through both alphas
 
 
 def test_scripts_refuse_a_folder_that_is_no_run(tmp_path, capsys):

@@ -183,3 +183,22 @@ def test_an_editor_defines_edit_or_edit_fn_and_either_serves_both():
         Neither(None, {}, 3, 1).edit(0, h)  # an error, not an endless recursion
     with pytest.raises(NotImplementedError, match="edits through its hooks only"):
         Neither(None, {}, 3, 1).prepared_edit(0, "cpu")
+
+
+@pytest.mark.parametrize("no_angle", [False, True])
+def test_the_angle_scale_scales_the_rotation_and_keeps_the_norm(net, no_angle):
+    """Our strength axis for HPR: angle_scale s rotates each negative-side token by s * theta (s * gamma for the
+    ablation), towards its reflection, norm kept; positive-side tokens are untouched."""
+    h = torch.randn(200, 32, generator=torch.Generator().manual_seed(4))
+    full = HPREditor.from_layerwise(net, (1,), no_angle=no_angle)
+    half = full.with_strength(0.5)
+    assert half.config.angle_scale == 0.5 and full.config.angle_scale == 1.0
+    negative = ops.negative_side(h, net.probe[1].detach())
+    assert 0 < negative.sum() < len(h)
+    full_angle = ops.vector_angle(full.edit(1, h), h)[negative]
+    half_angle = ops.vector_angle(half.edit(1, h), h)[negative]
+    assert torch.allclose(half_angle, 0.5 * full_angle, atol=1e-4)
+    assert torch.allclose(half.edit(1, h).norm(dim=-1), h.norm(dim=-1), rtol=1e-5)
+    assert torch.equal(half.edit(1, h)[~negative], h[~negative])
+    with pytest.raises(ValueError, match="angle_scale must be a finite number >= 0"):
+        full.with_strength(float("nan"))

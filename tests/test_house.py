@@ -23,7 +23,7 @@ LAYERS = [
     ("editors", ["hpr.editors"]),
     ("evaluation", ["hpr.evaluate", "hpr.capability"]),
     ("runs", ["hpr.runs"]),
-    ("entry points", ["hpr.cli", "hpr.measurements", "hpr.figures", "hpr.toy_diagnose"]),
+    ("entry points", ["hpr.cli", "hpr.measurements", "hpr.strength", "hpr.figures", "hpr.toy_diagnose"]),
 ]
 
 

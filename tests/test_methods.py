@@ -115,11 +115,8 @@ EDITORS = (
 def editors(tiny_tl_model):
     """name: (factory, the same editor at zero strength or with an empty selection), for each of EDITORS."""
     made = {
-        "hpr": (_hpr, lambda e: HPREditor(dataclasses.replace(e.config, layers=()), e.tensors, 32, 3)),
-        "hpr_no_angle": (
-            lambda: _hpr(True),
-            lambda e: HPREditor(dataclasses.replace(e.config, layers=()), e.tensors, 32, 3),
-        ),
+        "hpr": (_hpr, lambda e: e.with_strength(0.0)),  # the angle scale (ours: 0 = unedited)
+        "hpr_no_angle": (lambda: _hpr(True), lambda e: e.with_strength(0.0)),
         "iti": (_iti, lambda e: e.with_strength(0.0)),
         "caa": (_caa, lambda e: e.with_strength(0.0)),
         "diff": (_diff, lambda e: e.with_strength(0.0)),

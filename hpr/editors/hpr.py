@@ -45,11 +45,16 @@ class HPRConfig:
     layers: tuple[int, ...] = field(default=(), metadata={"help": "edited layers (0-based blocks)"})
     no_angle: bool = field(default=False, metadata={"help": "ablation: plain Householder reflection"})
     positions: str = field(default="all", metadata={"help": POSITIONS_HELP})
+    # Our addition (the official code has none): the rotation angle is scaled by this factor, 0 = the unedited
+    # model, 1 = as trained (for no_angle, of the reflection angle gamma). The strength axis of HPR's curves.
+    angle_scale: float = field(default=1.0, metadata={"help": "scale on the rotation angle (1 = as trained)"})
 
     def __post_init__(self):
         layers = distinct_layers(self.layers, "HPR")
         object.__setattr__(self, "layers", layers)
         check_mode(self.positions, "HPR positions")
+        if isinstance(self.angle_scale, bool) or not math.isfinite(self.angle_scale) or self.angle_scale < 0:
+            raise ValueError(f"HPR angle_scale must be a finite number >= 0, got {self.angle_scale!r}")
 
 
 @dataclass(frozen=True)
@@ -242,6 +247,7 @@ def top_k_layers(val_accuracy: list[float], k: int) -> tuple[int, ...]:
 class HPREditor(Editor):
     method = "hpr"
     config_cls = HPRConfig
+    strength = "angle_scale"
 
     @classmethod
     def from_layerwise(cls, net: LayerwiseHPR, layers: tuple[int, ...], no_angle: bool = False) -> HPREditor:
@@ -268,12 +274,18 @@ class HPREditor(Editor):
         normal = ops.unit(self.tensors[f"layer{layer}.probe"].to(device, torch.float32))
         params = [(w.to(device, torch.float32), b.to(device, torch.float32)) for w, b in self._angle_params(layer)]
 
+        scale = self.config.angle_scale
+
         def theta(rows: Tensor) -> Tensor:  # evaluated on the negative-side rows only
-            return math.pi * torch.sigmoid(mlp(rows, params).squeeze(-1))
+            if self.config.no_angle:
+                return scale * ops.reflection_angle(rows, normal)
+            angle = math.pi * torch.sigmoid(mlp(rows, params).squeeze(-1))
+            return angle if scale == 1.0 else scale * angle
 
         def edit(h: Tensor) -> Tensor:
             x = h.float()
-            return ops.hpr_edit(x, normal, None if self.config.no_angle else theta, unit_normal=True).to(h.dtype)
+            plain_reflection = self.config.no_angle and scale == 1.0  # the ablation as the paper defines it
+            return ops.hpr_edit(x, normal, None if plain_reflection else theta, unit_normal=True).to(h.dtype)
 
         return edit
 
