@@ -94,11 +94,17 @@ def test_every_page_renders_and_reacts(app, tiny_run):
     stats = ok(app.run()).dataframe[1].value
     assert set(stats["group"]) == {"base", "hpr"}
 
-    app.switch_page(PAGES[2]).run()  # results: MC bars + tables; then the top-k sweep on request
-    assert len(ok(app).get("plotly_chart")) == 1 and len(app.dataframe) == 2
+    app.switch_page(PAGES[2]).run()  # results: MC bars, costs + tables; the curves and the top-k sweep on request
+    assert len(ok(app).get("plotly_chart")) == 2 and len(app.dataframe) == 3
+    costs = app.dataframe[2].value.set_index("method")
+    assert costs.loc["base", "kl"] == 0 and costs.loc["iti200", "kl"] > costs.loc["iti15", "kl"] > 0
+    by_label(app.button, "Compute the curves").click().run()
+    assert len(ok(app).get("plotly_chart")) == 2 + 1 + 3  # the trade-off, one curve per method with a strength
+    curves = app.dataframe[3].value
+    assert set(curves["method"]) == {"hpr", "iti15", "iti200"} and (curves[curves["strength"] == 0]["kl"] == 0).all()
     by_label(app.button, "Compute the sweep").click().run()
-    assert len(ok(app).get("plotly_chart")) == 2
-    sweep = app.dataframe[2].value
+    assert len(ok(app).get("plotly_chart")) == 7
+    sweep = app.dataframe[4].value
     assert sorted(set(sweep["k"])) == list(
         range(1, json.loads((tiny_run / "results.json").read_text())["n_layers"] + 1)
     )
@@ -115,7 +121,7 @@ def test_every_page_renders_and_reacts(app, tiny_run):
 
     app.switch_page(PAGES[4]).run()  # export: the sweep computed above is offered; a table as LaTeX; HTML
     ok(app)
-    assert "topk_sweep" in by_label(app.selectbox, "Figure").options
+    assert {"topk_sweep", "tradeoff", "strength_hpr", "capability"} <= set(by_label(app.selectbox, "Figure").options)
     by_label(app.selectbox, "Table").set_value("mc_scores")
     app.selectbox[3].set_value("tex")
     ok(app.run())

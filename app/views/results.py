@@ -1,5 +1,8 @@
-"""Results: MC1/MC2 table and bars (Table 1), flips against base (Table 3), the HPR top-k sweep (Fig. 6)."""
+"""Results: MC1/MC2 table and bars (Table 1), flips against base (Table 3), what each edit costs (KL and
+perplexity on neutral text, greedy-answer truthfulness), strength curves and the trade-off figure, the HPR
+top-k sweep (Fig. 6)."""
 
+import pandas as pd
 import streamlit as st
 import workbench as wb
 
@@ -29,6 +32,63 @@ else:
     st.dataframe(flips, hide_index=True)
     wb.table_download(flips, "flip_rates")
     wb.remember("tables", "flip_rates", flips)
+
+st.subheader("What each edit costs")
+costs = run.results.get("capability", {})
+if not costs:
+    st.info("This run folder predates the capability step: rerun `hpr reproduce` into it to measure it.")
+else:
+    neutral = run.results.get("neutral_text", {})
+    st.caption(
+        f"KL(base ‖ edited) of the next-token distribution and the perplexity change, on {neutral.get('passages')} "
+        f"neutral passages ({neutral.get('path')}, {neutral.get('predictions')} predictions), every token edited."
+    )
+    cost = pd.DataFrame([{"method": m, **costs[m]} for m in shown if m in costs])
+    gen = run.results.get("generation", {})
+    if gen:
+        gen_cols = ["bleu_acc", "rougeL_acc", "non_answer_rate", "mean_answer_words"]
+        cost = cost.merge(
+            pd.DataFrame([{"method": m, **{k: gen[m].get(k) for k in gen_cols}} for m in shown if m in gen]),
+            on="method",
+            how="left",
+        )
+    cost = cost.drop(columns=[c for c in ("nll", "tokens") if c in cost.columns])
+    fig = figures.capability_bars(cost)
+    st.plotly_chart(fig, key="capability")
+    st.dataframe(cost, hide_index=True)
+    wb.table_download(cost, "edit_costs")
+    wb.remember("figures", "capability", fig)
+    wb.remember("tables", "edit_costs", cost)
+
+st.subheader("Strength curves (validation split)")
+st.caption(
+    "MC1, MC2 and KL as each method's strength goes from 0 (the unedited model) to past its fitted value: ITI "
+    "alpha, CAA multiplier, Diff scale, SADI delta, HPR's angle scale (ours). Up and left on the trade-off is "
+    "better (analyses/strength_curves.py)."
+)
+saved_curves = run.folder / "tables" / "strength_curves.csv"
+curves = pd.read_csv(saved_curves) if saved_curves.exists() else None
+if curves is None and (
+    st.button("Compute the curves", icon=":material/play_arrow:") or st.session_state.get(f"curves:{run.folder}")
+):
+    st.session_state[f"curves:{run.folder}"] = True
+    with wb.shows_errors("Cannot compute the curves"), st.spinner("Scoring every strength on val..."):
+        curves = wb.run_script("strength_curves", str(run.folder), wb.stamp(run), wb.device(), None)["tables"][
+            "strength_curves"
+        ]
+if curves is not None:
+    curves = curves[curves["method"].isin(shown)]
+    at_zero = curves[curves["strength"] == 0]["mc1"]  # strength 0 is the unedited model, for every method
+    trade = figures.tradeoff(curves, float(at_zero.iloc[0]) if len(at_zero) else float("nan"))
+    st.plotly_chart(trade, key="tradeoff")
+    wb.remember("figures", "tradeoff", trade)
+    for method in curves["method"].unique():
+        curve = figures.strength_curves(curves, method)
+        st.plotly_chart(curve, key=f"strength_{method}")
+        wb.remember("figures", f"strength_{method}", curve)
+    st.dataframe(curves, hide_index=True)
+    wb.table_download(curves, "strength_curves")
+    wb.remember("tables", "strength_curves", curves)
 
 st.subheader("HPR: top-k edited layers")
 if "base" not in run.methods or not (run.folder / "editors" / "hpr_all_layers" / "config.json").exists():
