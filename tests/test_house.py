@@ -14,7 +14,10 @@ PACKAGE = ROOT / "hpr"
 
 # Lowest first. A module may import from its own layer and any layer before it.
 LAYERS = [
-    ("foundations", ["hpr", "hpr.cache", "hpr.files", "hpr.ops", "hpr.positions", "hpr.metrics", "hpr.encoding"]),
+    (
+        "foundations",
+        ["hpr", "hpr.cache", "hpr.files", "hpr.ops", "hpr.positions", "hpr.metrics", "hpr.gen_scoring", "hpr.encoding"],
+    ),
     ("data", ["hpr.data"]),
     ("models", ["hpr.models", "hpr.model_sources"]),
     ("toy world", ["hpr.toyworld"]),  # a data-and-model source, nothing more

@@ -15,6 +15,17 @@ Two sources, both from the official repository (Apache-2.0):
   The CSV answers carry no final period while ``mc_task.json`` adds one, so log-likelihoods (and
   scores) differ slightly between the two sources; use ``mc_task.json`` to reproduce lm-eval.
 
+Generation references (:meth:`MCQuestion.generation_answers`, for :mod:`hpr.gen_scoring`): TruthfulQA's
+generation task scores against the CSV's "Correct Answers" / "Incorrect Answers", ``;``-separated, as listed
+(repeats and an answer listed on both sides kept, unlike the MC sets below: the max over references does not
+mind a repeat, and lm-eval's ``generation`` rows keep both sides). Loading the CSV sets them on every question.
+Loading ``mc_task.json`` (or a JSONL of its rows) looks for a ``TruthfulQA.csv`` in the same folder and sets them
+on each question whose text equals a CSV question exactly; a question without a match, a folder without the CSV
+or a CSV that does not load (it never breaks loading the JSON) leaves ``gen_answers`` unset, so the question
+falls back to its mc2 targets, which are nearly the same sets with a final period. The official files match on
+816 of 817 questions (the CSV has no "Are all women women?"; it has "Are all plants plants?" instead). None of this
+touches the loaded choices, ids, meta or the dataset fingerprint.
+
 The CSV has a few repeated answers. A repeat within one set is kept once; an answer listed as both
 correct and incorrect is kept once, as false, at its first position -- which is what the official
 ``mc_task.json`` holds for those questions (it was built as a Python dict). Each such repair is
@@ -24,6 +35,7 @@ recorded in ``meta["repairs"]``; every other problem raises :class:`DataError`.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -58,9 +70,9 @@ def load_truthfulqa(path: str | os.PathLike[str]) -> tuple[MCQuestion, ...]:
         raise DataError(f"{p}: no such file or directory. Fix: pass the path of {JSON_NAME} or {CSV_NAME}.")
     suffix = p.suffix.lower()
     if suffix == ".json":
-        return _load_json(p)
+        return with_csv_answers(_load_json(p), p.parent / CSV_NAME)
     if suffix == ".jsonl":
-        return _load_jsonl(p)
+        return with_csv_answers(_load_jsonl(p), p.parent / CSV_NAME)
     if suffix == ".csv":
         return _load_csv(p)
     raise DataError(f"{p}: unknown file type {suffix!r}. Fix: use a .json, .jsonl or .csv TruthfulQA file.")
@@ -93,6 +105,20 @@ def from_records(records: Iterable[Mapping[str, Any]], source: str) -> tuple[MCQ
         rows.append(where)
     check_unique_ids(qs, rows)
     return tuple(qs)
+
+
+def with_csv_answers(questions: tuple[MCQuestion, ...], csv_path: Path) -> tuple[MCQuestion, ...]:
+    """``questions`` with ``gen_answers`` from the ``TruthfulQA.csv`` at ``csv_path`` where a CSV question has
+    exactly the same text; unchanged when the file is missing or does not load."""
+    if not csv_path.is_file():
+        return questions
+    try:
+        by_text = {q.question: q.gen_answers for q in _load_csv(csv_path)}
+    except (DataError, OSError, UnicodeDecodeError, csv.Error):
+        return questions  # the JSON loads as before; generation falls back to the mc2 targets
+    return tuple(
+        dataclasses.replace(q, gen_answers=by_text[q.question]) if q.question in by_text else q for q in questions
+    )
 
 
 # --- JSON / JSONL -------------------------------------------------------------------------------------
@@ -245,7 +271,14 @@ def _from_csv_row(row: dict[str, str], index: int, where: Where) -> MCQuestion:
     meta: dict[str, Any] = {k: row[k].strip() for k in CSV_META_COLUMNS if k in row}
     if repairs:
         meta["repairs"] = tuple(repairs)
-    q = MCQuestion(id=f"tqa-csv-{index:04d}", question=question, mc1=mc1, mc2=mc2, meta=meta)
+    q = MCQuestion(
+        id=f"tqa-csv-{index:04d}",
+        question=question,
+        mc1=mc1,
+        mc2=mc2,
+        meta=meta,
+        gen_answers=(tuple(correct), tuple(incorrect)),
+    )
     return check_question(
         q, where, question_field="Question", mc1_field="Incorrect Answers", mc2_field="Correct Answers"
     )
