@@ -1,8 +1,9 @@
 """The ``realshape`` group: measures on the shape of SmolLM2-135M-Instruct, the real model users run on CPU.
 
 Collection and scoring with shared contexts (``hpr.continuations``) are timed against the paths they
-replaced (``bench/naive.py``) on TruthfulQA prompts with the lm-eval QA primer; collect's peak RSS is
-measured in fresh processes at N and 2N questions.
+replaced (``bench/naive.py``) on TruthfulQA prompts with the lm-eval QA primer, and so is batched greedy
+generation over the shared primer against one prompt at a time; collect's peak RSS is measured in fresh
+processes at N and 2N questions.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from bench.timing import race, ratios
 
 
 def realshape(sizes: Sizes, cache: Path, work: Path) -> Iterator[Measured]:
-    """The group's three measures, yielded as taken; the model is freed before the memory measure, whose
+    """The group's four measures, yielded as taken; the model is freed before the memory measure, whose
     workers load their own."""
     model = M.load(sizes.real, cache)
     yield collection(model, sizes.real.name, sizes)
     yield scoring(model, sizes.real.name, sizes)
+    yield generation(model, sizes.real.name, sizes)
     del model
     yield peak_rss(sizes.real, sizes, cache, work)
 
@@ -139,6 +141,44 @@ def scoring(model, label: str, sizes: Sizes, batch: int = 16) -> Measured:
             "included, once into a KV cache, then its choices); shared primer: hpr.scoring.score (the "
             "primer once per call, then each question's text, then the choices); mc1 + mc2 choices, "
             "deduplicated; both take logits only where a choice token is predicted",
+        },
+    )
+
+
+def generation(model, label: str, sizes: Sizes, batch: int = 16) -> Measured:
+    """Greedy generation, batched over the shared primer, against one prompt at a time; same tokens."""
+    from hpr.data import PromptFormat
+    from hpr.editors.sea import newline_ids
+    from hpr.encoding import encode_context
+    from hpr.generation import greedy, greedy_batch
+
+    fmt, n = PromptFormat(), sizes.real_gen_tokens  # the default (lm-eval) QA primer
+    qs = list(M.questions()[: sizes.real_gen_questions])
+    prompts = [encode_context(model, fmt.context(q), n) for q in qs]
+    stops = newline_ids(model.tokenizer)
+    _warm(model)
+    sides = {
+        "one_at_a_time": lambda: [greedy(model, p, n, stops) for p in prompts],
+        "batched": lambda: greedy_batch(model, prompts, n, stops, batch_size=batch),
+    }
+    got, times, speedup = race(sides, sizes.real_rounds, slow="one_at_a_time", fast="batched")
+    return Measured(
+        f"greedy generation per question, one at a time / batched [{label}]",
+        "realshape generation",
+        speedup,
+        checked={"same_tokens": got["one_at_a_time"] == got["batched"]},
+        details={
+            "model": label,
+            "questions": len(qs),
+            "max_new_tokens": n,
+            "new_tokens": sum(map(len, got["batched"])),
+            "prompt_tokens": sum(map(len, prompts)),
+            "batch_size": batch,
+            **_per_question_timings(times, "one_at_a_time", "batched", len(qs)),
+            "same_tokens": got["one_at_a_time"] == got["batched"],
+            "how": "one at a time: hpr.generation.greedy per prompt (KV cache, primer recomputed for each); "
+            "batched: hpr.generation.greedy_batch (primer once, the prompts' rests left-padded in one batch, "
+            "finished rows dropped); lm-eval QA-primer prompts, greedy, stop at a newline token",
         },
     )
 

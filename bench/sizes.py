@@ -28,6 +28,8 @@ class Sizes:
     real: M.Shape  # realshape group
     real_questions: int  # collection and scoring: first N TruthfulQA questions
     real_rounds: int
+    real_gen_questions: int  # greedy generation: first N TruthfulQA questions
+    real_gen_tokens: int  # ... and new tokens per question
     real_mem_questions: int  # peak RSS: N and 2N train questions
     real_mem_per_shard: int
     real_mem_batch: int
@@ -53,6 +55,8 @@ FULL = Sizes(
     real=M.SMOLLM2_SHAPE,
     real_questions=6,
     real_rounds=2,
+    real_gen_questions=16,
+    real_gen_tokens=16,
     real_mem_questions=32,
     real_mem_per_shard=8,
     real_mem_batch=8,
@@ -77,6 +81,8 @@ SMOKE = Sizes(
     real=M.LLAMA_TINY_TIED,
     real_questions=2,
     real_rounds=1,
+    real_gen_questions=3,
+    real_gen_tokens=3,
     real_mem_questions=4,
     real_mem_per_shard=2,
     real_mem_batch=4,

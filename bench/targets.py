@@ -53,6 +53,12 @@ TARGETS = {
         "text": ">= 2x, |diff| <= 1e-4",
         "checks": [{"reads": "value", "at_least": 2}, {"reads": "max_abs_diff", "at_most": 1e-4}],
     },
+    # Real model shape: greedy generation batched over the shared primer against one prompt at a time; the
+    # same tokens for every prompt.
+    "realshape generation": {
+        "text": ">= 3x, same tokens",
+        "checks": [{"reads": "value", "at_least": 3}, {"reads": "same_tokens", "is": True}],
+    },
     # Real model shape: collect's peak RSS on N and 2N questions stays within batch + shard + result, and
     # the memory beyond the result (``over``, in MB) does not grow with the shard count: 1.25x plus 16 MB.
     "realshape peak RSS": {

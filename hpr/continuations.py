@@ -114,15 +114,15 @@ def _expanded(cache, batch: int):
     return TransformerLensKeyValueCache(entries, cache.previous_attention_mask.expand(batch, -1))
 
 
-def _rows_of(cache, rows: Tensor):
-    """A frozen cache whose row ``i`` is row ``rows[i]`` of ``cache``."""
+def _rows_of(cache, rows: Tensor, frozen: bool = True):
+    """A cache whose row ``i`` is row ``rows[i]`` of ``cache`` (a copy); frozen unless ``frozen=False``."""
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
     from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
     entries = [
-        TransformerLensKeyValueCacheEntry(e.past_keys[rows], e.past_values[rows], frozen=True) for e in cache.entries
+        TransformerLensKeyValueCacheEntry(e.past_keys[rows], e.past_values[rows], frozen=frozen) for e in cache.entries
     ]
-    return TransformerLensKeyValueCache(entries, cache.previous_attention_mask[rows], frozen=True)
+    return TransformerLensKeyValueCache(entries, cache.previous_attention_mask[rows], frozen=frozen)
 
 
 def _prefix_cache(model, prefix: Sequence[int]):

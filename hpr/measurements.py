@@ -225,15 +225,15 @@ def generations(
     """Greedy continuations of each prompt under each method: ``prompt, method, text``."""
     from hpr.editors.sea import newline_ids
 
-    stops = newline_ids(model.tokenizer) if stop_at_newline else None
-    rows = []
-    for prompt in prompts:
-        ids = encode_context(model, prompt, max_new_tokens)
-        for method, editor in editors.items():
-            with _applied(editor, model):
-                out = generation.greedy(model, ids, max_new_tokens, stops or ())
-            text = model.tokenizer.decode(out)
-            rows.append({"prompt": prompt, "method": method, "text": text.split("\n")[0] if stop_at_newline else text})
+    stops = newline_ids(model.tokenizer) if stop_at_newline else ()
+    ids = [encode_context(model, prompt, max_new_tokens) for prompt in prompts]
+    texts = {}
+    for method, editor in editors.items():  # each method's prompts in batches over their shared primer
+        with _applied(editor, model):
+            outs = generation.greedy_batch(model, ids, max_new_tokens, stops)
+        decoded = [model.tokenizer.decode(out) for out in outs]
+        texts[method] = [t.split("\n")[0] for t in decoded] if stop_at_newline else decoded
+    rows = [{"prompt": p, "method": m, "text": texts[m][i]} for i, p in enumerate(prompts) for m in editors]
     return pd.DataFrame(rows)
 
 

@@ -72,6 +72,9 @@ def test_smoke_realshape_rows(smoke):
             assert d[f"{side}_s_per_question"] > 0 and len(d[f"{side}_s"]) >= 1
         assert d["tokens_through_blocks"]["shared_prefix"] > 0  # the QA primer is shared
         assert d["how"]
+    gen = by["greedy generation per question, one at a time / batched"]["details"]
+    assert gen["same_tokens"] and gen["questions"] >= 2 and gen["new_tokens"] >= gen["questions"]
+    assert gen["one_at_a_time_s_per_question"] > 0 and gen["batched_s_per_question"] > 0
     mem = by["peak RSS of collect, train split"]["details"]
     n, n2 = mem["questions"]
     assert n2 == 2 * n

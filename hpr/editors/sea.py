@@ -134,23 +134,15 @@ def greedy_answers(
     """
     from tqdm.auto import tqdm
 
+    from hpr.generation import greedy_batch
     from hpr.scoring import encode_context
 
     tok = model.tokenizer
-    stops = newline_ids(tok)
+    prompts = [encode_context(model, fmt.context(q), max_new_tokens) for q in questions]
+    with tqdm(total=len(prompts), desc="SEA base answers", disable=not progress, unit="q") as bar:
+        generated = greedy_batch(model, prompts, max_new_tokens, stop_ids=newline_ids(tok), progress=bar)
     answers = []
-    for q in tqdm(questions, desc="SEA base answers", disable=not progress, unit="q"):
-        ids = torch.tensor(encode_context(model, fmt.context(q), max_new_tokens), device=model.cfg.device)[None]
-        out = model.generate(
-            ids,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            stop_at_eos=True,
-            eos_token_id=stops,
-            verbose=False,
-            use_past_kv_cache=True,
-        )
-        new = out[0, ids.shape[1] :].tolist()
+    for new in generated:
         text = tok.decode(new).split("\n")[0]
         answers.append(text if text.strip() else tok.decode(new[:1]))
     return answers
