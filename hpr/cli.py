@@ -30,6 +30,7 @@ def _reproduce(args) -> int:
         neutral_text=args.neutral_text,
         neutral_passages=args.neutral_passages,
         neutral_tokens=args.neutral_tokens,
+        gen_max_new_tokens=args.gen_max_new_tokens,
         settings=_method_settings(args),
     )
     results = reproduce(cfg, Path(args.out), device=args.device, progress=not args.quiet)
@@ -200,7 +201,7 @@ def _reproduce_parser(sub) -> None:
     rep.add_argument("--seed", type=int, default=0)
     rep.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
     rep.add_argument("--fp16-activations", action="store_true", help="store cached activations in float16")
-    for name in ("neutral_text", "neutral_passages", "neutral_tokens"):
+    for name in ("neutral_text", "neutral_passages", "neutral_tokens", "gen_max_new_tokens"):
         f = RunConfig.__dataclass_fields__[name]
         kind = str if name == "neutral_text" else int
         rep.add_argument(f"--{name.replace('_', '-')}", type=kind, default=f.default, help=f.metadata["help"])

@@ -67,10 +67,25 @@ def test_reproduce_tiny_toy(tiny_toy, tmp_path):
     assert results["neutral_text"]["passages"] == 32 and results["neutral_text"]["path"] == "toy world corpus"
     assert all(c["tokens"] == results["neutral_text"]["predictions"] for c in costs.values())
 
+    # Greedy test answers of every method, scored as lm-eval's truthfulqa_gen, beside how informative they are.
+    gen = results["generation"]
+    assert set(gen) == methods and all(
+        0 <= g["rougeL_acc"] <= 1 and 0 <= g["non_answer_rate"] <= 1 for g in gen.values()
+    )
+    assert all(g["n"] == 16 for g in gen.values())
+    answers = pd.read_parquet(out / "answers.parquet")
+    assert len(answers) == 16 * len(methods) and {"completion", "bleu_acc", "rougeL_max", "non_answer"} <= set(answers)
+    assert answers.groupby("method")["rougeL_acc"].mean().to_dict() == pytest.approx(
+        {m: gen[m]["rougeL_acc"] for m in methods}
+    )
+    assert results["generation_settings"]["stop"][0] == "\n"  # the toy primer's delimiter between examples
+
     # A rerun resumes: finished steps are skipped and give the same results.
     before = (out / "predictions" / "hpr.parquet").stat().st_mtime_ns
+    answered = (out / "predictions" / "hpr.answers.parquet").stat().st_mtime_ns
     assert main(["reproduce", "--model", "toy", "--dataset", "toy", "--out", str(out), "--quiet"]) == 0
     assert (out / "predictions" / "hpr.parquet").stat().st_mtime_ns == before
+    assert (out / "predictions" / "hpr.answers.parquet").stat().st_mtime_ns == answered
     assert json.loads((out / "results.json").read_text())["methods"] == results["methods"]
     assert json.loads((out / "results.json").read_text())["capability"] == costs
 

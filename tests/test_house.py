@@ -24,7 +24,7 @@ LAYERS = [
     ("sources", ["hpr.sources"]),  # names to models, questions and prompt formats
     ("model plumbing", ["hpr.continuations", "hpr.scoring", "hpr.generation", "hpr.activations"]),
     ("editors", ["hpr.editors"]),
-    ("evaluation", ["hpr.evaluate", "hpr.capability"]),
+    ("evaluation", ["hpr.evaluate", "hpr.capability", "hpr.answers"]),
     ("runs", ["hpr.runs"]),
     ("entry points", ["hpr.cli", "hpr.measurements", "hpr.strength", "hpr.figures", "hpr.toy_diagnose"]),
 ]

@@ -73,6 +73,9 @@ class RunConfig:
     )
     neutral_passages: int = field(default=32, metadata={"help": "capability step: passages, evenly spaced"})
     neutral_tokens: int = field(default=64, metadata={"help": "capability step: tokens per passage, at most"})
+    gen_max_new_tokens: int = field(
+        default=64, metadata={"help": "generation step: greedy tokens per test answer, at most (lm-eval: 256)"}
+    )
     # Each method's own settings, by method name; any left out take their defaults.
     settings: Mapping[str, Any] = field(default_factory=dict, metadata={"help": "each method's settings"})
 
@@ -131,6 +134,7 @@ class RunConfig:
             "batch_size": self.batch_size,
             "neutral_passages": self.neutral_passages,
             "neutral_tokens": self.neutral_tokens,
+            "gen_max_new_tokens": self.gen_max_new_tokens,
         }
         for name, value in at_least_one.items():
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):

@@ -96,8 +96,10 @@ def reproduce(cfg: RunConfig, out: Path, device=None, progress: bool = True) -> 
     for method in _methods_to_fit(cfg):
         run.timed(f"fit_{method}", fit_method, method, probes)
     preds, norm_change, norm_vs_base = run.timed("evaluation", evaluate_test_split)
+    generated = run.timed("generation", answer_test_questions)
     costs = run.timed("capability", measure_capability)
     results = summarize(run, split, probes, preds, norm_change, norm_vs_base)
+    results.update(generated)
     results.update(costs)
     write_json(out / "results.json", results)
     return results
@@ -232,6 +234,53 @@ def _answer_norms(run: Pipeline, editor, label: str):
     return before, after
 
 
+def answer_test_questions(run: Pipeline) -> dict:
+    """``generation`` (per label: lm-eval ``truthfulqa_gen`` scores of its greedy test answers, and how many are
+    non-answers) and ``generation_settings`` for ``results.json``; every answer with its scores in
+    ``answers.parquet``. Each label's answers are kept in ``predictions/<label>.answers.parquet``."""
+    from tqdm.auto import tqdm
+
+    from hpr import answers, gen_scoring
+
+    test = run.parts["test"]
+    frames = []
+    for label in run.cfg.methods:
+        path = run.out / "predictions" / f"{label}.answers.parquet"
+        df = _saved_answers(path, [q.id for q in test])
+        if df is None:
+            editor = None if label == BASE else load_editor(run.out / "editors" / label)
+            with tqdm(total=len(test), disable=not run.progress, desc=f"answers {label}", unit="question") as bar:
+                df = answers.greedy_answers(
+                    run.model, test, run.fmt, editor, run.cfg.gen_max_new_tokens, run.cfg.batch_size, bar
+                )
+            write_parquet(df, path)
+        frames.append(df.assign(method=label))
+    scores = answers.scored(pd.concat(frames, ignore_index=True), test)
+    write_parquet(scores, run.out / "answers.parquet")
+    summary = gen_scoring.summarize(scores)
+    return {
+        "generation": {label: summary[label] for label in run.cfg.methods},
+        "generation_settings": {
+            "decoding": "greedy",
+            "max_new_tokens": run.cfg.gen_max_new_tokens,
+            "stop": list(answers.stop_strings(run.model, run.fmt)),
+            "prompt": "the run's scoring prompt (primer, Q: ..., A:)",
+            "references": "TruthfulQA.csv's correct / incorrect answers where known, else the MC2 targets",
+        },
+    }
+
+
+def _saved_answers(path: Path, ids: list[str]) -> pd.DataFrame | None:
+    """A label's saved answers if they are whole (every test question, in order); None to answer again."""
+    df = saved_predictions(path)
+    if df is None:
+        return None
+    if list(df.columns) != ["question_id", "completion"] or df["question_id"].tolist() != ids:
+        log.warning("%s does not hold this run's test answers; answering again", path)
+        return None
+    return df
+
+
 def measure_capability(run: Pipeline) -> dict:
     """``capability`` (per label: KL to base, perplexity, its change) and ``neutral_text`` (what was read) for
     ``results.json``. Each label's measure is kept in ``capability/<label>.json`` with the text's fingerprint;
@@ -319,16 +368,19 @@ def format_results(results: dict) -> str:
         f"{results['model']} on {results['dataset']}: {results['splits']['test']} test questions; "
         f"HPR layers {results['selected_layers']}",
         f"{'method':<13} {'MC1':>14} {'MC2':>14} {'f->t':>6} {'t->f':>6} {'max |dnorm|/norm':>17} "
-        f"{'KL':>7} {'dPPL':>7}",
+        f"{'KL':>7} {'dPPL':>7} {'BLEUacc':>7} {'RLacc':>6} {'noans':>6}",
     ]
     for method, row in results["methods"].items():
         flips = results["flip_rates"].get(method, {})
         norm = max(results.get("norm_change_vs_base", {}).get(method, [0.0]))
         cost = results.get("capability", {}).get(method, {})
+        gen = results.get("generation", {}).get(method, {})
         lines.append(
             f"{method:<13} {row['mc1']:>7.3f}±{row['mc1_stderr']:.3f} {row['mc2']:>7.3f}±{row['mc2_stderr']:.3f} "
             f"{flips.get('false_to_true', 0):>6.3f} {flips.get('true_to_false', 0):>6.3f} {norm:>17.3f} "
-            f"{cost.get('kl', float('nan')):>7.3f} {cost.get('ppl_change', float('nan')):>+7.1%}"
+            f"{cost.get('kl', float('nan')):>7.3f} {cost.get('ppl_change', float('nan')):>+7.1%} "
+            f"{gen.get('bleu_acc', float('nan')):>7.3f} {gen.get('rougeL_acc', float('nan')):>6.3f} "
+            f"{gen.get('non_answer_rate', float('nan')):>6.3f}"
         )
     if results["splits"]["test"] < FEW_TEST_QUESTIONS:
         lines.append(
