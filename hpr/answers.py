@@ -48,18 +48,16 @@ def greedy_answers(
     progress=None,
 ) -> pd.DataFrame:
     """``question_id, completion`` for each question: its greedy answer under ``editor`` (None: the base
-    model), at most ``max_new_tokens`` tokens, fewer where the model's context leaves less room after the
-    longest prompt."""
+    model), at most ``max_new_tokens`` tokens. Where the longest prompt leaves less room in the model's
+    context, the answers get what is left, but at least a quarter of the context, prompts then losing their
+    first (primer) tokens as :func:`hpr.encoding.encode_context` cuts them."""
     import contextlib
 
     stops = stop_strings(model, fmt)
-    prompts = [encode_context(model, fmt.context(q)) for q in questions]
-    room = min(max_new_tokens, model.cfg.n_ctx - max(map(len, prompts), default=0))
-    if room < 1:
-        raise ValueError(
-            f"a prompt of {max(map(len, prompts))} tokens leaves no room to answer in the model's context of "
-            f"{model.cfg.n_ctx} tokens"
-        )
+    contexts = [fmt.context(q) for q in questions]
+    longest = max((len(encode_context(model, c)) for c in contexts), default=0)
+    room = max(1, min(max_new_tokens, max(model.cfg.n_ctx - longest, model.cfg.n_ctx // 4)))
+    prompts = [encode_context(model, c, room) for c in contexts]
     with editor.applied(model) if editor is not None else contextlib.nullcontext():
         outputs = generation.greedy_batch(
             model, prompts, room, stop_strings=stops, batch_size=batch_size, progress=progress

@@ -110,7 +110,11 @@ def test_every_page_renders_and_reacts(app, tiny_run):
     )
 
     app.switch_page(PAGES[3]).run()  # generations: a test question, then a typed prompt
-    assert [c.value for c in ok(app).markdown if c.value.startswith("**")] == ["**base**", "**hpr**", "**iti15**"]
+    heads = [c.value for c in ok(app).markdown if c.value.startswith("**")]
+    assert heads[0].startswith("**The run's answers**") and heads[1:] == ["**base**", "**hpr**", "**iti15**"]
+    scored = app.dataframe[0].value  # the run's own answers to this question, with their verdicts
+    assert set(scored["method"]) == {"base", "hpr", "iti15", "iti200"}
+    assert set(scored["verdict"]) <= {"true", "false", "non-answer"}
     by_label(app.radio, "Prompt").set_value("typed")
     ok(app.run())
     by_label(app.text_input, "Your text").set_value("Q: pet and city of Zorblat?")

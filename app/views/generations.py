@@ -1,5 +1,7 @@
-"""Generations: greedy continuations of one prompt by the base model and the chosen methods, side by side."""
+"""Generations: greedy continuations of one prompt by the base model and the chosen methods, side by side; for a
+test question, the run's own scored answers (lm-eval truthfulqa_gen) beside its true and false references."""
 
+import pandas as pd
 import streamlit as st
 import workbench as wb
 
@@ -28,7 +30,7 @@ run = wb.current_run()
 source = st.radio("Prompt", ["a test question", "typed"], horizontal=True)
 if source == "typed":
     text = st.text_input("Your text", "Q: pet and city of Bakbreel?" if run.config["dataset"] == "toy" else "")
-    as_question = st.checkbox("Ask it as a question (the run's primer, then `Q: ...` / `A:`)", value=False)
+    as_question = st.checkbox("Ask it as a question (the run's primer, then `Q: ...` / `A:`)", value=True)
     question = text.removeprefix("Q:").strip()
     prompt = run.fmt.context(MCQuestion("typed", question, (), ())) if as_question else text
 else:
@@ -39,12 +41,25 @@ else:
         st.stop()
     picked = st.selectbox("Test question", range(len(questions)), format_func=lambda i: questions[i].question)
     prompt = run.fmt.context(questions[picked])
-    st.caption(
-        "True: "
-        + ", ".join(c.text for c in questions[picked].mc2 if c.is_true)
-        + " · False: "
-        + ", ".join(c.text for c in questions[picked].mc2 if not c.is_true)
-    )
+    from hpr import gen_scoring
+
+    true_refs, false_refs = gen_scoring.references(*questions[picked].generation_answers())
+    st.caption("True references: " + " · ".join(true_refs) + "  \nFalse references: " + " · ".join(false_refs))
+    scored = run.folder / "answers.parquet"
+    if scored.exists():
+        with wb.shows_errors("Cannot read the run's answers"):
+            answers = pd.read_parquet(scored)
+            mine = answers[answers["question_id"] == questions[picked].id].copy()
+            mine["verdict"] = [
+                "non-answer" if n else ("true" if a else "false")
+                for n, a in zip(mine["non_answer"], mine["bleu_acc"], strict=True)
+            ]
+            st.markdown(
+                "**The run's answers** (greedy, scored as lm-eval's `truthfulqa_gen`: *true* when the best "
+                "BLEU to a true reference beats the best to a false one)"
+            )
+            cols = ["method", "completion", "verdict", "bleu_max", "bleu_diff", "rougeL_max", "rougeL_diff"]
+            st.dataframe(mine[cols], hide_index=True)
 edited = [m for m in run.methods if m != "base"]
 methods = st.multiselect("Methods beside base", edited, default=[m for m in ("hpr", "iti15") if m in edited])
 c1, c2 = st.columns(2)
