@@ -11,19 +11,21 @@ from hpr.data.jsonl import load_jsonl
 from hpr.data.schema import DataError
 
 
-def _write_jsonl(path, invert: bool = False, n: int | None = None):
-    """The tiny toy world's questions as a JSONL file (labels flipped with ``invert``)."""
+def _write_jsonl(path, invert: bool = False, n: int | None = None, context: str | None = None):
+    """The tiny toy world's questions as a JSONL file (labels flipped with ``invert``; each with a passage
+    ``context`` before it when given)."""
     from hpr.toyworld import toy_dataset
 
     rows = []
     for q in toy_dataset()[:n]:
-        rows.append(
-            {
-                "id": q.id,
-                "question": q.question,
-                "choices": [{"text": c.text, "label": int(c.is_true != invert)} for c in q.mc2],
-            }
-        )
+        row = {
+            "id": q.id,
+            "question": q.question,
+            "choices": [{"text": c.text, "label": int(c.is_true != invert)} for c in q.mc2],
+        }
+        if context is not None:
+            row["context"] = f"{context} ({q.id})"
+        rows.append(row)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
 
@@ -51,6 +53,31 @@ def test_resuming_on_changed_data_is_refused_naming_the_dataset(tiny_toy, tmp_pa
     assert _run(tmp_path / "run", data=data) == 2
     assert "another dataset" in _one_line_error(capsys)
     assert (tmp_path / "run" / "results.json").read_text() == results  # nothing of the old run touched
+
+
+def test_resuming_on_changed_contexts_is_refused_naming_the_dataset(tiny_toy, tmp_path, capsys):
+    data = _write_jsonl(tmp_path / "q.jsonl", context="A passage.")
+    assert _run(tmp_path / "run", data=data) == 0
+    results = (tmp_path / "run" / "results.json").read_text()
+    _write_jsonl(data, context="Another passage.")  # only the contexts change
+    assert _run(tmp_path / "run", "--methods", "base,iti15", data=data) == 2  # one more method
+    assert "another dataset" in _one_line_error(capsys)
+    assert (tmp_path / "run" / "results.json").read_text() == results
+
+
+def test_the_fingerprint_of_data_without_contexts_is_unchanged():
+    """Contexts count only where there are some: old run folders (TruthfulQA, the toy world) still resume."""
+    import hashlib
+
+    from hpr.runs import dataset_fingerprint
+    from hpr.toyworld import toy_dataset
+
+    questions = toy_dataset()
+    before = [
+        [q.id, q.question, [[c.text, c.is_true] for c in q.mc1], [[c.text, c.is_true] for c in q.mc2]]
+        for q in questions
+    ]
+    assert dataset_fingerprint(questions) == hashlib.sha256(json.dumps(before, ensure_ascii=False).encode()).hexdigest()
 
 
 def test_a_trimmed_splits_file_is_refused(tiny_toy, tmp_path, capsys):
