@@ -316,6 +316,65 @@ def test_unreadable_weights_name_the_checkpoint(damage, tmp_path, word_tokenizer
         load_model(str(tmp_path), device="cpu")
 
 
+def _saved_checkpoint(folder, word_tokenizer, family: str = "gpt2"):
+    """A tiny random 2-layer checkpoint saved by transformers (Llama with tied embeddings: no lm_head in it)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    if family == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16))
+    else:
+        config = LlamaConfig(
+            num_hidden_layers=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            vocab_size=64,
+            tie_word_embeddings=True,
+        )
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    word_tokenizer.save_pretrained(folder)
+    return folder / "model.safetensors"
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (
+            lambda t: {k: v for k, v in t.items() if ".h.1." not in k},
+            r"lacks 12 tensor\(s\) the model needs \(transformer\.h\.1\.attn\.c_attn\.bias, .*, \.\.\.\)",
+        ),
+        (
+            lambda t: {**t, "transformer.h.7.mlp.extra": t["transformer.wte.weight"]},
+            r"holds 1 tensor\(s\) the model does not know \(transformer\.h\.7\.mlp\.extra\)",
+        ),
+    ],
+)
+def test_a_checkpoint_with_missing_or_unknown_tensors_is_refused(damage, message, tmp_path, word_tokenizer):
+    """Layer 1 deleted from model.safetensors loaded with random weights and no word; now it is refused."""
+    from safetensors.torch import load_file, save_file
+
+    from hpr.sources import load_model
+
+    weights = _saved_checkpoint(tmp_path, word_tokenizer)
+    save_file({k: v.clone() for k, v in damage(load_file(weights)).items()}, weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=message) as raised:
+        load_model(str(tmp_path), device="cpu")
+    assert str(raised.value).startswith(f"{weights}: the checkpoint")
+
+
+def test_a_checkpoint_with_tied_embeddings_loads(tmp_path, word_tokenizer):
+    from safetensors.torch import load_file
+
+    from hpr.sources import load_model
+
+    weights = _saved_checkpoint(tmp_path, word_tokenizer, family="llama")
+    assert not any(k.startswith("lm_head") for k in load_file(weights))  # the unembedding is the embedding
+    model = load_model(str(tmp_path), device="cpu")
+    assert model.cfg.n_layers == 2
+
+
 def test_a_header_only_csv_says_it_holds_no_questions(tmp_path):
     from hpr.sources import load_dataset
 
