@@ -252,6 +252,133 @@ def test_editor_tensors_that_are_not_finite_floats_are_refused(value, message, t
         load_editor(folder)
 
 
+def _saved_caa(tmp_path):
+    import torch
+
+    from hpr.editors.caa import CAAEditor
+
+    editor = CAAEditor.from_vectors({1: torch.randn(32, generator=torch.Generator().manual_seed(0))}, 2.0, 3)
+    editor.save(tmp_path / "caa")
+    return tmp_path / "caa"
+
+
+def _damage_state(folder, damage):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "state.safetensors")
+    damage(tensors)
+    save_file({k: v.clone() for k, v in tensors.items()}, folder / "state.safetensors")
+
+
+@pytest.mark.parametrize(
+    "saved, damage, message",
+    [
+        (
+            _saved_caa,
+            lambda t: t.update({"layer1.vector": t["layer1.vector"][:1]}),
+            r"'layer1.vector' has shape \[1\], expected \[32\]",
+        ),
+        (
+            _saved_caa,
+            lambda t: t.update({"layer1.vector": t["layer1.vector"].expand(5, 32).clone()}),
+            r"has shape \[5, 32\], expected \[32\]",
+        ),
+        (_saved_caa, lambda t: t.pop("layer1.vector"), r"lacks tensor\(s\) layer1.vector \(1 in all\)"),
+        (
+            _saved_caa,
+            lambda t: t.update({"layer2.vector": t["layer1.vector"]}),
+            r"holds unexpected tensor\(s\) layer2.vector",
+        ),
+        (
+            _saved_hpr,
+            lambda t: t.update({"layer1.angle.0.bias": t["layer1.angle.0.bias"][:1]}),
+            r"'layer1.angle.0.bias' has shape \[1\], expected \[16\]",
+        ),
+        (
+            _saved_hpr,
+            lambda t: t.update({"layer2.angle.3.bias": t["layer2.angle.0.bias"]}),
+            r"'layer2.angle.3.bias' has shape \[16\], expected \[1\]",
+        ),
+        (
+            _saved_hpr,
+            lambda t: t.update({"layer2.probe": t["layer2.probe"][:16]}),
+            r"'layer2.probe' has shape \[16\], expected \[32\]",
+        ),
+    ],
+)
+def test_editor_tensors_of_the_wrong_shape_are_refused_naming_the_file(saved, damage, message, tmp_path):
+    from hpr.editors import load_editor
+
+    folder = saved(tmp_path)
+    _damage_state(folder, damage)
+    with pytest.raises(ValueError, match=message) as raised:
+        load_editor(folder)
+    assert str(raised.value).startswith(str(folder / "state.safetensors")) and "refit the editor" in str(raised.value)
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "1e308", "true"])
+def test_editor_config_numbers_that_are_not_finite_or_sane_are_refused(value, tmp_path):
+    from hpr.editors import load_editor
+
+    folder = _saved_caa(tmp_path)
+    text = (folder / "config.json").read_text()
+    assert '"multiplier": 2.0' in text
+    (folder / "config.json").write_text(text.replace('"multiplier": 2.0', f'"multiplier": {value}'))
+    with pytest.raises(ValueError, match=r"config.json: (CAA )?multiplier must be a (float|finite number)"):
+        load_editor(folder)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e308, True])
+def test_with_strength_refuses_numbers_that_are_not_finite_or_sane(value, tmp_path):
+    from hpr.editors import load_editor
+
+    for folder in (_saved_caa(tmp_path), _saved_hpr(tmp_path)):
+        with pytest.raises(ValueError, match="must be a finite number"):
+            load_editor(folder).with_strength(value)
+
+
+@pytest.mark.parametrize(
+    "layers, message",
+    [
+        ([1.5], "layers must be non-negative ints, got 1.5"),
+        ([1.0], "layers must be non-negative ints, got 1.0"),
+        ([True], "layers must be non-negative ints, got True"),
+        (["1"], "layers must be non-negative ints, got '1'"),
+        ([], "layers is empty, so this caa editor would edit nothing"),
+        ([3], r"layers \[3\] are out of range for the 3-layer model it records"),
+    ],
+)
+def test_editor_layers_that_are_not_ints_in_range_are_refused(layers, message, tmp_path):
+    from hpr.editors import load_editor
+
+    folder = _saved_caa(tmp_path)
+    record = json.loads((folder / "config.json").read_text())
+    record["config"]["layers"] = layers
+    (folder / "config.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=message) as raised:
+        load_editor(folder)
+    assert str(raised.value).startswith(str(folder / "config.json"))
+
+
+def test_editors_of_every_selection_refuse_an_empty_one(tmp_path):
+    """ITI's heads and SADI's elements are what they edit; none edits nothing."""
+    import torch
+
+    from hpr.editors import load_editor
+    from hpr.editors.iti import ITIEditor
+    from hpr.editors.sadi import fit_sadi
+
+    g = torch.Generator().manual_seed(0)
+    ITIEditor.from_heads({(1, 0): torch.randn(8, generator=g)}, {(1, 0): 1.0}, 5.0, 3, 4).save(tmp_path / "iti")
+    fit_sadi(torch.randn(3, 4, generator=g), 2, 1.0).save(tmp_path / "sadi")
+    for name, selection in (("iti", "heads"), ("sadi", "elements")):
+        record = json.loads((tmp_path / name / "config.json").read_text())
+        record["config"][selection] = []
+        (tmp_path / name / "config.json").write_text(json.dumps(record))
+        with pytest.raises(ValueError, match=f"{selection} is empty, so this {name} editor would edit nothing"):
+            load_editor(tmp_path / name)
+
+
 def test_an_editor_refuses_another_model_of_the_same_shape(tmp_path, tiny_tl_model):
     from hpr.editors import load_editor
 
