@@ -54,7 +54,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -279,7 +279,7 @@ def _load_hf(
 ) -> HookedTransformer:
     from transformer_lens import HookedTransformer
     from transformer_lens import loading_from_pretrained as loading
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig
 
     with _fetching(src, hub, offline=local_files_only):
         hf_config = AutoConfig.from_pretrained(src, local_files_only=local_files_only)
@@ -298,13 +298,7 @@ def _load_hf(
                 f"{src} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}): save the tokenizer "
                 "beside the weights (tokenizer.save_pretrained(folder))"
             )
-        with _fetching(src, hub, offline=local_files_only):
-            tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=local_files_only)
-            hf_model, loading_info = AutoModelForCausalLM.from_pretrained(
-                src, config=hf_config, dtype=dtype, local_files_only=local_files_only, output_loading_info=True
-            )
-        check_loading_info(src, hub, loading_info)
-        hf_model.requires_grad_(False)
+        tokenizer, hf_model = _hf_tokenizer_and_model(src, hf_config, dtype, local_files_only, hub)
         # tl_dir stands in for the checkpoint: TL only needs an existing path here
         # (a hub id outside its list would be rejected); the weights come from hf_model.
         with _converting(model_type):
@@ -369,6 +363,21 @@ def check_loading_info(src: str, hub: bool, info: dict) -> None:
         f"{where}: the checkpoint {' and '.join(problems)}, which would load as random weights or be dropped; "
         "save the checkpoint again (save_pretrained) or point at another folder"
     )
+
+
+def _hf_tokenizer_and_model(src: str, hf_config, dtype: torch.dtype, local_files_only: bool, hub: bool):
+    """The checkpoint's tokenizer and (frozen) HF model, refused if its weights file does not match the model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with _fetching(src, hub, offline=local_files_only):
+        tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=local_files_only)
+        loaded: Any = AutoModelForCausalLM.from_pretrained(  # (model, loading info) with output_loading_info
+            src, config=hf_config, dtype=dtype, local_files_only=local_files_only, output_loading_info=True
+        )
+    hf_model, loading_info = loaded
+    check_loading_info(src, hub, loading_info)
+    hf_model.requires_grad_(False)
+    return tokenizer, hf_model
 
 
 def _hooked_config(
