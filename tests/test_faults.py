@@ -529,3 +529,52 @@ def test_a_bad_neutral_text_file_is_named_before_anything_is_written(content, me
     err = _one_line_error(capsys)
     assert message in err and str(path) in err
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------------- threads
+
+
+def test_a_second_thread_applying_an_editor_to_the_same_model_is_refused(tiny_tl_model):
+    """Hooks act on every forward pass of the model, whichever thread runs it: two threads each applying an editor
+    to one model got each other's edits (49 of 60 passes wrong, no error). The second is now refused at once."""
+    import threading
+
+    import torch
+
+    from hpr.editors.caa import CAAEditor
+    from hpr.editors.reptune import RepTuneConfig, RepTuneEditor
+
+    model = tiny_tl_model().eval()
+    g = torch.Generator().manual_seed(0)
+    caa = CAAEditor.from_vectors({1: torch.randn(32, generator=g)}, 2.0, 3).with_positions("all")
+    other = CAAEditor.from_vectors({2: torch.randn(32, generator=g)}, 1.0, 3).with_positions("all")
+    w_v = dict(model.named_parameters())["blocks.1.attn.W_V"]
+    reptune = RepTuneEditor(RepTuneConfig(layers=(1,)), {"blocks.1.attn.W_V": w_v.detach() + 0.1}, 32, 3)
+    tokens = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad(), caa.applied(model), other.applied(model):  # nested in one thread: both edits
+        nested = model(tokens)
+    entered, release, errors = threading.Event(), threading.Event(), []
+
+    def hold():
+        with caa.applied(model):
+            entered.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert entered.wait(30)
+        for editor in (other, reptune, caa):
+            try:
+                with editor.applied(model):
+                    errors.append(None)
+            except RuntimeError as e:
+                errors.append(str(e))
+    finally:
+        release.set()
+        holder.join(30)
+    assert all(e is not None and "another thread is applying an editor to this model" in e for e in errors), errors
+    assert torch.equal(dict(model.named_parameters())["blocks.1.attn.W_V"], w_v)  # reptune swapped nothing
+    with torch.no_grad(), caa.applied(model), other.applied(model):  # free again once the other thread is done
+        assert torch.equal(model(tokens), nested)
+    assert all(not hp.fwd_hooks for hp in model.hook_dict.values())

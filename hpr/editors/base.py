@@ -3,7 +3,7 @@
 An editor is data (a frozen config + named tensors) plus the hooks it derives from them. Hooks reach a
 model only inside ``with editor.applied(model):``; everything that can fail (shape checks, hook
 construction) happens before they attach, and TransformerLens's ``model.hooks`` removes them on exit,
-including on error.
+including on error. One thread at a time may apply editors to a model (:func:`exclusive_use`).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import json
 import math
 import numbers
 import operator
+import threading
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import ClassVar
@@ -65,13 +67,10 @@ def distinct_layers(layers, method: str) -> tuple[int, ...]:
 def check_number(value, what: str, low: float = -MAX_MAGNITUDE, high: float = MAX_MAGNITUDE) -> float:
     """``value`` as a float, or a ``ValueError`` unless it is a finite real number in ``[low, high]`` (no bool):
     an editor config's check of its strengths and scales."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or not (math.isfinite(value) and low <= value <= high)
-    ):
+    number = None if isinstance(value, bool) or not isinstance(value, numbers.Real) else float(value)
+    if number is None or not (math.isfinite(number) and low <= number <= high):
         raise ValueError(f"{what} must be a finite number >= {low:g} and <= {high:g}, got {value!r}")
-    return float(value)
+    return number
 
 
 def check_shapes(where: Path | str, tensors: Mapping[str, Tensor], expected: Mapping[str, Shape]) -> None:
@@ -93,6 +92,37 @@ def check_shapes(where: Path | str, tensors: Mapping[str, Tensor], expected: Map
         ):
             want = "[" + ", ".join("*" if d is None else str(d) for d in shape) + "]"
             raise ValueError(f"{where}: tensor {name!r} has shape {list(actual)}, expected {want}; refit the editor")
+
+
+# model -> (the thread applying editors to it, how deeply nested): see exclusive_use.
+_IN_USE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_IN_USE_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def exclusive_use(model, method: str) -> Iterator[None]:
+    """Hold ``model`` for the calling thread while an editor is applied to it; a ``RuntimeError`` at once if
+    another thread holds it (hooks and swapped weights act on every forward pass of the model, whichever
+    thread runs it, so both threads' results would be wrong). Nested use in the same thread is allowed."""
+    me = threading.get_ident()
+    with _IN_USE_LOCK:
+        owner, depth = _IN_USE.get(model, (me, 0))
+        if owner != me:
+            raise RuntimeError(
+                f"{method} editor: another thread is applying an editor to this model, and its edits would reach "
+                "this thread's forward passes too (and this one's, that thread's); serialise the calls (one lock "
+                "around each `with editor.applied(model):` and every other use of the model) or give each thread "
+                "its own model"
+            )
+        _IN_USE[model] = (me, depth + 1)
+    try:
+        yield
+    finally:
+        with _IN_USE_LOCK:
+            if depth:
+                _IN_USE[model] = (me, depth)
+            else:
+                del _IN_USE[model]
 
 
 def register(cls: type[Editor]) -> type[Editor]:
@@ -238,11 +268,17 @@ class Editor:
 
     @contextlib.contextmanager
     def applied(self, model) -> Iterator[None]:
-        self.check_model(model)
-        self.check_identity(model)
-        hooks = self.position_hooks(model)  # built before anything attaches
-        with model.hooks(fwd_hooks=hooks):
-            yield
+        """The edit in ``model`` inside the block, removed on exit (also on error).
+
+        Not for concurrent use: while one thread has an editor applied to ``model``, ``applied`` on the same
+        model from another thread raises ``RuntimeError`` at once (:func:`exclusive_use`); nesting in one
+        thread (an editor applied inside another) works."""
+        with exclusive_use(model, self.method):
+            self.check_model(model)
+            self.check_identity(model)
+            hooks = self.position_hooks(model)  # built before anything attaches
+            with model.hooks(fwd_hooks=hooks):
+                yield
 
     def save(self, folder: Path, model=None) -> None:
         """``config.json`` + ``state.safetensors`` in ``folder``; with ``model``, the fingerprint of the model

@@ -64,7 +64,7 @@ from torch.nn import functional as F
 from hpr.continuations import shared_prefix_forward
 from hpr.data.prompts import PromptFormat
 from hpr.data.schema import MCQuestion
-from hpr.editors.base import Editor, Hook, Shape, distinct_layers, register
+from hpr.editors.base import Editor, Hook, Shape, distinct_layers, exclusive_use, register
 from hpr.editors.registry import FitContext, Method, register_method
 from hpr.encoding import Encoded, encode_all, pad_token_id
 from hpr.models import resid_post_hook
@@ -450,7 +450,13 @@ class RepTuneEditor(Editor):
 
     @contextlib.contextmanager
     def applied(self, model) -> Iterator[None]:
-        """Tuned weights in the model inside the block, the original ones back on exit (also on error)."""
+        """Tuned weights in the model inside the block, the original ones back on exit (also on error); as
+        :meth:`Editor.applied`, a second thread's ``applied`` on the same model raises ``RuntimeError``."""
+        with exclusive_use(model, self.method), self._swapped(model):
+            yield
+
+    @contextlib.contextmanager
+    def _swapped(self, model) -> Iterator[None]:
         self.check_model(model)
         self.check_identity(model)
         params = dict(model.named_parameters())
