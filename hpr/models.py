@@ -54,7 +54,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -279,7 +279,7 @@ def _load_hf(
 ) -> HookedTransformer:
     from transformer_lens import HookedTransformer
     from transformer_lens import loading_from_pretrained as loading
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig
 
     with _fetching(src, hub, offline=local_files_only):
         hf_config = AutoConfig.from_pretrained(src, local_files_only=local_files_only)
@@ -298,12 +298,7 @@ def _load_hf(
                 f"{src} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}): save the tokenizer "
                 "beside the weights (tokenizer.save_pretrained(folder))"
             )
-        with _fetching(src, hub, offline=local_files_only):
-            tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=local_files_only)
-            hf_model = AutoModelForCausalLM.from_pretrained(
-                src, config=hf_config, dtype=dtype, local_files_only=local_files_only
-            )
-        hf_model.requires_grad_(False)
+        tokenizer, hf_model = _hf_tokenizer_and_model(src, hf_config, dtype, local_files_only, hub)
         # tl_dir stands in for the checkpoint: TL only needs an existing path here
         # (a hub id outside its list would be rejected); the weights come from hf_model.
         with _converting(model_type):
@@ -334,6 +329,55 @@ def _load_hf(
     model.cfg.default_prepend_bos = False
     log.info("Loaded %s (%s) as HookedTransformer on %s, %s", src, model_type, device, dtype)
     return model
+
+
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def check_loading_info(src: str, hub: bool, info: dict) -> None:
+    """Refuse a checkpoint whose weights file lacks tensors the model needs (transformers would initialise
+    them at random) or holds tensors it does not know, naming the first few, how many, and the file.
+
+    ``info`` is transformers' ``output_loading_info``: tied weights (an ``lm_head`` that is the embedding) and
+    the keys an architecture declares ignorable are not in it."""
+    problems = []
+    for key, what in (
+        ("missing_keys", "lacks {n} tensor(s) the model needs"),
+        ("unexpected_keys", "holds {n} tensor(s) the model does not know"),
+        ("mismatched_keys", "holds {n} tensor(s) of the wrong shape"),
+    ):
+        names = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(key) or ())
+        if names:
+            shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+            problems.append(f"{what.format(n=len(names))} ({shown})")
+    if not problems:
+        return
+    files = [] if hub else [name for name in _WEIGHT_FILES if (Path(src) / name).is_file()]
+    where = str(Path(src) / files[0]) if files else src
+    raise ValueError(
+        f"{where}: the checkpoint {' and '.join(problems)}, which would load as random weights or be dropped; "
+        "save the checkpoint again (save_pretrained) or point at another folder"
+    )
+
+
+def _hf_tokenizer_and_model(src: str, hf_config, dtype: torch.dtype, local_files_only: bool, hub: bool):
+    """The checkpoint's tokenizer and (frozen) HF model, refused if its weights file does not match the model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with _fetching(src, hub, offline=local_files_only):
+        tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=local_files_only)
+        loaded: Any = AutoModelForCausalLM.from_pretrained(  # (model, loading info) with output_loading_info
+            src, config=hf_config, dtype=dtype, local_files_only=local_files_only, output_loading_info=True
+        )
+    hf_model, loading_info = loaded
+    check_loading_info(src, hub, loading_info)
+    hf_model.requires_grad_(False)
+    return tokenizer, hf_model
 
 
 def _hooked_config(

@@ -11,19 +11,21 @@ from hpr.data.jsonl import load_jsonl
 from hpr.data.schema import DataError
 
 
-def _write_jsonl(path, invert: bool = False, n: int | None = None):
-    """The tiny toy world's questions as a JSONL file (labels flipped with ``invert``)."""
+def _write_jsonl(path, invert: bool = False, n: int | None = None, context: str | None = None):
+    """The tiny toy world's questions as a JSONL file (labels flipped with ``invert``; each with a passage
+    ``context`` before it when given)."""
     from hpr.toyworld import toy_dataset
 
     rows = []
     for q in toy_dataset()[:n]:
-        rows.append(
-            {
-                "id": q.id,
-                "question": q.question,
-                "choices": [{"text": c.text, "label": int(c.is_true != invert)} for c in q.mc2],
-            }
-        )
+        row = {
+            "id": q.id,
+            "question": q.question,
+            "choices": [{"text": c.text, "label": int(c.is_true != invert)} for c in q.mc2],
+        }
+        if context is not None:
+            row["context"] = f"{context} ({q.id})"
+        rows.append(row)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
 
@@ -51,6 +53,31 @@ def test_resuming_on_changed_data_is_refused_naming_the_dataset(tiny_toy, tmp_pa
     assert _run(tmp_path / "run", data=data) == 2
     assert "another dataset" in _one_line_error(capsys)
     assert (tmp_path / "run" / "results.json").read_text() == results  # nothing of the old run touched
+
+
+def test_resuming_on_changed_contexts_is_refused_naming_the_dataset(tiny_toy, tmp_path, capsys):
+    data = _write_jsonl(tmp_path / "q.jsonl", context="A passage.")
+    assert _run(tmp_path / "run", data=data) == 0
+    results = (tmp_path / "run" / "results.json").read_text()
+    _write_jsonl(data, context="Another passage.")  # only the contexts change
+    assert _run(tmp_path / "run", "--methods", "base,iti15", data=data) == 2  # one more method
+    assert "another dataset" in _one_line_error(capsys)
+    assert (tmp_path / "run" / "results.json").read_text() == results
+
+
+def test_the_fingerprint_of_data_without_contexts_is_unchanged():
+    """Contexts count only where there are some: old run folders (TruthfulQA, the toy world) still resume."""
+    import hashlib
+
+    from hpr.runs import dataset_fingerprint
+    from hpr.toyworld import toy_dataset
+
+    questions = toy_dataset()
+    before = [
+        [q.id, q.question, [[c.text, c.is_true] for c in q.mc1], [[c.text, c.is_true] for c in q.mc2]]
+        for q in questions
+    ]
+    assert dataset_fingerprint(questions) == hashlib.sha256(json.dumps(before, ensure_ascii=False).encode()).hexdigest()
 
 
 def test_a_trimmed_splits_file_is_refused(tiny_toy, tmp_path, capsys):
@@ -225,6 +252,133 @@ def test_editor_tensors_that_are_not_finite_floats_are_refused(value, message, t
         load_editor(folder)
 
 
+def _saved_caa(tmp_path):
+    import torch
+
+    from hpr.editors.caa import CAAEditor
+
+    editor = CAAEditor.from_vectors({1: torch.randn(32, generator=torch.Generator().manual_seed(0))}, 2.0, 3)
+    editor.save(tmp_path / "caa")
+    return tmp_path / "caa"
+
+
+def _damage_state(folder, damage):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "state.safetensors")
+    damage(tensors)
+    save_file({k: v.clone() for k, v in tensors.items()}, folder / "state.safetensors")
+
+
+@pytest.mark.parametrize(
+    "saved, damage, message",
+    [
+        (
+            _saved_caa,
+            lambda t: t.update({"layer1.vector": t["layer1.vector"][:1]}),
+            r"'layer1.vector' has shape \[1\], expected \[32\]",
+        ),
+        (
+            _saved_caa,
+            lambda t: t.update({"layer1.vector": t["layer1.vector"].expand(5, 32).clone()}),
+            r"has shape \[5, 32\], expected \[32\]",
+        ),
+        (_saved_caa, lambda t: t.pop("layer1.vector"), r"lacks tensor\(s\) layer1.vector \(1 in all\)"),
+        (
+            _saved_caa,
+            lambda t: t.update({"layer2.vector": t["layer1.vector"]}),
+            r"holds unexpected tensor\(s\) layer2.vector",
+        ),
+        (
+            _saved_hpr,
+            lambda t: t.update({"layer1.angle.0.bias": t["layer1.angle.0.bias"][:1]}),
+            r"'layer1.angle.0.bias' has shape \[1\], expected \[16\]",
+        ),
+        (
+            _saved_hpr,
+            lambda t: t.update({"layer2.angle.3.bias": t["layer2.angle.0.bias"]}),
+            r"'layer2.angle.3.bias' has shape \[16\], expected \[1\]",
+        ),
+        (
+            _saved_hpr,
+            lambda t: t.update({"layer2.probe": t["layer2.probe"][:16]}),
+            r"'layer2.probe' has shape \[16\], expected \[32\]",
+        ),
+    ],
+)
+def test_editor_tensors_of_the_wrong_shape_are_refused_naming_the_file(saved, damage, message, tmp_path):
+    from hpr.editors import load_editor
+
+    folder = saved(tmp_path)
+    _damage_state(folder, damage)
+    with pytest.raises(ValueError, match=message) as raised:
+        load_editor(folder)
+    assert str(raised.value).startswith(str(folder / "state.safetensors")) and "refit the editor" in str(raised.value)
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "1e308", "true"])
+def test_editor_config_numbers_that_are_not_finite_or_sane_are_refused(value, tmp_path):
+    from hpr.editors import load_editor
+
+    folder = _saved_caa(tmp_path)
+    text = (folder / "config.json").read_text()
+    assert '"multiplier": 2.0' in text
+    (folder / "config.json").write_text(text.replace('"multiplier": 2.0', f'"multiplier": {value}'))
+    with pytest.raises(ValueError, match=r"config.json: (CAA )?multiplier must be a (float|finite number)"):
+        load_editor(folder)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e308, True])
+def test_with_strength_refuses_numbers_that_are_not_finite_or_sane(value, tmp_path):
+    from hpr.editors import load_editor
+
+    for folder in (_saved_caa(tmp_path), _saved_hpr(tmp_path)):
+        with pytest.raises(ValueError, match="must be a finite number"):
+            load_editor(folder).with_strength(value)
+
+
+@pytest.mark.parametrize(
+    "layers, message",
+    [
+        ([1.5], "layers must be non-negative ints, got 1.5"),
+        ([1.0], "layers must be non-negative ints, got 1.0"),
+        ([True], "layers must be non-negative ints, got True"),
+        (["1"], "layers must be non-negative ints, got '1'"),
+        ([], "layers is empty, so this caa editor would edit nothing"),
+        ([3], r"layers \[3\] are out of range for the 3-layer model it records"),
+    ],
+)
+def test_editor_layers_that_are_not_ints_in_range_are_refused(layers, message, tmp_path):
+    from hpr.editors import load_editor
+
+    folder = _saved_caa(tmp_path)
+    record = json.loads((folder / "config.json").read_text())
+    record["config"]["layers"] = layers
+    (folder / "config.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=message) as raised:
+        load_editor(folder)
+    assert str(raised.value).startswith(str(folder / "config.json"))
+
+
+def test_editors_of_every_selection_refuse_an_empty_one(tmp_path):
+    """ITI's heads and SADI's elements are what they edit; none edits nothing."""
+    import torch
+
+    from hpr.editors import load_editor
+    from hpr.editors.iti import ITIEditor
+    from hpr.editors.sadi import fit_sadi
+
+    g = torch.Generator().manual_seed(0)
+    ITIEditor.from_heads({(1, 0): torch.randn(8, generator=g)}, {(1, 0): 1.0}, 5.0, 3, 4).save(tmp_path / "iti")
+    fit_sadi(torch.randn(3, 4, generator=g), 2, 1.0).save(tmp_path / "sadi")
+    for name, selection in (("iti", "heads"), ("sadi", "elements")):
+        record = json.loads((tmp_path / name / "config.json").read_text())
+        record["config"][selection] = []
+        (tmp_path / name / "config.json").write_text(json.dumps(record))
+        with pytest.raises(ValueError, match=f"{selection} is empty, so this {name} editor would edit nothing"):
+            load_editor(tmp_path / name)
+
+
 def test_an_editor_refuses_another_model_of_the_same_shape(tmp_path, tiny_tl_model):
     from hpr.editors import load_editor
 
@@ -289,6 +443,65 @@ def test_unreadable_weights_name_the_checkpoint(damage, tmp_path, word_tokenizer
         load_model(str(tmp_path), device="cpu")
 
 
+def _saved_checkpoint(folder, word_tokenizer, family: str = "gpt2"):
+    """A tiny random 2-layer checkpoint saved by transformers (Llama with tied embeddings: no lm_head in it)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    if family == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16))
+    else:
+        config = LlamaConfig(
+            num_hidden_layers=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            vocab_size=64,
+            tie_word_embeddings=True,
+        )
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    word_tokenizer.save_pretrained(folder)
+    return folder / "model.safetensors"
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (
+            lambda t: {k: v for k, v in t.items() if ".h.1." not in k},
+            r"lacks 12 tensor\(s\) the model needs \(transformer\.h\.1\.attn\.c_attn\.bias, .*, \.\.\.\)",
+        ),
+        (
+            lambda t: {**t, "transformer.h.7.mlp.extra": t["transformer.wte.weight"]},
+            r"holds 1 tensor\(s\) the model does not know \(transformer\.h\.7\.mlp\.extra\)",
+        ),
+    ],
+)
+def test_a_checkpoint_with_missing_or_unknown_tensors_is_refused(damage, message, tmp_path, word_tokenizer):
+    """Layer 1 deleted from model.safetensors loaded with random weights and no word; now it is refused."""
+    from safetensors.torch import load_file, save_file
+
+    from hpr.sources import load_model
+
+    weights = _saved_checkpoint(tmp_path, word_tokenizer)
+    save_file({k: v.clone() for k, v in damage(load_file(weights)).items()}, weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=message) as raised:
+        load_model(str(tmp_path), device="cpu")
+    assert str(raised.value).startswith(f"{weights}: the checkpoint")
+
+
+def test_a_checkpoint_with_tied_embeddings_loads(tmp_path, word_tokenizer):
+    from safetensors.torch import load_file
+
+    from hpr.sources import load_model
+
+    weights = _saved_checkpoint(tmp_path, word_tokenizer, family="llama")
+    assert not any(k.startswith("lm_head") for k in load_file(weights))  # the unembedding is the embedding
+    model = load_model(str(tmp_path), device="cpu")
+    assert model.cfg.n_layers == 2
+
+
 def test_a_header_only_csv_says_it_holds_no_questions(tmp_path):
     from hpr.sources import load_dataset
 
@@ -316,3 +529,52 @@ def test_a_bad_neutral_text_file_is_named_before_anything_is_written(content, me
     err = _one_line_error(capsys)
     assert message in err and str(path) in err
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------------- threads
+
+
+def test_a_second_thread_applying_an_editor_to_the_same_model_is_refused(tiny_tl_model):
+    """Hooks act on every forward pass of the model, whichever thread runs it: two threads each applying an editor
+    to one model got each other's edits (49 of 60 passes wrong, no error). The second is now refused at once."""
+    import threading
+
+    import torch
+
+    from hpr.editors.caa import CAAEditor
+    from hpr.editors.reptune import RepTuneConfig, RepTuneEditor
+
+    model = tiny_tl_model().eval()
+    g = torch.Generator().manual_seed(0)
+    caa = CAAEditor.from_vectors({1: torch.randn(32, generator=g)}, 2.0, 3).with_positions("all")
+    other = CAAEditor.from_vectors({2: torch.randn(32, generator=g)}, 1.0, 3).with_positions("all")
+    w_v = dict(model.named_parameters())["blocks.1.attn.W_V"]
+    reptune = RepTuneEditor(RepTuneConfig(layers=(1,)), {"blocks.1.attn.W_V": w_v.detach() + 0.1}, 32, 3)
+    tokens = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad(), caa.applied(model), other.applied(model):  # nested in one thread: both edits
+        nested = model(tokens)
+    entered, release, errors = threading.Event(), threading.Event(), []
+
+    def hold():
+        with caa.applied(model):
+            entered.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert entered.wait(30)
+        for editor in (other, reptune, caa):
+            try:
+                with editor.applied(model):
+                    errors.append(None)
+            except RuntimeError as e:
+                errors.append(str(e))
+    finally:
+        release.set()
+        holder.join(30)
+    assert all(e is not None and "another thread is applying an editor to this model" in e for e in errors), errors
+    assert torch.equal(dict(model.named_parameters())["blocks.1.attn.W_V"], w_v)  # reptune swapped nothing
+    with torch.no_grad(), caa.applied(model), other.applied(model):  # free again once the other thread is done
+        assert torch.equal(model(tokens), nested)
+    assert all(not hp.fwd_hooks for hp in model.hook_dict.values())

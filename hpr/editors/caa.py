@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from hpr.editors.base import Editor, Hook, distinct_layers, register
+from hpr.editors.base import Editor, Hook, Shape, check_number, distinct_layers, register
 from hpr.editors.registry import FitContext, Method, register_method
 from hpr.models import resid_post_hook
 from hpr.positions import HELP as POSITIONS_HELP
@@ -42,7 +42,7 @@ class CAAConfig:
     def __post_init__(self):
         layers = distinct_layers(self.layers, "CAA")
         object.__setattr__(self, "layers", layers)
-        object.__setattr__(self, "multiplier", float(self.multiplier))
+        object.__setattr__(self, "multiplier", check_number(self.multiplier, "CAA multiplier"))
         check_mode(self.positions, "CAA positions")
 
 
@@ -83,6 +83,10 @@ class CAAEditor(Editor):
         tensors = {f"layer{layer}.vector": v.detach().float().cpu().clone() for layer, v in vectors.items()}
         d_model = next(iter(shapes))[0]
         return cls(CAAConfig(layers=tuple(sorted(vectors)), multiplier=multiplier), tensors, d_model, n_layers)
+
+    def expected_shapes(self) -> dict[str, Shape]:
+        """One steering vector ``[d_model]`` per layer."""
+        return {f"layer{layer}.vector": (self.d_model,) for layer in self.config.layers}
 
     def with_layers(self, layers: Sequence[int]) -> CAAEditor:
         """The same vectors at a subset of the layers (e.g. the single layer CAA steers at)."""

@@ -20,13 +20,14 @@ up to the output width.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from hpr.editors.base import Editor, Hook, distinct_layers, register
+from hpr.editors.base import Editor, Hook, Shape, check_number, distinct_layers, register
 from hpr.editors.hpr import HPRTrainConfig, fit_on_pairs, mlp, stacked_mlp
 from hpr.editors.registry import FitContext, Method, register_method
 from hpr.positions import HELP as POSITIONS_HELP
@@ -42,7 +43,7 @@ class DiffConfig:
     def __post_init__(self):
         layers = distinct_layers(self.layers, "Diff")
         object.__setattr__(self, "layers", layers)
-        object.__setattr__(self, "scale", float(self.scale))
+        object.__setattr__(self, "scale", check_number(self.scale, "Diff scale"))
         check_mode(self.positions, "Diff positions")
 
 
@@ -110,6 +111,17 @@ class DiffEditor(Editor):
     method = "diff"
     config_cls = DiffConfig
     strength = "scale"
+
+    def expected_shapes(self) -> dict[str, Shape]:
+        """Per layer, the shift network of :func:`diff_widths` (``d -> d/2 -> ... -> d``), as deep as stored."""
+        shapes: dict[str, Shape] = {}
+        for layer in self.config.layers:
+            depth = sum(1 for name in self.tensors if re.fullmatch(rf"layer{layer}\.\d+\.weight", name))
+            widths = [self.d_model // 2**i for i in range(max(depth, 1))] + [self.d_model]
+            for i, (d_in, d_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+                shapes[f"layer{layer}.{i}.weight"] = (d_in, d_out)
+                shapes[f"layer{layer}.{i}.bias"] = (d_out,)
+        return shapes
 
     def _params(self, layer: int) -> list[tuple[Tensor, Tensor]]:
         params, i = [], 0

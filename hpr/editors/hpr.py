@@ -27,6 +27,7 @@ Deliberate differences from the official code:
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -34,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from hpr import ops
-from hpr.editors.base import Editor, distinct_layers, register
+from hpr.editors.base import MAX_MAGNITUDE, Editor, Shape, check_number, distinct_layers, register
 from hpr.editors.registry import FitContext, Method, register_method
 from hpr.positions import HELP as POSITIONS_HELP
 from hpr.positions import check_mode
@@ -53,8 +54,7 @@ class HPRConfig:
         layers = distinct_layers(self.layers, "HPR")
         object.__setattr__(self, "layers", layers)
         check_mode(self.positions, "HPR positions")
-        if isinstance(self.angle_scale, bool) or not math.isfinite(self.angle_scale) or self.angle_scale < 0:
-            raise ValueError(f"HPR angle_scale must be a finite number >= 0, got {self.angle_scale!r}")
+        check_number(self.angle_scale, "HPR angle_scale", 0.0, MAX_MAGNITUDE)
 
 
 @dataclass(frozen=True)
@@ -259,6 +259,21 @@ class HPREditor(Editor):
                     tensors[f"layer{l}.angle.{i}.weight"] = w[l].detach().clone()
                     tensors[f"layer{l}.angle.{i}.bias"] = b[l, 0].detach().clone()
         return cls(HPRConfig(layers=tuple(layers), no_angle=no_angle), tensors, d, n_layers)
+
+    def expected_shapes(self) -> dict[str, Shape]:
+        """Per layer: the probe ``[d_model]`` and, unless ``no_angle``, the angle MLP of :class:`LayerwiseHPR`
+        (weights ``[d/2**i, d/2**(i+1)]``, the last ``[., 1]``, biases their output width), as deep as stored."""
+        shapes: dict[str, Shape] = {}
+        for layer in self.config.layers:
+            shapes[f"layer{layer}.probe"] = (self.d_model,)
+            depth = sum(1 for name in self.tensors if re.fullmatch(rf"layer{layer}\.angle\.\d+\.weight", name))
+            if self.config.no_angle and depth == 0:
+                continue
+            widths = [self.d_model // 2**i for i in range(max(depth, 1))] + [1]
+            for i, (d_in, d_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+                shapes[f"layer{layer}.angle.{i}.weight"] = (d_in, d_out)
+                shapes[f"layer{layer}.angle.{i}.bias"] = (d_out,)
+        return shapes
 
     def _angle_params(self, layer: int) -> list[tuple[Tensor, Tensor]]:
         params, i = [], 0

@@ -32,7 +32,7 @@ from torch import Tensor
 from hpr.activations import gather_continuations
 from hpr.data.prompts import PromptFormat
 from hpr.data.schema import MCQuestion
-from hpr.editors.base import Editor, Hook, register
+from hpr.editors.base import Editor, Hook, Shape, check_number, register, whole_numbers
 from hpr.editors.registry import FitContext, Method, register_method
 from hpr.encoding import encode_all
 from hpr.models import head_z_hook
@@ -59,13 +59,14 @@ class ITIConfig:
         # JSON round trips give lists of lists; normalise so equality and hashing work.
         heads = []
         for head in self.heads:
-            if len(head) != 2 or any(int(i) < 0 for i in head):
+            pair = whole_numbers(head, "ITI heads (layer, head)")
+            if len(pair) != 2:
                 raise ValueError(f"ITI heads must be (layer, head) pairs of non-negative ints, got {head!r}")
-            heads.append((int(head[0]), int(head[1])))
+            heads.append(pair)
         if len(set(heads)) != len(heads):
             raise ValueError(f"ITI heads contain duplicates: {heads}")
         object.__setattr__(self, "heads", tuple(heads))
-        object.__setattr__(self, "alpha", float(self.alpha))
+        object.__setattr__(self, "alpha", check_number(self.alpha, "ITI alpha"))
         check_mode(self.positions, "ITI positions")
 
 
@@ -221,6 +222,20 @@ class ITIEditor(Editor):
     config_cls = ITIConfig
     strength = "alpha"
     integer_tensors = frozenset({"head_shape"})
+    selection = "heads"
+
+    def edited_layers(self) -> tuple[int, ...]:
+        return tuple(sorted({layer for layer, _ in self.config.heads}))
+
+    def expected_shapes(self) -> dict[str, Shape]:
+        """``head_shape`` ``[2]`` (n_heads, d_head), and per head a unit direction ``[d_head]`` and its std ``[]``."""
+        shape = self.tensors.get("head_shape")
+        d_head = int(shape[1]) if shape is not None and tuple(shape.shape) == (2,) else None
+        shapes: dict[str, Shape] = {"head_shape": (2,)}
+        for layer, head in self.config.heads:
+            shapes[f"L{layer}.H{head}.direction"] = (d_head,)
+            shapes[f"L{layer}.H{head}.sigma"] = ()
+        return shapes
 
     @classmethod
     def from_heads(

@@ -48,7 +48,7 @@ from torch import Tensor
 from hpr.continuations import shared_prefix_forward
 from hpr.data.prompts import PromptFormat, true_answer_texts
 from hpr.data.schema import MCQuestion
-from hpr.editors.base import Editor, Hook, register
+from hpr.editors.base import Editor, Hook, Shape, check_number, distinct_layers, register
 from hpr.editors.registry import FitContext, Method, register_method
 from hpr.encoding import Encoded, encode_all, pad_token_id
 
@@ -66,16 +66,13 @@ class LoRAConfig:
 
     def __post_init__(self):
         # JSON round trips give lists; normalise so equality and hashing work.
-        layers = tuple(int(layer) for layer in self.layers)
-        if len(set(layers)) != len(layers) or any(layer < 0 for layer in layers):
-            raise ValueError(f"LoRA layers must be distinct non-negative ints, got {self.layers!r}")
+        layers = distinct_layers(self.layers, "LoRA")
         targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
         if not targets or len(set(targets)) != len(targets) or not set(targets) <= set(TARGETS):
             raise ValueError(f"LoRA targets must be distinct names among {TARGETS}, got {self.targets!r}")
-        if int(self.rank) != self.rank or self.rank < 1:
+        if isinstance(self.rank, bool) or int(self.rank) != self.rank or self.rank < 1:
             raise ValueError(f"LoRA rank must be a positive int, got {self.rank!r}")
-        if not math.isfinite(float(self.alpha)):
-            raise ValueError(f"LoRA alpha must be finite, got {self.alpha!r}")
+        check_number(self.alpha, "LoRA alpha")
         object.__setattr__(self, "layers", tuple(sorted(layers)))
         object.__setattr__(self, "targets", tuple(t for t in TARGETS if t in targets))  # canonical order
         object.__setattr__(self, "rank", int(self.rank))
@@ -166,6 +163,16 @@ class LoRAEditor(Editor):
     method = "lora"
     config_cls = LoRAConfig
     integer_tensors = frozenset({"head_shape"})
+
+    def expected_shapes(self) -> dict[str, Shape]:
+        """``head_shape`` ``[2]``, and per layer and target ``A [d_model, rank]`` and ``B [rank, heads * d_head]``
+        (the heads of a grouped-query k or v are checked against the model when applied)."""
+        shapes: dict[str, Shape] = {"head_shape": (2,)}
+        for layer in self.config.layers:
+            for t in self.config.targets:
+                shapes[f"layer{layer}.{t}.A"] = (self.d_model, self.config.rank)
+                shapes[f"layer{layer}.{t}.B"] = (self.config.rank, None)
+        return shapes
 
     @classmethod
     def initialise(cls, model, config: LoRAConfig, seed: int = 0) -> LoRAEditor:

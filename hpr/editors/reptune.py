@@ -64,7 +64,7 @@ from torch.nn import functional as F
 from hpr.continuations import shared_prefix_forward
 from hpr.data.prompts import PromptFormat
 from hpr.data.schema import MCQuestion
-from hpr.editors.base import Editor, Hook, register
+from hpr.editors.base import Editor, Hook, Shape, distinct_layers, exclusive_use, register
 from hpr.editors.registry import FitContext, Method, register_method
 from hpr.encoding import Encoded, encode_all, pad_token_id
 from hpr.models import resid_post_hook
@@ -103,9 +103,7 @@ class RepTuneConfig:
     )
 
     def __post_init__(self):
-        layers = tuple(int(layer) for layer in self.layers)
-        if len(set(layers)) != len(layers) or any(layer < 0 for layer in layers):
-            raise ValueError(f"reptune layers must be distinct non-negative ints, got {self.layers!r}")
+        layers = distinct_layers(self.layers, "reptune")
         object.__setattr__(self, "layers", tuple(sorted(layers)))
         object.__setattr__(self, "token_params", _patterns(self.token_params, "token_params"))
         object.__setattr__(self, "rep_params", _patterns(self.rep_params, "rep_params"))
@@ -415,6 +413,10 @@ class RepTuneEditor(Editor):
         super().__init__(config, tensors, d_model, n_layers, fitted_on)
         self.history: list[dict[str, float]] = []  # per-step losses of fit_reptune (not saved)
 
+    def expected_shapes(self) -> dict[str, Shape]:
+        """Tuned parameters of its blocks, any shape here: each is checked against the model's when applied."""
+        return {f"blocks.{layer}.*": None for layer in self.config.layers}
+
     def hooks(self, model) -> list[Hook]:
         return []  # the edit lives in the weights
 
@@ -448,7 +450,13 @@ class RepTuneEditor(Editor):
 
     @contextlib.contextmanager
     def applied(self, model) -> Iterator[None]:
-        """Tuned weights in the model inside the block, the original ones back on exit (also on error)."""
+        """Tuned weights in the model inside the block, the original ones back on exit (also on error); as
+        :meth:`Editor.applied`, a second thread's ``applied`` on the same model raises ``RuntimeError``."""
+        with exclusive_use(model, self.method), self._swapped(model):
+            yield
+
+    @contextlib.contextmanager
+    def _swapped(self, model) -> Iterator[None]:
         self.check_model(model)
         self.check_identity(model)
         params = dict(model.named_parameters())

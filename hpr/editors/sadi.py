@@ -36,7 +36,7 @@ from torch import Tensor
 from hpr.activations import last_token_activations
 from hpr.data.prompts import PromptFormat
 from hpr.data.schema import MCQuestion
-from hpr.editors.base import Editor, Hook, register
+from hpr.editors.base import Editor, Hook, Shape, check_number, register, whole_numbers
 from hpr.editors.registry import FitContext, Method, register_method
 from hpr.positions import HELP as POSITIONS_HELP
 from hpr.positions import check_mode
@@ -85,13 +85,14 @@ class SADIConfig:
         check_mode(self.positions, "SADI positions")
         elements = []
         for e in self.elements:
-            if len(e) != 2 or any(int(i) < 0 for i in e):
+            pair = whole_numbers(e, "SADI elements (layer, unit)")
+            if len(pair) != 2:
                 raise ValueError(f"SADI elements must be (layer, unit) pairs of non-negative ints, got {e!r}")
-            elements.append((int(e[0]), int(e[1])))
+            elements.append(pair)
         if len(set(elements)) != len(elements):
             raise ValueError(f"SADI elements contain duplicates: {elements}")
         object.__setattr__(self, "elements", tuple(sorted(elements)))
-        object.__setattr__(self, "delta", float(self.delta))
+        object.__setattr__(self, "delta", check_number(self.delta, "SADI delta"))
 
 
 @torch.inference_mode()
@@ -164,6 +165,16 @@ class SADIEditor(Editor):
     config_cls = SADIConfig
     strength = "delta"
     integer_tensors = frozenset({"units"})
+    selection = "elements"
+
+    def edited_layers(self) -> tuple[int, ...]:
+        return tuple(sorted({layer for layer, _ in self.config.elements}))
+
+    def expected_shapes(self) -> dict[str, Shape]:
+        """``units`` ``[]`` (elements per layer) and the ``mean_diff`` ``[n_layers, units]`` it ranked."""
+        units = self.tensors.get("units")
+        width = int(units) if units is not None and units.ndim == 0 else None
+        return {"units": (), "mean_diff": (self.n_layers, width)}
 
     def check_model(self, model) -> None:
         units = int(self.tensors["units"]) if "units" in self.tensors else None

@@ -42,7 +42,7 @@ from torch import Tensor
 from hpr.activations import last_token_activations, resid_names
 from hpr.data.prompts import PromptFormat
 from hpr.data.schema import MCQuestion
-from hpr.editors.base import Editor, Hook, distinct_layers, register
+from hpr.editors.base import Editor, Hook, Shape, distinct_layers, register
 from hpr.editors.registry import FitContext, Method, register_method
 from hpr.positions import HELP as POSITIONS_HELP
 from hpr.positions import check_mode
@@ -189,6 +189,12 @@ def sea_activations(
 class SEAEditor(Editor):
     method = "sea"
     config_cls = SEAConfig
+
+    def expected_shapes(self) -> dict[str, Shape]:
+        """Per layer, the kept and the tail spectral bases, each ``[d_model, rank]`` (any rank)."""
+        return {
+            f"layer{layer}.{name}": (self.d_model, None) for layer in self.config.layers for name in ("keep", "tail")
+        }
 
     def projections(self, layer: int) -> tuple[Tensor, Tensor]:
         keys = (f"layer{layer}.keep", f"layer{layer}.tail")

@@ -174,12 +174,16 @@ def write_parquet(df: pd.DataFrame, path: Path) -> None:
 
 
 def dataset_fingerprint(questions) -> str:
-    """sha256 of the questions as the run uses them (ids, texts, choices, labels): the same for the same
-    data in any file format, different when any label or text changes."""
-    records = [
-        [q.id, q.question, [[c.text, c.is_true] for c in q.mc1], [[c.text, c.is_true] for c in q.mc2]]
-        for q in questions
-    ]
+    """sha256 of the questions as the run uses them (ids, texts, choices, labels, and a JSONL passage shown
+    before the question): the same for the same data in any file format, different when any label or text
+    changes. A question's context is appended to its record only when it has one, so data without contexts
+    (TruthfulQA, the toy world) keeps the fingerprint it had before contexts were counted."""
+    records = []
+    for q in questions:
+        record = [q.id, q.question, [[c.text, c.is_true] for c in q.mc1], [[c.text, c.is_true] for c in q.mc2]]
+        if q.context:
+            record.append(q.context)
+        records.append(record)
     return hashlib.sha256(json.dumps(records, ensure_ascii=False).encode()).hexdigest()
 
 
