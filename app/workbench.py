@@ -144,8 +144,11 @@ def analysis_script(name: str):
 
 
 def script_args(**kw) -> types.SimpleNamespace:
-    """The options an analyses/ script's ``make(run, args)`` reads (script_parser's defaults)."""
-    defaults = dict(methods=None, prompts=6, max_new_tokens=16, neutral_text=None, topk=None, skip=(), device=None)
+    """The options an analyses/ script's ``make(run, args)`` reads: script_parser's own defaults, so a new
+    option reaches the app's runs of the scripts without being listed twice."""
+    from hpr.measurements import script_parser
+
+    defaults = vars(script_parser("").parse_args(["--run", ""]))
     return types.SimpleNamespace(**{**defaults, **kw})
 
 

@@ -214,10 +214,15 @@ def capability_bars(df: pd.DataFrame) -> go.Figure:
     return _layout(fig, "Capability retention on neutral text", "method", "mean KL(base ‖ edited) (nats/token)")
 
 
-def strength_curves(df: pd.DataFrame, method: str, metrics: Sequence[str] = ("mc1", "mc2", "kl")) -> go.Figure:
+def strength_curves(df: pd.DataFrame, method: str, metrics: Sequence[str] | None = None) -> go.Figure:
     """One method's curve: each metric of ``df`` (``method, strength, fitted`` and the metric columns, from
-    :func:`hpr.strength.curves`) against its strength; the fitted strength circled. KL on its own axis."""
+    :func:`hpr.strength.curves`) against its strength; the fitted strength circled. KL on its own axis. By
+    default MC1, MC2, KL and, where ``df`` has them, BLEU acc and ROUGE-L acc among informative answers."""
     from plotly.subplots import make_subplots
+
+    if metrics is None:
+        answers = [c for c in ("bleu_acc", "rougeL_acc_informative") if c in df.columns]
+        metrics = ("mc1", "mc2", *answers, "kl")
 
     _require(df, ("method", "strength", "fitted", *metrics), "strength_curves")
     part = df[df["method"] == method].sort_values("strength")

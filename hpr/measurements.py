@@ -281,6 +281,12 @@ def script_parser(description: str):
         help="capability: a text file of neutral passages (blank-line separated); the toy world has its own",
     )
     parser.add_argument(
+        "--gen-questions",
+        type=int,
+        default=40,
+        help="strength curves: greedy answers to the first N val questions at every strength (0: none)",
+    )
+    parser.add_argument(
         "--topk",
         type=int,
         nargs="+",

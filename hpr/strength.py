@@ -4,8 +4,9 @@ validation split only (the test split is scored once per method, at the strength
 Each method's strength is the config field behind :meth:`hpr.editors.base.Editor.with_strength`: ITI's alpha,
 CAA's multiplier, Diff's scale, SADI's delta, and for HPR and its ablation a scale on the rotation angle (our
 addition: the official code has none; 0 = the unedited model, 1 = as trained). At each strength: val MC1 and
-MC2, KL(base || edited) on the run's neutral text (:mod:`hpr.capability`), and, when asked for, the
-truthfulness of greedy val answers as lm-eval's ``truthfulqa_gen`` scores them (BLEU ``acc``).
+MC2, KL(base || edited) on the run's neutral text (:mod:`hpr.capability`), and, when asked for
+(:func:`answers_scorer`), the truthfulness of greedy val answers as lm-eval's ``truthfulqa_gen`` scores them
+(BLEU and ROUGE-L ``acc``) with their informativeness (:data:`ANSWER_METRICS`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,24 @@ STRENGTHS: dict[str, tuple[float, ...]] = {
     "diff": (0.0, 0.25, 0.5, 1.0, 1.5, 2.0),
     "sadi": (0.0, 1.0, 2.0, 5.0, 10.0, 20.0),
 }
+
+
+# What :func:`answers_scorer` records per strength, from :func:`hpr.gen_scoring.summarize`.
+ANSWER_METRICS = ("bleu_acc", "rougeL_acc", "rougeL_acc_informative", "non_answer_rate", "degenerate_rate")
+
+
+def answers_scorer(model, questions: Sequence, fmt, max_new_tokens: int = 64, batch_size: int = 16):
+    """A function ``(label, editor) -> {metric: value}`` for :func:`curves`' ``answers_score``: greedy answers to
+    ``questions`` under the editor (:func:`hpr.answers.greedy_answers`), scored as the run's generation step
+    scores its test answers, :data:`ANSWER_METRICS` kept."""
+    from hpr import answers, gen_scoring
+
+    def score(label: str, editor: Editor | None) -> dict[str, float]:
+        completions = answers.greedy_answers(model, questions, fmt, editor, max_new_tokens, batch_size)
+        summary = gen_scoring.summarize(answers.scored(completions.assign(method=label), questions))[label]
+        return {k: summary[k] for k in ANSWER_METRICS}
+
+    return score
 
 
 def grid_of(label: str, editor) -> tuple[float, ...]:

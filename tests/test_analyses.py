@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from hpr import activations, measurements
+from hpr import activations, measurements, strength
 
 ANALYSES = Path(__file__).resolve().parent.parent / "analyses"
 
@@ -53,6 +53,7 @@ def test_every_analysis_script_writes_its_outputs(tiny_run, tmp_path, monkeypatc
     reproduce_paper = importlib.import_module("reproduce_paper")
     out = tmp_path / "paper"
     argv = ["--run", str(tiny_run), "--out", str(out), "--formats", "--prompts", "2", "--max-new-tokens", "4"]
+    argv += ["--gen-questions", "3"]
     assert measurements.script_main(reproduce_paper.make, "test", argv) == 0
     figures = {p.stem for p in (out / "figures").glob("*.html")}
     assert {
@@ -97,6 +98,8 @@ def test_every_analysis_script_writes_its_outputs(tiny_run, tmp_path, monkeypatc
     assert set(curves["method"]) == {"hpr", "hpr_no_angle", "iti15", "iti200", "caa"}
     at_zero = curves[curves["strength"] == 0]
     assert (at_zero["kl"] == 0).all() and at_zero["mc1"].nunique() == 1  # strength 0 is the base model
+    for metric in strength.ANSWER_METRICS:  # greedy val answers at every strength; at 0, the base model's
+        assert curves[metric].between(0, 1).all() and at_zero[metric].nunique() == 1
     fitted = curves[curves["fitted"]].set_index("method")
     assert fitted.loc["iti200", "strength"] == 200 and fitted.loc["hpr", "strength"] == 1
     val_mc1 = {m: g.set_index("strength")["mc1"] for m, g in curves.groupby("method")}

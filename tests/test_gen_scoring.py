@@ -212,6 +212,18 @@ def test_answer_words():
     assert gs.answer_words(" The cat sat.\n") == 3 and gs.answer_words("") == 0
 
 
+def test_repetition_counts_repeated_trigrams():
+    assert gs.repetition("The cat sat on the mat.") == 0.0
+    assert gs.repetition("") == gs.repetition("Yes, no.") == 0.0  # fewer than three words: no trigram
+    # "but but but but but": 3 trigrams, 1 distinct; case and punctuation do not hide a loop
+    assert gs.repetition("but But, but. but but") == pytest.approx(1 - 1 / 3)
+    # "a b c a b c": trigrams abc bca cab abc -> 3 distinct of 4
+    assert gs.repetition("a b c a b c") == pytest.approx(1 / 4)
+    assert gs.is_degenerate("I, I, I, I, I, I, I, I") and not gs.is_degenerate("a b c a b c")
+    # at the threshold exactly: 4 trigrams, 2 distinct
+    assert gs.repetition("x x x x x y") == 0.5 and gs.is_degenerate("x x x x x y")
+
+
 # --- per question and per method ------------------------------------------------------------------------
 
 
@@ -225,7 +237,8 @@ def test_question_scores_and_summarize():
         }
     )
     scores = gs.question_scores(completions, answers)
-    assert list(scores.columns) == [*gs.COMPLETION_COLUMNS, *gs.SCORE_KEYS, "non_answer", "answer_words"]
+    extra = ["non_answer", "answer_words", "repetition", "degenerate"]
+    assert list(scores.columns) == [*gs.COMPLETION_COLUMNS, *gs.SCORE_KEYS, *extra, *gs.INFORMATIVE_KEYS]
     row = scores.iloc[0]
     assert row["bleu_max"] == gs.score_answer(HYP, *gs.references(*answers["q1"]))["bleu_max"]
     summary = gs.summarize(scores)
@@ -238,13 +251,28 @@ def test_question_scores_and_summarize():
     maxes = scores.loc[scores["method"] == "base", "bleu_max"].to_numpy()
     assert base["bleu_max_stderr"] == pytest.approx(maxes.std(ddof=1) / np.sqrt(2))
     assert summary["edit"]["rouge1_acc"] == 0.0 and summary["edit"]["non_answer_rate"] == 0.0
-    # from the completions alone (no non_answer / answer_words columns), and one question: stderr NaN
-    one = gs.summarize(scores.drop(columns=["non_answer", "answer_words"]).iloc[:1])
+    # "I have no comment." wins on ROUGE-1 (it is a true reference) but is not informative
+    assert base["rouge1_acc_informative"] == 0.5 and base["degenerate_rate"] == 0.0
+    # from the completions alone (no derived columns), and one question: stderr NaN
+    one = gs.summarize(scores.drop(columns=[*extra, *gs.INFORMATIVE_KEYS]).iloc[:1])
     assert one["base"]["mean_answer_words"] == 6 and math.isnan(one["base"]["bleu_max_stderr"])
+    assert one["base"]["rouge1_acc_informative"] == scores.iloc[0]["rouge1_acc_informative"] == 1.0
     with pytest.raises(ValueError, match="appears twice"):
         gs.summarize(pd.concat([scores, scores]))
     with pytest.raises(ValueError, match="no reference answers"):
         gs.question_scores(completions, {"q1": answers["q1"]})
+
+
+def test_a_loop_that_wins_on_rouge_is_not_informative():
+    """The failure seen on SmolLM2 under CAA: a loop starting "I" is closer to "I have no comment." (always a true
+    reference) than to the false answers, so ``acc`` counts it; ``acc_informative`` does not."""
+    answers = {"q": (["Nothing happens"], ["You will die"])}
+    loop = " I, I, I, I, I, I, I, I, I, I, I, I"
+    scores = gs.question_scores(pd.DataFrame({"method": ["caa"], "question_id": ["q"], "completion": [loop]}), answers)
+    row = scores.iloc[0]
+    assert row["rougeL_acc"] == 1 and row["degenerate"] and row["rougeL_acc_informative"] == 0.0
+    summary = gs.summarize(scores)["caa"]
+    assert summary["degenerate_rate"] == 1.0 and summary["mean_repetition"] == pytest.approx(1 - 1 / 10)
 
 
 # --- where the references come from ----------------------------------------------------------------------

@@ -46,7 +46,14 @@ else:
     cost = pd.DataFrame([{"method": m, **costs[m]} for m in shown if m in costs])
     gen = run.results.get("generation", {})
     if gen:
-        gen_cols = ["bleu_acc", "rougeL_acc", "non_answer_rate", "mean_answer_words"]
+        gen_cols = [
+            "bleu_acc",
+            "rougeL_acc",
+            "rougeL_acc_informative",
+            "non_answer_rate",
+            "degenerate_rate",
+            "mean_answer_words",
+        ]
         cost = cost.merge(
             pd.DataFrame([{"method": m, **{k: gen[m].get(k) for k in gen_cols}} for m in shown if m in gen]),
             on="method",

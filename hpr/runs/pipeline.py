@@ -362,13 +362,19 @@ def summarize(
     return results
 
 
+def _ppl_change_text(change: float) -> str:
+    """A perplexity change as a percentage, or as the factor it multiplies perplexity by once that passes 10x (an
+    edit that breaks the model can multiply it by 1e9, unreadable as a percentage)."""
+    return f"x{1 + change:.1e}" if change >= 9 else f"{change:+.1%}"
+
+
 def format_results(results: dict) -> str:
     """The headline table of a run: MC1/MC2 with standard errors, flips against base, norm change."""
     lines = [
         f"{results['model']} on {results['dataset']}: {results['splits']['test']} test questions; "
         f"HPR layers {results['selected_layers']}",
         f"{'method':<13} {'MC1':>14} {'MC2':>14} {'f->t':>6} {'t->f':>6} {'max |dnorm|/norm':>17} "
-        f"{'KL':>7} {'dPPL':>7} {'BLEUacc':>7} {'RLacc':>6} {'noans':>6}",
+        f"{'KL':>7} {'dPPL':>9} {'BLEUacc':>7} {'RLacc':>6} {'noans':>6} {'degen':>6} {'RL&inf':>6}",
     ]
     for method, row in results["methods"].items():
         flips = results["flip_rates"].get(method, {})
@@ -378,9 +384,10 @@ def format_results(results: dict) -> str:
         lines.append(
             f"{method:<13} {row['mc1']:>7.3f}±{row['mc1_stderr']:.3f} {row['mc2']:>7.3f}±{row['mc2_stderr']:.3f} "
             f"{flips.get('false_to_true', 0):>6.3f} {flips.get('true_to_false', 0):>6.3f} {norm:>17.3f} "
-            f"{cost.get('kl', float('nan')):>7.3f} {cost.get('ppl_change', float('nan')):>+7.1%} "
+            f"{cost.get('kl', float('nan')):>7.3f} {_ppl_change_text(cost.get('ppl_change', float('nan'))):>9} "
             f"{gen.get('bleu_acc', float('nan')):>7.3f} {gen.get('rougeL_acc', float('nan')):>6.3f} "
-            f"{gen.get('non_answer_rate', float('nan')):>6.3f}"
+            f"{gen.get('non_answer_rate', float('nan')):>6.3f} {gen.get('degenerate_rate', float('nan')):>6.3f} "
+            f"{gen.get('rougeL_acc_informative', float('nan')):>6.3f}"
         )
     if results["splits"]["test"] < FEW_TEST_QUESTIONS:
         lines.append(
