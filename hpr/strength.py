@@ -21,6 +21,7 @@ from hpr.editors.base import Editor
 # Per label pattern, the strengths of its curve (the fitted editor's own strength is added to them).
 STRENGTHS: dict[str, tuple[float, ...]] = {
     "hpr": (0.0, 0.25, 0.5, 0.75, 1.0, 1.25),
+    "hpr_answer": (0.0, 0.25, 0.5, 0.75, 1.0, 1.25),
     "hpr_no_angle": (0.0, 0.25, 0.5, 0.75, 1.0),
     "iti": (0.0, 5.0, 15.0, 50.0, 100.0, 200.0),
     "caa": (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0),

@@ -4,6 +4,7 @@ import json
 
 import pandas as pd
 import pytest
+import torch
 
 from hpr import metrics
 from hpr.cli import main
@@ -113,6 +114,31 @@ def test_a_rerun_with_more_methods_extends_the_run(tiny_toy, tmp_path):
     assert again["capability"]["hpr"] == first["capability"]["hpr"] and again["capability"]["caa"]["kl"] > 0
     assert again["norm_change_vs_base"]["hpr"] == first["norm_change_vs_base"]["hpr"]
     assert set(json.loads((out / "results.json").read_text())["methods"]) == {"base", "hpr", "caa"}
+
+
+def test_hpr_answer_is_the_trained_hpr_at_the_answer_tokens(tiny_toy, tmp_path):
+    """Asked for by name, ``hpr_answer`` joins a finished run without retraining: HPR's own tensors, edited only at
+    the answer tokens (scoring) and the newest token (generation), scored, answered and costed like any label."""
+    from hpr.editors.base import load_editor
+
+    out = tmp_path / "run"
+    assert main(["reproduce", "--out", str(out), "--quiet", "--methods", "base,hpr"]) == 0
+    probes = (out / "probes.json").stat().st_mtime_ns
+    assert main(["reproduce", "--out", str(out), "--quiet", "--methods", "base,hpr,hpr_answer"]) == 0
+    assert (out / "probes.json").stat().st_mtime_ns == probes  # HPR is not trained again
+    hpr, variant = load_editor(out / "editors" / "hpr"), load_editor(out / "editors" / "hpr_answer")
+    assert hpr.config.positions == "all" and variant.config.positions == "answer"
+    assert variant.config.layers == hpr.config.layers
+    assert (
+        all(torch.equal(variant.tensors[k], hpr.tensors[k]) for k in hpr.tensors)
+        and variant.tensors.keys() == hpr.tensors.keys()
+    )
+    results = json.loads((out / "results.json").read_text())
+    assert {"hpr", "hpr_answer"} <= set(results["methods"]) & set(results["capability"]) & set(results["generation"])
+    preds = pd.read_parquet(out / "predictions.parquet").set_index(["method", "question_id", "choice"])["loglik"]
+    # the context is left alone: the last context token's output (the first answer token's logit) is unedited,
+    # so the variant's scores differ from full HPR's
+    assert not preds.loc["hpr_answer"].equals(preds.loc["hpr"])
 
 
 def test_reproduce_runs_iti_at_any_alpha_and_refuses_unknown_methods(tiny_toy, tmp_path):

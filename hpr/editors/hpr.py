@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from hpr import ops
-from hpr.editors.base import MAX_MAGNITUDE, Editor, Shape, check_number, distinct_layers, register
+from hpr.editors.base import MAX_MAGNITUDE, Editor, Shape, check_number, distinct_layers, load_editor, register
 from hpr.editors.registry import FitContext, Method, register_method
 from hpr.positions import HELP as POSITIONS_HELP
 from hpr.positions import check_mode
@@ -328,15 +328,28 @@ def split_probe_accuracy(probe: Tensor, folder) -> list[float]:
     return torch.as_tensor(correct / total).tolist()
 
 
+# A variant run label, asked for by name: HPR editing only the answer tokens when scoring and, in generation,
+# only the newest token of each pass, as the official generate() does (the default edits every position of
+# every pass, the official MC path; in generation that includes the whole prompt at prefill).
+ANSWER_ONLY = "hpr_answer"
+
+
 def fit_step(fit: FitContext) -> None:
     """Train the probes and angle networks of every layer, keep the best validation epoch, select the top-k
     layers by validation probe accuracy (every other method edits those layers too) and write ``probes.json``.
 
-    ``hpr_all_layers`` (every layer's probe and angle network) serves the top-k sweep of the analyses.
+    ``hpr_all_layers`` (every layer's probe and angle network) serves the top-k sweep of the analyses. Asked
+    for, ``hpr_answer`` is the same trained editor at ``positions="answer"``.
     """
     labels = ("hpr", "hpr_no_angle", "hpr_all_layers")
-    if all([fit.done(label) for label in labels]) and (fit.out / "probes.json").exists():
-        return
+    if not (all([fit.done(label) for label in labels]) and (fit.out / "probes.json").exists()):
+        _train(fit)
+    if ANSWER_ONLY in fit.labels and not fit.done(ANSWER_ONLY):  # the trained editor, at other positions
+        fit.save(ANSWER_ONLY, load_editor(fit.editors_dir / "hpr").with_positions("answer"))
+
+
+def _train(fit: FitContext) -> None:
+    """HPR's training and layer selection (see :func:`fit_step`): saves its three labels and ``probes.json``."""
     settings: HPRTrainConfig = fit.settings["hpr"]
     pos, neg, _ = fit.train_token_pairs()
     epoch_val: list[float] = []  # pooled val probe accuracy after each epoch: picks the epoch kept
@@ -366,7 +379,8 @@ register_method(
         name="hpr",
         summary="Householder Pseudo-Rotation: reflect about the probe's hyperplane, rotate to a learned angle",
         labels=("hpr", "hpr_no_angle"),
-        colours={"hpr": "#0072B2", "hpr_no_angle": "#56B4E9"},
+        label_pattern=ANSWER_ONLY,
+        colours={"hpr": "#0072B2", "hpr_no_angle": "#56B4E9", ANSWER_ONLY: "#332288"},
         order=0,
         fit=fit_step,
         settings=HPRTrainConfig,
