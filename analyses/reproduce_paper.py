@@ -15,6 +15,7 @@ import capability
 import direction_magnitude
 import flip_table
 import generations
+import hpr_edit_regions
 import mc_table
 import norms
 import probe_accuracy
@@ -33,6 +34,7 @@ SCRIPTS = (
     direction_magnitude,
     capability,
     strength_curves,
+    hpr_edit_regions,
 )
 
 

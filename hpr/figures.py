@@ -295,6 +295,24 @@ def tradeoff(df: pd.DataFrame, base_mc1: float) -> go.Figure:
     )
 
 
+def edit_region_bars(df: pd.DataFrame) -> go.Figure:
+    """Share of tokens HPR edits per selected layer, one bar per region (``df`` from
+    :func:`hpr.measurements.hpr_edit_regions`); the mean angle in the hover text."""
+    _require(df, ("layer", "region", "edited_share", "mean_theta_deg"), "edit_region_bars")
+    fig = go.Figure()
+    for region, part in df.groupby("region", sort=False):
+        fig.add_trace(
+            go.Bar(
+                x=[str(layer) for layer in part["layer"]],
+                y=part["edited_share"],
+                name=str(region),
+                text=[f"mean angle {a:.0f}°" for a in part["mean_theta_deg"]],
+            )
+        )
+    fig.update_layout(barmode="group")
+    return _layout(fig, "Where HPR edits (test questions)", "layer", "share of tokens edited")
+
+
 # ------------------------------------------------------------------------------------------------ export
 
 

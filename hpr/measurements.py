@@ -218,6 +218,70 @@ def _hpr_theta(editor, layer: int, h: torch.Tensor) -> torch.Tensor:
     return ops.vector_angle(edited, h)
 
 
+REGIONS = ("primer", "question", "true answer", "false answer")
+
+
+@torch.inference_mode()
+def hpr_edit_regions(model, questions: Sequence[MCQuestion], fmt: PromptFormat, editor) -> pd.DataFrame:
+    """Where an HPR editor acts, by region of the scored sequence: ``layer, region, tokens, edited_share,
+    mean_theta_deg`` per selected layer and :data:`REGIONS` (the few-shot primer, the question, the MC2 true and
+    false answers). Each question's context with each MC2 answer runs as one whole sequence with the editor at
+    every position (its layers edit in order, as when scoring); at each selected layer the activation reaching
+    the edit is on the probe's negative side (edited) or not, and the angle is the one the edit turns it by.
+    The probe and angle network were trained on answer tokens only: the primer and question rows show what they
+    do to tokens they never saw."""
+    if editor.method != "hpr":
+        raise ValueError(f"hpr_edit_regions reads HPR's probes; got a {editor.method} editor")
+    editor = editor.with_positions("all")
+    layers = tuple(editor.config.layers)
+    head = fmt.primer + fmt.separator if fmt.primer else ""
+    n_primer = len(model.tokenizer(head, add_special_tokens=False)["input_ids"]) if head else 0
+    offset = 1 if model.cfg.default_prepend_bos else 0
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(act, hook):
+        seen[hook.name] = act[0].float()
+        return act
+
+    counts: dict[tuple[int, str], list[float]] = {(l, r): [0, 0, 0.0] for l in layers for r in REGIONS}
+    hooks = [(f"blocks.{l}.hook_resid_post", keep) for l in layers]
+    for q in questions:
+        pairs = [(fmt.context(q), " " + c.text) for c in q.mc2]
+        for enc, choice in zip(encode_all(model, pairs), q.mc2, strict=True):
+            tokens = torch.tensor(enc.tokens)
+            n_ctx = len(tokens) - enc.n_cont
+            with model.hooks(fwd_hooks=hooks), editor.applied(model):  # ours first: they see the edit's input
+                model(tokens[None])
+            pos = torch.arange(len(tokens))
+            masks = {
+                "primer": (pos >= offset) & (pos < offset + n_primer),
+                "question": (pos >= offset + n_primer) & (pos < n_ctx),
+                "true answer" if choice.is_true else "false answer": pos >= n_ctx,
+            }
+            for layer in layers:
+                h = seen[f"blocks.{layer}.hook_resid_post"]
+                edited = ops.negative_side(h, editor.tensors[f"layer{layer}.probe"].float())
+                theta = torch.zeros(len(h))
+                if edited.any():
+                    theta[edited] = _hpr_theta(editor, layer, h[edited])
+                for region, mask in masks.items():
+                    c = counts[(layer, region)]
+                    c[0] += int(mask.sum())
+                    c[1] += int((mask & edited).sum())
+                    c[2] += float(theta[mask & edited].sum())
+    rows = [
+        {
+            "layer": layer,
+            "region": region,
+            "tokens": int(n),
+            "edited_share": e / n if n else float("nan"),
+            "mean_theta_deg": float(torch.rad2deg(torch.tensor(t / e))) if e else float("nan"),
+        }
+        for (layer, region), (n, e, t) in counts.items()
+    ]
+    return pd.DataFrame(rows)
+
+
 @torch.inference_mode()
 def generations(
     model, prompts: Sequence[str], editors: Mapping[str, object], max_new_tokens: int = 24, stop_at_newline: bool = True
@@ -273,7 +337,7 @@ def script_parser(description: str):
         default=list(FIGURE_FORMATS),
         help="figure formats besides HTML: png svg pdf (none: HTML only, no browser needed)",
     )
-    parser.add_argument("--prompts", type=int, default=6, help="generations: first N test questions")
+    parser.add_argument("--prompts", type=int, default=6, help="generations, hpr_edit_regions: first N test questions")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="generations: greedy tokens per prompt")
     parser.add_argument(
         "--neutral-text",

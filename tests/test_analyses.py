@@ -48,6 +48,28 @@ def test_measurements_on_a_tiny_run(tiny_run, tmp_path):
     assert by["iti200", run.results["n_layers"] - 1] > by["base", run.results["n_layers"] - 1]
 
 
+def test_hpr_edit_regions_counts_every_token_once(tiny_run):
+    run = measurements.Run(tiny_run, device="cpu")
+    questions = run.questions("test")[:3]
+    editor = run.editor("hpr")
+    df = measurements.hpr_edit_regions(run.model, questions, run.fmt, editor)
+    layers = editor.config.layers
+    assert len(df) == len(layers) * len(measurements.REGIONS)
+    answers = sum(
+        len(run.model.tokenizer(" " + c.text, add_special_tokens=False)["input_ids"]) for q in questions for c in q.mc2
+    )
+    by = df.groupby("layer")["tokens"]
+    one_layer = df[df["layer"] == layers[0]].set_index("region")["tokens"]
+    assert (by.sum() == by.sum().iloc[0]).all()  # every layer sees the same tokens
+    assert one_layer["true answer"] + one_layer["false answer"] == answers
+    seen = df[df["tokens"] > 0]
+    assert seen["edited_share"].between(0, 1).all()
+    edited = seen[seen["edited_share"] > 0]
+    assert len(edited) and edited["mean_theta_deg"].between(0, 180).all()
+    with pytest.raises(ValueError, match="HPR's probes"):
+        measurements.hpr_edit_regions(run.model, questions, run.fmt, run.editor("iti15"))
+
+
 def test_every_analysis_script_writes_its_outputs(tiny_run, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(ANALYSES))
     reproduce_paper = importlib.import_module("reproduce_paper")
@@ -69,6 +91,7 @@ def test_every_analysis_script_writes_its_outputs(tiny_run, tmp_path, monkeypatc
         "strength_hpr",
         "strength_iti200",
         "strength_caa",
+        "hpr_edit_regions",
     } <= figures
     assert "strength_sea" not in figures  # SEA has no strength
     tables = {p.name for p in (out / "tables").iterdir()}
@@ -82,6 +105,7 @@ def test_every_analysis_script_writes_its_outputs(tiny_run, tmp_path, monkeypatc
         "capability",
         "norm_change_vs_base",
         "strength_curves",
+        "hpr_edit_regions",
     ):
         assert {f"{name}.csv", f"{name}.md", f"{name}.tex"} <= tables
     # each script also runs alone
