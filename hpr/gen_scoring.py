@@ -230,24 +230,25 @@ def question_scores(
             raise ValueError(f"method {method!r}: question {qid!r} has no reference answers")
         if qid not in refs:
             refs[qid] = references(*answers[qid])
-        scores = score_answer(completion, *refs[qid])
-        non_answer, rep = is_non_answer(completion), repetition(completion)
-        informative = not non_answer and rep < DEGENERATE_REPETITION
         rows.append(
-            {
-                "method": method,
-                "question_id": qid,
-                "completion": completion,
-                **scores,
-                "non_answer": non_answer,
-                "answer_words": answer_words(completion),
-                "repetition": rep,
-                "degenerate": rep >= DEGENERATE_REPETITION,
-                **{f"{m}_acc_informative": float(informative and scores[f"{m}_acc"] == 1) for m in METRICS},
-            }
+            {"method": method, "question_id": qid, "completion": completion, **score_answer(completion, *refs[qid])}
         )
-    columns = [*COMPLETION_COLUMNS, *SCORE_KEYS, "non_answer", "answer_words", "repetition", "degenerate"]
-    return pd.DataFrame(rows, columns=[*columns, *INFORMATIVE_KEYS])
+    return with_informativeness(pd.DataFrame(rows, columns=[*COMPLETION_COLUMNS, *SCORE_KEYS]))
+
+
+def with_informativeness(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` (``completion`` and the ``{metric}_acc`` columns) with whichever of ``non_answer``,
+    ``answer_words``, ``repetition``, ``degenerate`` and :data:`INFORMATIVE_KEYS` it lacks, in that order."""
+    for column, of_text in (("non_answer", is_non_answer), ("answer_words", answer_words), ("repetition", repetition)):
+        if column not in frame.columns:
+            frame[column] = frame["completion"].map(of_text)
+    if "degenerate" not in frame.columns:
+        frame["degenerate"] = frame["repetition"] >= DEGENERATE_REPETITION
+    informative = ~frame["non_answer"].astype(bool) & ~frame["degenerate"].astype(bool)
+    for m in METRICS:
+        if f"{m}_acc_informative" not in frame.columns:
+            frame[f"{m}_acc_informative"] = (informative & (frame[f"{m}_acc"] == 1)).astype(float)
+    return frame
 
 
 def summarize(frame: pd.DataFrame) -> dict[str, dict[str, float]]:
@@ -263,17 +264,7 @@ def summarize(frame: pd.DataFrame) -> dict[str, dict[str, float]]:
     if frame.duplicated(["method", "question_id"]).any():
         dup = frame[frame.duplicated(["method", "question_id"])].iloc[0]
         raise ValueError(f"question {dup['question_id']!r} appears twice for method {dup['method']!r}")
-    frame = frame.copy()
-    derived = {"non_answer": is_non_answer, "answer_words": answer_words, "repetition": repetition}
-    for column, of_text in derived.items():
-        if column not in frame.columns:
-            frame[column] = frame["completion"].map(of_text)
-    if "degenerate" not in frame.columns:
-        frame["degenerate"] = frame["repetition"] >= DEGENERATE_REPETITION
-    informative = ~frame["non_answer"].astype(bool) & ~frame["degenerate"].astype(bool)
-    for m in METRICS:
-        if f"{m}_acc_informative" not in frame.columns:
-            frame[f"{m}_acc_informative"] = (informative & (frame[f"{m}_acc"] == 1)).astype(float)
+    frame = with_informativeness(frame.copy())
     rates = [("non_answer", "non_answer_rate"), ("degenerate", "degenerate_rate")]
     out: dict[str, dict[str, float]] = {}
     for method, g in frame.groupby("method", sort=False):
