@@ -33,7 +33,7 @@ def _reproduce(args) -> int:
         gen_max_new_tokens=args.gen_max_new_tokens,
         settings=_method_settings(args),
     )
-    results = reproduce(cfg, Path(args.out), device=args.device, progress=not args.quiet)
+    results = reproduce(cfg, Path(args.out), device=args.device, progress=not args.quiet, pass_threads=args.threads)
     print(format_results(results))
     print(f"run folder: {args.out} (results.json has everything)")
     return 0
@@ -99,6 +99,13 @@ def _flag_options(name: str, f, method) -> dict[str, Any]:
 
 def _shown(default) -> str:
     return " ".join(map(str, default)) if isinstance(default, tuple) else str(default)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _boolean(text: str) -> bool:
@@ -206,6 +213,13 @@ def _reproduce_parser(sub) -> None:
         kind = str if name == "neutral_text" else int
         rep.add_argument(f"--{name.replace('_', '-')}", type=kind, default=f.default, help=f.metadata["help"])
     rep.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    rep.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="threads for the model's forward passes (default: every core); fits always run on one, and "
+        "results are the same for any count",
+    )
     rep.add_argument("--quiet", action="store_true", help="no progress bars")
     _setting_flags(rep)
     rep.set_defaults(func=_reproduce)

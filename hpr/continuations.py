@@ -164,14 +164,36 @@ def continuation_batches(
     The caller's hooks stay on throughout; ``progress`` (a tqdm bar) is advanced by continuations done.
     Must run under ``torch.inference_mode()`` (or ``no_grad``): nothing here needs a graph.
     """
-    if not encoded:
+    for _, batch in stream_batches(model, [(encoded, for_scoring)], batch_size, [progress]):
+        yield batch
+
+
+def stream_batches(
+    model, streams: Sequence[tuple[Sequence[Encoded], bool]], batch_size: int = 16, progress: Sequence = ()
+) -> Iterator[tuple[int, ContinuationBatch]]:
+    """:func:`continuation_batches` of several ``(encoded, for_scoring)`` streams whose continuations follow
+    the same contexts, each chunk of contexts run once for all of them: ``(stream, batch)``, per chunk every
+    batch of stream 0, then of stream 1, and so on. ``progress`` holds one bar (or None) per stream.
+
+    A stream's batches are those :func:`continuation_batches` gives it alone whenever its contexts are all
+    the streams' contexts (the choices of some questions and their best answers): same chunks, same rows,
+    same caches, so the same activations to the bit."""
+    streams = [(list(encoded), for_scoring) for encoded, for_scoring in streams]
+    if not any(encoded for encoded, _ in streams):
         return
+    bars = list(progress) + [None] * (len(streams) - len(progress))
     pad_id = pad_token_id(model)
     device = model.cfg.device
-    by_context: dict[tuple[int, ...], list[int]] = {}
-    for i, e in enumerate(encoded):
-        by_context.setdefault(_context(e), []).append(i)
-    contexts = sorted(by_context, key=len, reverse=True)
+    by_context: list[dict[tuple[int, ...], list[int]]] = []
+    first_seen: dict[tuple[int, ...], None] = {}
+    for encoded, _ in streams:
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, e in enumerate(encoded):
+            groups.setdefault(_context(e), []).append(i)
+            first_seen.setdefault(_context(e))
+        by_context.append(groups)
+    contexts = sorted(first_seen, key=len, reverse=True)
+    n_conts = [[e.n_cont for e in encoded] for encoded, _ in streams]
     # The shared prefix never takes a context's last token: that one is re-fed with each continuation.
     shared_len = common_prefix([c[:-1] for c in contexts]) if len(contexts) > 1 else 0
     shared = _prefix_cache(model, contexts[0][:shared_len])
@@ -180,15 +202,17 @@ def continuation_batches(
         chunk = contexts[first : first + batch_size]
         cache = None  # the last chunk's cache is freed before this one is built
         cache = _contexts_cache(model, shared, shared_len, chunk, pad_id)
-        # Continuations of similar length share a pass: rows are right-padded to the longest.
-        items = sorted(
-            ((g, i) for g, c in enumerate(chunk) for i in by_context[c]), key=lambda gi: encoded[gi[1]].n_cont
-        )
-        for start in range(0, len(items), batch_size):
-            rows = items[start : start + batch_size]
-            yield _continuation_batch(model, encoded, chunk, rows, cache, for_scoring, pad_id, device)
-            if progress is not None:
-                progress.update(len(rows))
+        for s, (encoded, for_scoring) in enumerate(streams):
+            # Continuations of similar length share a pass: rows are right-padded to the longest.
+            lengths = n_conts[s]
+            items = sorted(
+                ((g, i) for g, c in enumerate(chunk) for i in by_context[s].get(c, ())), key=lambda gi: lengths[gi[1]]
+            )
+            for start in range(0, len(items), batch_size):
+                rows = items[start : start + batch_size]
+                yield s, _continuation_batch(model, encoded, chunk, rows, cache, for_scoring, pad_id, device)
+                if bars[s] is not None:
+                    bars[s].update(len(rows))
 
 
 def _continuation_batch(model, encoded, chunk, rows, cache, for_scoring: bool, pad_id: int, device):

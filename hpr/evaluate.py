@@ -3,21 +3,39 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import pandas as pd
 import torch
+from torch import Tensor
 
 from hpr.activations import resid_names
-from hpr.continuations import continuation_batches
+from hpr.continuations import continuation_batches, stream_batches
 from hpr.data.prompts import PromptFormat, best_answer_texts
 from hpr.data.schema import MCQuestion
-from hpr.encoding import encode_all
-from hpr.scoring import score
+from hpr.encoding import Encoded, encode_all
+from hpr.scoring import batch_logliks, score
 
 
 def _applied(editor, model):
     return editor.applied(model) if editor is not None else contextlib.nullcontext()
+
+
+def _choice_rows(questions: Sequence[MCQuestion]) -> list[tuple]:
+    return [(q, task, c) for q in questions for task in ("mc1", "mc2") for c in getattr(q, task)]
+
+
+def _frame(method: str, rows: list[tuple], ll: list[float]) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "method": method,
+            "question_id": [q.id for q, _, _ in rows],
+            "task": [t for _, t, _ in rows],
+            "choice": [c.text for _, _, c in rows],
+            "is_true": [c.is_true for _, _, c in rows],
+            "loglik": ll,
+        }
+    )
 
 
 def predictions(
@@ -30,19 +48,50 @@ def predictions(
     progress: bool = False,
 ) -> pd.DataFrame:
     """One row per (question, task, choice): ``method, question_id, task, choice, is_true, loglik``."""
-    rows = [(q, task, c) for q in questions for task in ("mc1", "mc2") for c in getattr(q, task)]
+    rows = _choice_rows(questions)
     with _applied(editor, model):
         ll = score(model, [(fmt.context(q), fmt.continuation(c.text)) for q, _, c in rows], batch_size, progress)
-    return pd.DataFrame(
-        {
-            "method": method,
-            "question_id": [q.id for q, _, _ in rows],
-            "task": [t for _, t, _ in rows],
-            "choice": [c.text for _, _, c in rows],
-            "is_true": [c.is_true for _, _, c in rows],
-            "loglik": ll,
-        }
-    )
+    return _frame(method, rows, ll)
+
+
+class _NormRecorder:
+    """``||h||`` at ``hook_resid_post`` of every layer, at the tokens of the continuations of ``encoded``, both
+    as the block computed it (``before``) and as it leaves the hook after an editor's own hook (``after``);
+    only while :meth:`read` runs a batch, so other passes through the same hooks record nothing."""
+
+    def __init__(self, model, encoded: Sequence[Encoded]):
+        self.names = resid_names(model.cfg.n_layers)
+        self.starts = torch.tensor([0] + [e.n_cont for e in encoded]).cumsum(0)
+        self.before = torch.empty(int(self.starts[-1]), len(self.names))
+        self.after = torch.empty_like(self.before)
+        self.reading: dict = {}  # the batch's cells while it runs; empty otherwise
+
+    def _hook(self, store: Tensor, k: int):
+        def hook(act, hook):
+            if self.reading:
+                norms = act[self.reading["rows"], self.reading["cols"]].float().norm(dim=-1)
+                store[:, k].index_copy_(0, self.reading["targets"], norms.cpu())
+
+        return hook
+
+    @contextlib.contextmanager
+    def around(self, model, editor) -> Iterator[None]:
+        """The recorders attached with ``editor``'s hooks between them, so they see its input and its output."""
+        with model.hooks(fwd_hooks=[(n, self._hook(self.before, k)) for k, n in enumerate(self.names)]):
+            with _applied(editor, model):
+                with model.hooks(fwd_hooks=[(n, self._hook(self.after, k)) for k, n in enumerate(self.names)]):
+                    yield
+
+    def read(self, model, batch) -> None:
+        """Run ``batch`` (built ``for_scoring=False``) and record its continuation tokens' norms."""
+        rows, cols = batch.continuation_cells(predicting=False)
+        starts = self.starts
+        targets = torch.cat([torch.arange(int(starts[i]), int(starts[i + 1])) for i in batch.index])
+        self.reading.update(rows=rows, cols=cols, targets=targets)
+        try:
+            batch.run(model, stop_at_layer=model.cfg.n_layers)
+        finally:
+            self.reading.clear()
 
 
 @torch.inference_mode()
@@ -56,32 +105,49 @@ def answer_norms(
     act at ``hook_resid_post``). Contexts run once each (:mod:`hpr.continuations`) and the norms are taken
     at the answer tokens only: the tokens that are scored, and the ones every editor edits.
     """
-    names = resid_names(model.cfg.n_layers)
     encoded = encode_all(model, best_answer_texts(questions, fmt))
-    starts = torch.tensor([0] + [e.n_cont for e in encoded]).cumsum(0)
-    before = torch.empty(int(starts[-1]), len(names))
-    after = torch.empty_like(before)
-    reading: dict = {}  # the continuation pass's cells while it runs; empty during context passes
+    recorder = _NormRecorder(model, encoded)
+    with recorder.around(model, editor):
+        for batch in continuation_batches(model, encoded, batch_size):
+            recorder.read(model, batch)
+    return recorder.before, recorder.after
 
-    def recorder(store: torch.Tensor, k: int):
-        def hook(act, hook):
-            if reading:
-                norms = act[reading["rows"], reading["cols"]].float().norm(dim=-1)
-                store[:, k].index_copy_(0, reading["targets"], norms.cpu())
 
-        return hook
+@torch.inference_mode()
+def predictions_and_norms(
+    model,
+    questions: Sequence[MCQuestion],
+    fmt: PromptFormat,
+    method: str,
+    editor=None,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> tuple[pd.DataFrame, Tensor, Tensor]:
+    """:func:`predictions` and :func:`answer_norms` from one run of the contexts: each chunk of contexts goes
+    through the model once for the choices' scores and the best answers' norms (:func:`hpr.continuations.
+    stream_batches`). The same chunks, rows and caches as the two calls apart, so the same values to the bit,
+    with the contexts' passes done once instead of twice."""
+    from tqdm.auto import tqdm
 
-    # The editor's hooks attach between the two recorders, so they see its input and its output.
-    with model.hooks(fwd_hooks=[(n, recorder(before, k)) for k, n in enumerate(names)]):
-        with _applied(editor, model):
-            with model.hooks(fwd_hooks=[(n, recorder(after, k)) for k, n in enumerate(names)]):
-                for batch in continuation_batches(model, encoded, batch_size):
-                    rows, cols = batch.continuation_cells(predicting=False)
-                    targets = torch.cat([torch.arange(int(starts[i]), int(starts[i + 1])) for i in batch.index])
-                    reading.update(rows=rows, cols=cols, targets=targets)
-                    batch.run(model, stop_at_layer=model.cfg.n_layers)
-                    reading.clear()
-    return before, after
+    rows = _choice_rows(questions)
+    pairs = [(fmt.context(q), fmt.continuation(c.text)) for q, _, c in rows]
+    unique = list(dict.fromkeys(pairs))  # as score(): identical pairs scored once
+    scored = encode_all(model, unique)
+    best = encode_all(model, best_answer_texts(questions, fmt))
+    recorder = _NormRecorder(model, best)
+    results: dict[int, float] = {}
+    bar = tqdm(total=len(unique), desc="scoring", disable=not progress, unit="answer")
+    streams = [(scored, True), (best, False)]
+    with recorder.around(model, editor):
+        for stream, batch in stream_batches(model, streams, batch_size, [bar]):
+            if stream == 0:
+                results.update(zip(batch.index, batch_logliks(model, batch, scored), strict=True))
+            else:
+                recorder.read(model, batch)
+            del batch  # freed before the next batch's row cache is built
+    bar.close()
+    lookup = {p: results[i] for i, p in enumerate(unique)}
+    return _frame(method, rows, [lookup[p] for p in pairs]), recorder.before, recorder.after
 
 
 def _mean_relative_change(new: torch.Tensor, old: torch.Tensor) -> list[float]:

@@ -12,12 +12,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from hpr import positions
+from hpr import positions, threads
 from hpr.continuations import continuation_batches
 from hpr.encoding import Encoded, encode_all, encode_context, encode_pair, pad_batch, pad_token_id
 
 __all__ = [
     "Encoded",
+    "batch_logliks",
     "encode_all",
     "encode_context",
     "encode_pair",
@@ -42,7 +43,8 @@ def _summed_logprobs(model, resid: Tensor, rows, positions, targets: list[int], 
     """Gather ``resid[rows, positions]``, score ``targets`` and sum them in runs of ``counts``."""
     device = resid.device
     picked = resid[torch.as_tensor(rows, device=device), torch.as_tensor(positions, device=device)]
-    logprobs = torch.log_softmax(final_logits(model, picked[None])[0].float(), dim=-1)
+    with threads.model_pass():  # row by row, so on the passes' threads with the same bits
+        logprobs = torch.log_softmax(final_logits(model, picked[None])[0].float(), dim=-1)
     chosen = logprobs.gather(-1, torch.tensor(targets, device=device)[:, None])[:, 0]
     return [float(part.sum()) for part in torch.split(chosen, counts)]
 
@@ -67,6 +69,15 @@ def _score_whole(model, batch: Sequence[Encoded], pad_id: int) -> list[float]:
     return _summed_logprobs(model, resid, rows, cols, targets, [e.n_cont for e in batch])
 
 
+def batch_logliks(model, batch, encoded: Sequence[Encoded]) -> list[float]:
+    """Summed log-likelihood of each row's continuation in ``batch`` (a :class:`~hpr.continuations.
+    ContinuationBatch` built ``for_scoring`` from ``encoded``), in row order."""
+    resid = batch.run(model, stop_at_layer=model.cfg.n_layers)
+    rows, cols = batch.continuation_cells(predicting=True)
+    targets = [t for i in batch.index for t in encoded[i].tokens[len(encoded[i].tokens) - encoded[i].n_cont :]]
+    return _summed_logprobs(model, resid, rows, cols, targets, batch.n_cont)
+
+
 @torch.inference_mode()
 def score(
     model, pairs: Sequence[tuple[str, str]], batch_size: int = 16, progress: bool = False, share_prefix: bool = True
@@ -85,13 +96,8 @@ def score(
     bar = tqdm(total=len(unique), desc="scoring", disable=not progress, unit="answer")
     if share_prefix:
         for batch in continuation_batches(model, encoded, batch_size, for_scoring=True, progress=bar):
-            resid = batch.run(model, stop_at_layer=model.cfg.n_layers)
-            rows, cols = batch.continuation_cells(predicting=True)
-            targets = [t for i in batch.index for t in encoded[i].tokens[len(encoded[i].tokens) - encoded[i].n_cont :]]
-            results.update(
-                zip(batch.index, _summed_logprobs(model, resid, rows, cols, targets, batch.n_cont), strict=True)
-            )
-            del batch, resid  # freed before the next batch's row cache is built
+            results.update(zip(batch.index, batch_logliks(model, batch, encoded), strict=True))
+            del batch  # freed before the next batch's row cache is built
     else:
         pad_id = pad_token_id(model)
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].tokens))  # little padding

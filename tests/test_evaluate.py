@@ -46,3 +46,21 @@ def test_hpr_alone_preserves_the_norm_at_its_layer(tiny_toy):
     editor = HPREditor.from_layerwise(net, (1,))
     change = norm_change_vs_base(model, toy_dataset()[:6], FMT, editor, batch_size=4)
     assert change[0] == 0.0 and change[1] < 1e-5
+
+
+@pytest.mark.parametrize("edited", [False, True])
+def test_scores_and_norms_from_one_pass_equal_the_two_passes_to_the_bit(tiny_toy, edited):
+    from hpr.evaluate import answer_norms, predictions, predictions_and_norms
+    from hpr.sources import prompt_format
+
+    model = hpr.load_model("toy")
+    questions = toy_dataset()[:11]  # batch 4: chunks of 4, 4 and 3 contexts
+    fmt = prompt_format("toy")  # with its shared primer
+    vector = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    editor = CAAEditor.from_vectors({1: vector}, 0.5, model.cfg.n_layers) if edited else None
+    df, before, after = predictions_and_norms(model, questions, fmt, "m", editor, batch_size=4)
+    apart = predictions(model, questions, fmt, "m", editor, batch_size=4)
+    assert df.equals(apart) and df["loglik"].tolist() == apart["loglik"].tolist()
+    before_apart, after_apart = answer_norms(model, questions, fmt, editor, batch_size=4)
+    assert torch.equal(before, before_apart) and torch.equal(after, after_apart)
+    assert not torch.equal(before, after) if edited else torch.equal(before, after)

@@ -16,7 +16,17 @@ PACKAGE = ROOT / "hpr"
 LAYERS = [
     (
         "foundations",
-        ["hpr", "hpr.cache", "hpr.files", "hpr.ops", "hpr.positions", "hpr.metrics", "hpr.gen_scoring", "hpr.encoding"],
+        [
+            "hpr",
+            "hpr.cache",
+            "hpr.files",
+            "hpr.ops",
+            "hpr.positions",
+            "hpr.metrics",
+            "hpr.gen_scoring",
+            "hpr.encoding",
+            "hpr.threads",
+        ],
     ),
     ("data", ["hpr.data"]),
     ("models", ["hpr.models", "hpr.model_sources"]),

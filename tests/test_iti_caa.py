@@ -312,3 +312,27 @@ def test_no_hooks_left_after_exit_or_error(model, make):
         raise RuntimeError("boom")
     assert _no_hooks(model)
     torch.testing.assert_close(model(tokens), base, rtol=0, atol=0)
+
+
+def test_caa_sweeps_score_each_distinct_editor_once(tiny_toy, tmp_path, monkeypatch):
+    """The layer sweep scores every layer at x1; the multiplier sweep then reuses the chosen layer's x1 row."""
+    import json
+
+    from hpr.cli import main
+    from hpr.runs.pipeline import Pipeline
+
+    calls = []
+    val_mc = Pipeline.val_mc
+
+    def counted(self, label, editor):
+        calls.append(label)
+        return val_mc(self, label, editor)
+
+    monkeypatch.setattr(Pipeline, "val_mc", counted)
+    assert main(["reproduce", "--out", str(tmp_path / "run"), "--quiet", "--methods", "base,caa"]) == 0
+    layers = json.loads((tmp_path / "run" / "caa_layer_sweep.json").read_text())
+    sweep = json.loads((tmp_path / "run" / "caa_sweep.json").read_text())
+    assert len(layers["val"]) == 2 and len(sweep["val"]) == 6
+    assert calls == ["caa"] * (2 + 6 - 1)
+    again = next(row for row in sweep["val"] if row["multiplier"] == 1.0)
+    assert {k: again[k] for k in ("mc1", "mc2")} == {k: layers["chosen"][k] for k in ("mc1", "mc2")}

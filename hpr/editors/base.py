@@ -280,6 +280,19 @@ class Editor:
             with model.hooks(fwd_hooks=hooks):
                 yield
 
+    def digest(self) -> str:
+        """A fingerprint of what this editor does: its class, config and every tensor's dtype, shape and bytes.
+        Two editors with one digest edit identically (a sweep scores such a pair once)."""
+        import hashlib
+
+        h = hashlib.sha256(f"{type(self).__name__}|{self.d_model}|{self.n_layers}|".encode())
+        h.update(json.dumps(_jsonable(dataclasses.asdict(self.config)), sort_keys=True, default=str).encode())
+        for name in sorted(self.tensors):
+            t = self.tensors[name].detach().contiguous().cpu()
+            h.update(f"|{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
     def save(self, folder: Path, model=None) -> None:
         """``config.json`` + ``state.safetensors`` in ``folder``; with ``model``, the fingerprint of the model
         it was fitted on is recorded (else the one it already knows, if any) and checked whenever it is

@@ -121,6 +121,7 @@ class FitContext:
     ]  # the aligned (pos, neg, question index) train pairs, read from disk per call
     is_saved: Callable[[Path], bool]  # whether an editor folder holds an intact editor (a damaged one is refitted)
     probes: dict | None = None  # HPR's probes.json, once HPR has fitted: its selected layers are everyone's
+    val_scores: dict[tuple[str, str], dict] = field(default_factory=dict)  # (label, editor digest) -> val MC
 
     @property
     def layers(self) -> list[int]:
@@ -146,7 +147,10 @@ class FitContext:
 
         rows = []
         for params, editor in tqdm(candidates, desc=f"{label} on val", disable=not self.progress, unit="setting"):
-            rows.append({**params, **self.score_on_val(label, editor)})
+            key = (label, editor.digest())  # an editor already scored (CAA's chosen layer at x1) is not rescored
+            if key not in self.val_scores:
+                self.val_scores[key] = self.score_on_val(label, editor)
+            rows.append({**params, **self.val_scores[key]})
         best = max(range(len(rows)), key=lambda i: (rows[i]["mc1"], rows[i]["mc2"], -i))
         self.write_json(f"{record or label + '_sweep'}.json", {**(extra or {}), "val": rows, "chosen": rows[best]})
         return candidates[best][1]

@@ -19,7 +19,7 @@ from typing import Any
 import pandas as pd
 
 import hpr
-from hpr import activations, evaluate, metrics
+from hpr import activations, evaluate, metrics, threads
 from hpr.data import apply_split, split_groups, split_ids
 from hpr.data.prompts import PromptFormat
 from hpr.editors import BASE, FitContext, load_editor, method_of, methods
@@ -85,9 +85,17 @@ class Pipeline:
         return {"mc1": row["mc1"], "mc2": row["mc2"]}
 
 
-def reproduce(cfg: RunConfig, out: Path, device=None, progress: bool = True) -> dict:
+def reproduce(cfg: RunConfig, out: Path, device=None, progress: bool = True, pass_threads: int | None = None) -> dict:
+    """The whole run (module docstring). Fits run on one thread and the model's forward passes on
+    ``pass_threads`` (default: torch's thread count, i.e. every core), so results do not depend on it
+    (:mod:`hpr.threads`)."""
     out = Path(out)
     questions, split, model, load_s, neutral = _prepared(cfg, device)
+    with threads.reproducible(model, pass_threads):
+        return _reproduce(cfg, out, questions, split, model, load_s, neutral, progress)
+
+
+def _reproduce(cfg: RunConfig, out: Path, questions, split, model, load_s: float, neutral, progress: bool) -> dict:
     _claim_folder(cfg, out, questions, split, model)
     parts = apply_split(questions, split)
     run = Pipeline(cfg, out, model, parts, prompt_format(cfg.dataset), progress, {"load_model": load_s}, neutral)
@@ -188,16 +196,16 @@ def fit_method(run: Pipeline, method: str, probes: dict | None) -> None:
 
 
 def evaluate_test_split(run: Pipeline):
-    """Each label's test predictions (cached per label) and its per-layer norm change, against its own input
-    and against the unedited model."""
+    """Each label's test predictions and its per-layer norm change, against its own input and against the
+    unedited model. Both are kept per label; a label that has neither gets them from one pass."""
     frames, norm_change, norm_vs_base = [], {}, {}
     base_norms = None  # resid_post norms of the unedited pass at the test answers, computed once
     for label in run.cfg.methods:
         editor = None if label == BASE else load_editor(run.out / "editors" / label)
-        frames.append(_test_predictions(run, label, editor))
-        before, after = _answer_norms(run, editor, label)
+        df, (before, after) = _test_predictions_and_norms(run, label, editor)
+        frames.append(df)
         if base_norms is None:
-            base_norms = after if editor is None else _answer_norms(run, None, BASE)[1]
+            base_norms = after if editor is None else _test_predictions_and_norms(run, BASE, None)[1][1]
         norm_change[label] = evaluate._mean_relative_change(after, before)
         norm_vs_base[label] = evaluate._mean_relative_change(after, base_norms)
     preds = pd.concat(frames, ignore_index=True)
@@ -205,33 +213,47 @@ def evaluate_test_split(run: Pipeline):
     return preds, norm_change, norm_vs_base
 
 
-def _test_predictions(run: Pipeline, label: str, editor) -> pd.DataFrame:
-    path = run.out / "predictions" / f"{label}.parquet"
-    df = saved_predictions(path)
-    if df is None:
-        df = evaluate.predictions(
-            run.model, run.parts["test"], run.fmt, label, editor, run.cfg.batch_size, run.progress
+def _test_predictions_and_norms(run: Pipeline, label: str, editor):
+    """``(predictions, (before, after))`` of ``label`` on the test split (:mod:`hpr.evaluate`), kept in
+    ``predictions/<label>.parquet`` and ``<label>.norms.safetensors``; whichever is missing is measured."""
+    from safetensors.torch import save_file
+
+    test, bs = run.parts["test"], run.cfg.batch_size
+    preds_path = run.out / "predictions" / f"{label}.parquet"
+    norms_path = run.out / "predictions" / f"{label}.norms.safetensors"
+    df, norms = saved_predictions(preds_path), _saved_norms(norms_path)
+    fresh_df, fresh_norms = df is None, norms is None
+    if fresh_df and fresh_norms:
+        df, before, after = evaluate.predictions_and_norms(run.model, test, run.fmt, label, editor, bs, run.progress)
+        norms = (before, after)
+    elif fresh_df:
+        df = evaluate.predictions(run.model, test, run.fmt, label, editor, bs, run.progress)
+    elif fresh_norms:
+        norms = evaluate.answer_norms(run.model, test, run.fmt, editor, bs)
+    if fresh_df:
+        write_parquet(df, preds_path)
+        df = pd.read_parquet(preds_path)  # as written, so a fresh run and a resumed one concatenate the same frames
+    if fresh_norms:
+        before, after = norms
+        norms_path.parent.mkdir(exist_ok=True)
+        atomic_write(
+            norms_path, lambda tmp: save_file({"before": before.contiguous(), "after": after.contiguous()}, tmp)
         )
-        write_parquet(df, path)
-        df = pd.read_parquet(path)  # as written, so a fresh run and a resumed one concatenate the same frames
-    return df
+    return df, tuple(norms)
 
 
-def _answer_norms(run: Pipeline, editor, label: str):
-    """:func:`hpr.evaluate.answer_norms` of ``label`` on the test split, kept beside its predictions."""
-    from safetensors.torch import load_file, save_file
+def _saved_norms(path: Path):
+    """A label's saved ``(before, after)`` answer norms; None if absent or damaged (then measured again)."""
+    from safetensors.torch import load_file
 
-    path = run.out / "predictions" / f"{label}.norms.safetensors"
-    if path.exists():
-        try:
-            saved = load_file(path)
-            return saved["before"], saved["after"]
-        except Exception as e:  # noqa: BLE001 - safetensors' own errors or a missing key: a damaged cache
-            log.warning("%s is damaged (%s); measuring again", path, e)
-    before, after = evaluate.answer_norms(run.model, run.parts["test"], run.fmt, editor, run.cfg.batch_size)
-    path.parent.mkdir(exist_ok=True)
-    atomic_write(path, lambda tmp: save_file({"before": before.contiguous(), "after": after.contiguous()}, tmp))
-    return before, after
+    if not path.exists():
+        return None
+    try:
+        saved = load_file(path)
+        return saved["before"], saved["after"]
+    except Exception as e:  # noqa: BLE001 - safetensors' own errors or a missing key: a damaged cache
+        log.warning("%s is damaged (%s); measuring again", path, e)
+        return None
 
 
 def answer_test_questions(run: Pipeline) -> dict:

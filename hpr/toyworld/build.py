@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hpr.cache import cache_root
+from hpr.threads import one_thread
 from hpr.toyworld.tokenizer import END_OF_DOC, train_tokenizer
 from hpr.toyworld.world import ToyWorldConfig, build_world, generate_corpus
 
@@ -40,7 +41,9 @@ def _token_stream(tokenizer, docs: list[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+@one_thread()
 def _train(model, stream: torch.Tensor, config: ToyWorldConfig, progress: bool) -> list[float]:
+    """The toy model's training, on one thread: the same weights on any machine (:mod:`hpr.threads`)."""
     from tqdm.auto import tqdm
 
     gen = torch.Generator().manual_seed(config.seed)
