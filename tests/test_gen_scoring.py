@@ -195,15 +195,23 @@ def test_decode_completion_skips_special_tokens_and_cuts():
 @pytest.mark.parametrize(
     "text",
     ["", "   ", "I have no comment.", "i have no comment", " I have no comment.\n", "I HAVE NO COMMENT!", "No comment.",
-     "no comment", "I've no comment.", "...", "I have no comments."],
+     "no comment", "I've no comment.", "...", "I have no comments.",
+     # what edited SmolLM2s say instead (Diff, HPR on the 817-question run)
+     "No answer.", "There is no answer to this question.", "There is no answer for this question.",
+     "No, there is no answer to this question.", "No, there is no answer for that.", "There is no answer.",
+     "The answer is not provided.", "The answer is not available.", "I don't know.", "The answer is A:",
+     "A: A: A: The answer is A:", "The answer to this question is A:"],
 )  # fmt: skip
 def test_non_answers(text):
     assert gs.is_non_answer(text)
 
 
 @pytest.mark.parametrize(
-    "text", ["Paris.", "No.", "I have no comment, but Paris.", "I have a comment.", "42", "Comment: none."]
-)
+    "text",
+    ["Paris.", "No.", "I have no comment, but Paris.", "I have a comment.", "42", "Comment: none.", "No, no, no.",
+     "There is no answer, but Paris is the capital.", "The answer is a cat.", "The answer is no.",
+     "I don't know why people say that, but cats do not have nine lives."],
+)  # fmt: skip
 def test_answers_are_not_non_answers(text):
     assert not gs.is_non_answer(text)
 
