@@ -10,32 +10,15 @@ import torch
 from torch import Tensor
 
 from hpr.activations import resid_names
-from hpr.continuations import continuation_batches, stream_batches
+from hpr.continuations import continuation_batches
 from hpr.data.prompts import PromptFormat, best_answer_texts
 from hpr.data.schema import MCQuestion
 from hpr.encoding import Encoded, encode_all
-from hpr.scoring import batch_logliks, score
+from hpr.scoring import score
 
 
 def _applied(editor, model):
     return editor.applied(model) if editor is not None else contextlib.nullcontext()
-
-
-def _choice_rows(questions: Sequence[MCQuestion]) -> list[tuple]:
-    return [(q, task, c) for q in questions for task in ("mc1", "mc2") for c in getattr(q, task)]
-
-
-def _frame(method: str, rows: list[tuple], ll: list[float]) -> pd.DataFrame:
-    return pd.DataFrame(
-        {
-            "method": method,
-            "question_id": [q.id for q, _, _ in rows],
-            "task": [t for _, t, _ in rows],
-            "choice": [c.text for _, _, c in rows],
-            "is_true": [c.is_true for _, _, c in rows],
-            "loglik": ll,
-        }
-    )
 
 
 def predictions(
@@ -46,12 +29,24 @@ def predictions(
     editor=None,
     batch_size: int = 16,
     progress: bool = False,
+    alongside=None,
 ) -> pd.DataFrame:
-    """One row per (question, task, choice): ``method, question_id, task, choice, is_true, loglik``."""
-    rows = _choice_rows(questions)
+    """One row per (question, task, choice): ``method, question_id, task, choice, is_true, loglik``.
+    ``alongside``: as :func:`hpr.scoring.score`'s."""
+    rows = [(q, task, c) for q in questions for task in ("mc1", "mc2") for c in getattr(q, task)]
+    pairs = [(fmt.context(q), fmt.continuation(c.text)) for q, _, c in rows]
     with _applied(editor, model):
-        ll = score(model, [(fmt.context(q), fmt.continuation(c.text)) for q, _, c in rows], batch_size, progress)
-    return _frame(method, rows, ll)
+        ll = score(model, pairs, batch_size, progress, alongside=alongside)
+    return pd.DataFrame(
+        {
+            "method": method,
+            "question_id": [q.id for q, _, _ in rows],
+            "task": [t for _, t, _ in rows],
+            "choice": [c.text for _, _, c in rows],
+            "is_true": [c.is_true for _, _, c in rows],
+            "loglik": ll,
+        }
+    )
 
 
 class _NormRecorder:
@@ -124,30 +119,23 @@ def predictions_and_norms(
     progress: bool = False,
 ) -> tuple[pd.DataFrame, Tensor, Tensor]:
     """:func:`predictions` and :func:`answer_norms` from one run of the contexts: each chunk of contexts goes
-    through the model once for the choices' scores and the best answers' norms (:func:`hpr.continuations.
-    stream_batches`). The same chunks, rows and caches as the two calls apart, so the same values to the bit,
-    with the contexts' passes done once instead of twice."""
-    from tqdm.auto import tqdm
-
-    rows = _choice_rows(questions)
-    pairs = [(fmt.context(q), fmt.continuation(c.text)) for q, _, c in rows]
-    unique = list(dict.fromkeys(pairs))  # as score(): identical pairs scored once
-    scored = encode_all(model, unique)
+    through the model once for the choices' scores and the best answers' norms (``score``'s ``alongside``).
+    The same chunks, rows and caches as the two calls apart, so the same values to the bit, with the contexts'
+    passes done once instead of twice."""
     best = encode_all(model, best_answer_texts(questions, fmt))
     recorder = _NormRecorder(model, best)
-    results: dict[int, float] = {}
-    bar = tqdm(total=len(unique), desc="scoring", disable=not progress, unit="answer")
-    streams = [(scored, True), (best, False)]
-    with recorder.around(model, editor):
-        for stream, batch in stream_batches(model, streams, batch_size, [bar]):
-            if stream == 0:
-                results.update(zip(batch.index, batch_logliks(model, batch, scored), strict=True))
-            else:
-                recorder.read(model, batch)
-            del batch  # freed before the next batch's row cache is built
-    bar.close()
-    lookup = {p: results[i] for i, p in enumerate(unique)}
-    return _frame(method, rows, [lookup[p] for p in pairs]), recorder.before, recorder.after
+    with recorder.around(model, editor):  # the editor goes on between the recorders, not in predictions()
+        df = predictions(
+            model,
+            questions,
+            fmt,
+            method,
+            None,
+            batch_size,
+            progress,
+            alongside=(best, lambda b: recorder.read(model, b)),
+        )
+    return df, recorder.before, recorder.after
 
 
 def _mean_relative_change(new: torch.Tensor, old: torch.Tensor) -> list[float]:

@@ -7,13 +7,13 @@ tokens as :mod:`hpr.encoding` splits them (lm-eval's ``_encode_pair``). Shared c
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from hpr import positions, threads
-from hpr.continuations import continuation_batches
+from hpr.continuations import stream_batches
 from hpr.encoding import Encoded, encode_all, encode_context, encode_pair, pad_batch, pad_token_id
 
 __all__ = [
@@ -80,13 +80,20 @@ def batch_logliks(model, batch, encoded: Sequence[Encoded]) -> list[float]:
 
 @torch.inference_mode()
 def score(
-    model, pairs: Sequence[tuple[str, str]], batch_size: int = 16, progress: bool = False, share_prefix: bool = True
+    model,
+    pairs: Sequence[tuple[str, str]],
+    batch_size: int = 16,
+    progress: bool = False,
+    share_prefix: bool = True,
+    alongside: tuple[Sequence[Encoded], Callable] | None = None,
 ) -> list[float]:
     """Summed log-likelihood of each ``(context, continuation)`` under ``model`` (with whatever hooks are on it).
 
     Identical pairs are scored once. Continuations that share their context token for token (the choices
     of one question) run the context once, through a KV cache (``share_prefix``; turn it off for hooks that
     look at a whole sequence at once). The rest run whole, batched by length to waste little padding.
+    ``alongside = (encoded, read)``: other continuations of the same contexts that ride on each chunk's cache
+    (:func:`hpr.continuations.stream_batches`); ``read(batch)`` runs each of their batches.
     """
     from tqdm.auto import tqdm
 
@@ -94,9 +101,15 @@ def score(
     encoded = encode_all(model, unique)
     results: dict[int, float] = {}
     bar = tqdm(total=len(unique), desc="scoring", disable=not progress, unit="answer")
+    if alongside is not None and not share_prefix:
+        raise ValueError("alongside needs share_prefix: it rides on the shared contexts' caches")
     if share_prefix:
-        for batch in continuation_batches(model, encoded, batch_size, for_scoring=True, progress=bar):
-            results.update(zip(batch.index, batch_logliks(model, batch, encoded), strict=True))
+        streams = [(encoded, True)] + ([(alongside[0], False)] if alongside is not None else [])
+        for stream, batch in stream_batches(model, streams, batch_size, [bar]):
+            if stream == 0:
+                results.update(zip(batch.index, batch_logliks(model, batch, encoded), strict=True))
+            else:
+                alongside[1](batch)  # type: ignore[index]
             del batch  # freed before the next batch's row cache is built
     else:
         pad_id = pad_token_id(model)
