@@ -216,9 +216,10 @@ def _reproduce_parser(sub) -> None:
     rep.add_argument(
         "--threads",
         type=_positive_int,
-        default=None,
-        help="threads for the model's forward passes (default: every core); fits always run on one, and "
-        "results are the same for any count",
+        default=1,
+        help="threads for the model's forward passes (default 1: bit-reproducible); fits always run on one. "
+        "More is faster, but MKL rounds small matrix products differently on several threads, so scores "
+        "may differ in the last bits (hpr.threads)",
     )
     rep.add_argument("--quiet", action="store_true", help="no progress bars")
     _setting_flags(rep)

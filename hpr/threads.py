@@ -1,12 +1,18 @@
-"""Threads: every fit on one thread, the model's forward passes on every core, the results independent of both.
+"""Threads: every fit on one thread, so a run is bit-reproducible; the model's forward passes on more on request.
 
 Training is not bit-reproducible across thread counts: a reduction split over two threads (a weight gradient, a
 mean over thousands of activations, an SVD, sklearn's BLAS) adds its parts in another order, so a toy build or
 an HPR fit under two threads differs from one under one thread in the last bits, and then in whole predictions.
-A forward pass is different: every matrix product, norm and softmax in it reduces along a row that one thread
-owns, and the threads split rows and columns. So, inside :func:`reproducible`, everything runs on one torch
-thread (and one BLAS thread, for numpy and sklearn), except ``model``'s forward passes, which run on
-``pass_threads``. ``tests/test_threads.py`` holds a run's every output bit-identical across pass threads.
+Inside :func:`reproducible` everything runs on one torch thread (and one BLAS thread, for numpy and sklearn),
+``model``'s forward passes included unless ``pass_threads`` says otherwise.
+
+More pass threads are faster but not bit-identical: MKL's matrix products with 5 to 11 rows round differently on
+two threads than on one (measured here on every shape of SmolLM2's layers; MKL 2024.2, AVX2), and HPR's angle
+network sees such row counts (the negative-side tokens of a batch), so a ``--limit 60`` SmolLM2 run on two pass
+threads scores HPR differently in the last bits; every other method, every editor and every greedy answer came
+out identical. MKL's strict reproducibility mode (``MKL_CBWR=AUTO,STRICT``, set before torch loads) makes those
+products thread-invariant, but it also changes one-thread results of one-column products (HPR's last angle
+layer), so it is not turned on here.
 """
 
 from __future__ import annotations
@@ -57,15 +63,15 @@ def model_pass() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def reproducible(model, pass_threads: int | None = None) -> Iterator[None]:
-    """One thread for everything inside, except ``model``'s forward passes (module docstring).
+def reproducible(model, pass_threads: int = 1) -> Iterator[None]:
+    """One thread for everything inside; ``model``'s forward passes on ``pass_threads`` (1: the run is then
+    bit-identical whatever the machine's thread settings; more is faster, see the module docstring).
 
-    ``pass_threads`` defaults to torch's thread count on entry: the machine's cores, or ``OMP_NUM_THREADS``
-    where it is set. The hooks go on ``model`` itself (``model(...)``, not its blocks called one by one); the
-    one after the pass runs even when the pass raises, so no fit ever runs on the passes' threads.
+    The hooks go on ``model`` itself (``model(...)``, not its blocks called one by one); the one after the pass
+    runs even when the pass raises, so no fit ever runs on the passes' threads.
     """
     global _pass_threads
-    threads = pass_threads if pass_threads is not None else torch.get_num_threads()
+    threads = pass_threads
     if threads < 1:
         raise ValueError(f"pass_threads must be at least 1, got {threads}")
 

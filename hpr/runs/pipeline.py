@@ -85,10 +85,10 @@ class Pipeline:
         return {"mc1": row["mc1"], "mc2": row["mc2"]}
 
 
-def reproduce(cfg: RunConfig, out: Path, device=None, progress: bool = True, pass_threads: int | None = None) -> dict:
+def reproduce(cfg: RunConfig, out: Path, device=None, progress: bool = True, pass_threads: int = 1) -> dict:
     """The whole run (module docstring). Fits run on one thread and the model's forward passes on
-    ``pass_threads`` (default: torch's thread count, i.e. every core), so results do not depend on it
-    (:mod:`hpr.threads`)."""
+    ``pass_threads`` (:mod:`hpr.threads`: 1, the default, is bit-reproducible on any machine; more is faster
+    and may differ in the last bits)."""
     out = Path(out)
     questions, split, model, load_s, neutral = _prepared(cfg, device)
     with threads.reproducible(model, pass_threads):
@@ -205,7 +205,9 @@ def evaluate_test_split(run: Pipeline):
         df, (before, after) = _test_predictions_and_norms(run, label, editor)
         frames.append(df)
         if base_norms is None:
-            base_norms = after if editor is None else _test_predictions_and_norms(run, BASE, None)[1][1]
+            base_norms = (
+                after if editor is None else _test_predictions_and_norms(run, BASE, None, BASE in run.cfg.methods)[1][1]
+            )
         norm_change[label] = evaluate._mean_relative_change(after, before)
         norm_vs_base[label] = evaluate._mean_relative_change(after, base_norms)
     preds = pd.concat(frames, ignore_index=True)
@@ -213,16 +215,17 @@ def evaluate_test_split(run: Pipeline):
     return preds, norm_change, norm_vs_base
 
 
-def _test_predictions_and_norms(run: Pipeline, label: str, editor):
+def _test_predictions_and_norms(run: Pipeline, label: str, editor, with_predictions: bool = True):
     """``(predictions, (before, after))`` of ``label`` on the test split (:mod:`hpr.evaluate`), kept in
-    ``predictions/<label>.parquet`` and ``<label>.norms.safetensors``; whichever is missing is measured."""
+    ``predictions/<label>.parquet`` and ``<label>.norms.safetensors``; whichever is missing is measured
+    (``with_predictions=False``: the norms alone, predictions None)."""
     from safetensors.torch import save_file
 
     test, bs = run.parts["test"], run.cfg.batch_size
     preds_path = run.out / "predictions" / f"{label}.parquet"
     norms_path = run.out / "predictions" / f"{label}.norms.safetensors"
-    df, norms = saved_predictions(preds_path), _saved_norms(norms_path)
-    fresh_df, fresh_norms = df is None, norms is None
+    df, norms = saved_predictions(preds_path) if with_predictions else None, _saved_norms(norms_path)
+    fresh_df, fresh_norms = with_predictions and df is None, norms is None
     if fresh_df and fresh_norms:
         df, before, after = evaluate.predictions_and_norms(run.model, test, run.fmt, label, editor, bs, run.progress)
         norms = (before, after)
