@@ -49,10 +49,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
+import json
 import logging
 import os
 import tempfile
 import warnings
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -130,21 +133,80 @@ _IDENTITY_FIELDS = (
 )
 
 
-@torch.no_grad()
-def model_fingerprint(model, per_tensor: int = 64) -> str:
-    """sha256 of the architecture and of ``per_tensor`` evenly strided values of every parameter: the same
-    for the same weights on any device, different for another checkpoint of the same shape. Cheap (a few
-    thousand values, whatever the model's size)."""
-    import hashlib
-    import json
+FINGERPRINT_PREFIX = "sha256:"  # a full-weights fingerprint; older records hold a bare sampled one
+_FINGERPRINT_CHUNK = 2**22  # values hashed at a time: bounds the float32 copy of a large tensor to 16 MB
+_fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (weights' state, fingerprint)
 
-    digest = hashlib.sha256(json.dumps({k: str(getattr(model.cfg, k, None)) for k in _IDENTITY_FIELDS}).encode())
+
+def _architecture(model) -> bytes:
+    return json.dumps({k: str(getattr(model.cfg, k, None)) for k in _IDENTITY_FIELDS}).encode()
+
+
+def _weights_state(model) -> tuple:
+    """Changes whenever a parameter is replaced or written in place through torch (its version counter); a
+    write through ``param.data`` escapes torch's count, and so this cache."""
+    return tuple((name, p.data_ptr(), p._version, p.dtype, p.device) for name, p in model.named_parameters())
+
+
+@torch.no_grad()
+def model_fingerprint(model) -> str:
+    """``sha256:`` + the sha256 of the architecture and of every value of every parameter (as float32, so
+    the same for the same weights on any device, and in any dtype that holds them exactly): any change to
+    any weight changes it. About a second per GB of float32 weights on one CPU core, so it is computed once
+    per model and state of its weights (cached on the model object), not per ``editor.applied()``."""
+    state = _weights_state(model)
+    cached = _fingerprints.get(model)
+    if cached is not None and cached[0] == state:
+        return cached[1]
+    digest = hashlib.sha256(_architecture(model))
+    for name, param in model.named_parameters():
+        digest.update(name.encode())
+        digest.update(str(tuple(param.shape)).encode())
+        flat = param.detach().reshape(-1)
+        for start in range(0, flat.numel(), _FINGERPRINT_CHUNK):
+            chunk = flat[start : start + _FINGERPRINT_CHUNK].to("cpu", torch.float32)
+            digest.update(chunk.numpy().tobytes())
+    fingerprint = FINGERPRINT_PREFIX + digest.hexdigest()
+    _fingerprints[model] = (state, fingerprint)
+    return fingerprint
+
+
+@contextlib.contextmanager
+def weights_put_back(model):
+    """For a block that puts back every weight it changes, bit for bit (representation tuning's swap): a
+    fingerprint cached before it stays valid after it ends cleanly, instead of being recomputed at the next
+    editor check. After an error the cache is left stale, so the next check recomputes it."""
+    cached = _fingerprints.get(model)
+    valid = cached is not None and cached[0] == _weights_state(model)
+    yield
+    if valid:
+        _fingerprints[model] = (_weights_state(model), cached[1])
+
+
+@torch.no_grad()
+def sampled_model_fingerprint(model, per_tensor: int = 64) -> str:
+    """The fingerprint run folders and editors recorded before full hashing: sha256 of the architecture and
+    of ``per_tensor`` evenly strided values of every parameter. It misses a change between the samples, so it
+    is only read, to compare with such an old record."""
+    digest = hashlib.sha256(_architecture(model))
     for name, param in model.named_parameters():
         flat = param.detach().reshape(-1)
         sample = flat[:: max(1, flat.numel() // per_tensor)][:per_tensor]
         digest.update(name.encode())
         digest.update(sample.to("cpu", torch.float32).numpy().tobytes())
     return digest.hexdigest()
+
+
+def fingerprint_like(recorded: str, model) -> str:
+    """``model``'s fingerprint in the form of ``recorded`` (full, or an old record's sampled one), to compare."""
+    if recorded.startswith(FINGERPRINT_PREFIX):
+        return model_fingerprint(model)
+    return sampled_model_fingerprint(model)
+
+
+def short_fingerprint(fingerprint: str) -> str:
+    """The first 16 hex digits, for messages."""
+    return fingerprint.removeprefix(FINGERPRINT_PREFIX)[:16]
 
 
 def resid_post_hook(layer: int) -> str:

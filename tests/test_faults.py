@@ -65,6 +65,47 @@ def test_resuming_on_changed_contexts_is_refused_naming_the_dataset(tiny_toy, tm
     assert (tmp_path / "run" / "results.json").read_text() == results
 
 
+def _edit_one_value_between_samples(model):
+    """+5 on one weight that the old strided fingerprint never sampled (the campaign's sparse edit)."""
+    import torch
+
+    from hpr.models import sampled_model_fingerprint
+
+    before = sampled_model_fingerprint(model)
+    name, param = max(model.named_parameters(), key=lambda item: item[1].numel())
+    with torch.no_grad():
+        param.view(-1)[1] += 5.0  # the stride's second sample is at numel // 64
+    assert sampled_model_fingerprint(model) == before, name  # the gap the full fingerprint closes
+    return model
+
+
+def test_resuming_on_weights_changed_in_one_value_is_refused(tiny_toy, tmp_path, monkeypatch, capsys):
+    import hpr.runs.pipeline
+
+    assert _run(tmp_path / "run") == 0
+    results = (tmp_path / "run" / "results.json").read_text()
+    load = hpr.runs.pipeline.load_model
+    monkeypatch.setattr(hpr.runs.pipeline, "load_model", lambda *a, **k: _edit_one_value_between_samples(load(*a, **k)))
+    assert _run(tmp_path / "run", "--methods", "base,iti15") == 2
+    assert "another model's weights" in _one_line_error(capsys)
+    assert (tmp_path / "run" / "results.json").read_text() == results
+
+
+def test_a_folder_recorded_with_the_old_sampled_fingerprint_resumes_and_is_upgraded(tiny_toy, tmp_path):
+    from hpr.models import FINGERPRINT_PREFIX, sampled_model_fingerprint
+    from hpr.sources import load_model
+
+    assert _run(tmp_path / "run") == 0
+    path = tmp_path / "run" / "config.json"
+    record = json.loads(path.read_text())
+    full = record["inputs"]["model_fingerprint"]
+    assert full.startswith(FINGERPRINT_PREFIX)
+    record["inputs"]["model_fingerprint"] = sampled_model_fingerprint(load_model("toy", device="cpu"))
+    path.write_text(json.dumps(record))
+    assert _run(tmp_path / "run") == 0
+    assert json.loads(path.read_text())["inputs"]["model_fingerprint"] == full
+
+
 def test_the_fingerprint_of_data_without_contexts_is_unchanged():
     """Contexts count only where there are some: old run folders (TruthfulQA, the toy world) still resume."""
     import hashlib
@@ -195,6 +236,27 @@ def test_unreadable_data_files_name_the_file_and_line(tmp_path):
         load_jsonl(data)
     with pytest.raises(DataError, match="is a folder"):
         load_jsonl(tmp_path)
+
+
+_CSV_HEADER = "Question,Best Answer,Correct Answers,Incorrect Answers"
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("tqa.csv", f"{_CSV_HEADER}\nWhy caf\xe9?,a,a,b\n".encode("latin-1"), r"tqa.csv, line 2: not UTF-8 .*column 8"),
+        ("tqa.json", '[\n{"question": "caf\xe9?"}]'.encode("latin-1"), r"tqa.json, line 2: not UTF-8 text"),
+        ("tqa.jsonl", '{"question": "caf\xe9?"}\n'.encode("latin-1"), r"tqa.jsonl, line 1: not UTF-8 text"),
+        ("tqa.csv", f'{_CSV_HEADER}\n"{"x" * 140_000}",a,a,b\n'.encode(), r"tqa.csv, line 2: not readable as CSV"),
+        ("tqa.csv", f"{_CSV_HEADER},Question\nq1,a,a,b,q2\n".encode(), r"field 'Question': column is given 2 times"),
+    ],
+)
+def test_truthfulqa_files_that_cannot_be_read_name_the_file_and_line(name, content, message, tmp_path):
+    from hpr.data.truthfulqa import load_truthfulqa
+
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        load_truthfulqa(tmp_path / name)
 
 
 # ------------------------------------------------------------------------------------- editors' state
@@ -394,6 +456,34 @@ def test_an_editor_refuses_another_model_of_the_same_shape(tmp_path, tiny_tl_mod
     assert editor.with_positions("answer").fitted_on == editor.fitted_on  # derived editors keep the record
 
 
+def test_an_editor_refuses_its_model_with_one_weight_changed(tmp_path, tiny_tl_model):
+    from hpr.editors import load_editor
+
+    model = tiny_tl_model(seed=0).eval()
+    editor = load_editor(_saved_hpr(tmp_path, model))
+    with editor.applied(model):
+        pass
+    _edit_one_value_between_samples(model)  # in place, through torch: the cached fingerprint is recomputed
+    with pytest.raises(ValueError, match="fitted on another model"), editor.applied(model):
+        pass
+
+
+def test_an_editor_recorded_with_the_old_sampled_fingerprint_still_applies(tmp_path, tiny_tl_model):
+    from hpr.editors import load_editor
+    from hpr.models import sampled_model_fingerprint
+
+    model, other = tiny_tl_model(seed=0).eval(), tiny_tl_model(seed=1).eval()
+    folder = _saved_hpr(tmp_path, model)
+    record = json.loads((folder / "config.json").read_text())
+    record["model_fingerprint"] = sampled_model_fingerprint(model)
+    (folder / "config.json").write_text(json.dumps(record))
+    editor = load_editor(folder)
+    with editor.applied(model):
+        pass
+    with pytest.raises(ValueError, match="fitted on another model"), editor.applied(other):
+        pass
+
+
 def test_a_checkpoint_without_a_tokenizer_says_so(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -578,3 +668,24 @@ def test_a_second_thread_applying_an_editor_to_the_same_model_is_refused(tiny_tl
     with torch.no_grad(), caa.applied(model), other.applied(model):  # free again once the other thread is done
         assert torch.equal(model(tokens), nested)
     assert all(not hp.fwd_hooks for hp in model.hook_dict.values())
+
+
+def test_a_weight_swap_that_puts_everything_back_keeps_the_cached_fingerprint(tiny_tl_model, monkeypatch):
+    import torch
+
+    from hpr import models
+
+    model = tiny_tl_model(seed=0).eval()
+    first = models.model_fingerprint(model)
+    param = next(model.parameters())
+    original = param.detach().clone()
+    with models.weights_put_back(model), torch.no_grad():
+        param.add_(1.0)
+        param.copy_(original)
+    hashed, sha256 = [], models.hashlib.sha256
+    monkeypatch.setattr(models.hashlib, "sha256", lambda *a: hashed.append(1) or sha256(*a))
+    assert models.model_fingerprint(model) == first and not hashed  # from the cache
+    with pytest.raises(RuntimeError), models.weights_put_back(model), torch.no_grad():
+        param.add_(1.0)
+        raise RuntimeError("the swap failed half-way")
+    assert models.model_fingerprint(model) != first and hashed  # recomputed, and the weight really differs

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -43,7 +44,15 @@ from pathlib import Path
 from typing import Any
 
 from hpr.data.schema import Choice, DataError, MCQuestion
-from hpr.data.validate import Where, check_question, check_unique_ids, parse_label, require_field, require_text
+from hpr.data.validate import (
+    Where,
+    check_question,
+    check_unique_ids,
+    parse_label,
+    read_text,
+    require_field,
+    require_text,
+)
 
 TRUTHFULQA_ENV = "HPR_TRUTHFULQA_PATH"
 HF_TRUTHFULQA = ("truthfulqa/truthful_qa", "multiple_choice")
@@ -140,9 +149,9 @@ def _object_hook(pairs: list[tuple[str, Any]]) -> _Object:
 
 
 def _load_json(path: Path) -> tuple[MCQuestion, ...]:
+    text = read_text(path, "save the file as UTF-8 JSON")
     try:
-        with path.open(encoding="utf-8-sig") as f:
-            data = json.load(f, object_pairs_hook=_object_hook)
+        data = json.loads(text, object_pairs_hook=_object_hook)
     except json.JSONDecodeError as e:
         raise DataError(
             f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}). Fix: repair the file."
@@ -157,7 +166,7 @@ def _load_json(path: Path) -> tuple[MCQuestion, ...]:
 def _load_jsonl(path: Path) -> tuple[MCQuestion, ...]:
     qs: list[MCQuestion] = []
     rows: list[Where] = []
-    with path.open(encoding="utf-8-sig") as f:
+    with io.StringIO(read_text(path, "save the file as UTF-8 JSONL")) as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -216,35 +225,51 @@ def _targets(value: Any, where: Where, field: str) -> tuple[Choice, ...]:
 
 
 def _load_csv(path: Path) -> tuple[MCQuestion, ...]:
-    # utf-8-sig: the official file starts with a BOM, which would otherwise stick to the first column name.
-    with path.open(encoding="utf-8-sig", newline="") as f:
+    # read_text drops the official file's BOM, which would otherwise stick to the first column name.
+    with io.StringIO(read_text(path, f"save the file as UTF-8 CSV, as the official {CSV_NAME}"), newline="") as f:
         reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            raise DataError(f"{path}: the file is empty. Fix: use the official {CSV_NAME}.")
-        header = [h.strip() for h in header]
-        header_where = Where(str(path), "line 1 (header)")
-        for col in CSV_COLUMNS:
-            if col not in header:
-                raise header_where.error(
-                    col, f"column is missing (columns: {header})", f"the CSV needs columns {list(CSV_COLUMNS)}"
-                )
-        qs: list[MCQuestion] = []
-        rows: list[Where] = []
+        try:
+            return _csv_questions(path, reader)
+        except csv.Error as e:  # e.g. an unclosed quote that runs a field past the csv module's 131,072 characters
+            raise DataError(
+                f"{path}, line {reader.line_num}: not readable as CSV ({e}). Fix: close every quoted field "
+                "and keep each field under 131,072 characters."
+            ) from e
+
+
+def _csv_questions(path: Path, reader) -> tuple[MCQuestion, ...]:
+    """The questions of a CSV read by ``reader``, its header checked first."""
+    header = next(reader, None)
+    if header is None:
+        raise DataError(f"{path}: the file is empty. Fix: use the official {CSV_NAME}.")
+    header = [h.strip() for h in header]
+    header_where = Where(str(path), "line 1 (header)")
+    repeated = sorted({h for h in header if header.count(h) > 1})
+    if repeated:
+        raise header_where.error(
+            repeated[0], f"column is given {header.count(repeated[0])} times", "keep one column of each name"
+        )
+    for col in CSV_COLUMNS:
+        if col not in header:
+            raise header_where.error(
+                col, f"column is missing (columns: {header})", f"the CSV needs columns {list(CSV_COLUMNS)}"
+            )
+    qs: list[MCQuestion] = []
+    rows: list[Where] = []
+    last_line = reader.line_num
+    for cells in reader:
+        where = Where(str(path), f"line {last_line + 1}")
         last_line = reader.line_num
-        for cells in reader:
-            where = Where(str(path), f"line {last_line + 1}")
-            last_line = reader.line_num
-            if not cells:
-                continue  # a blank line, not a row
-            if len(cells) != len(header):
-                raise where.error(
-                    header[len(cells)] if len(cells) < len(header) else header[-1],
-                    f"row has {len(cells)} fields but the header has {len(header)}",
-                    "quote fields that contain commas and give every column",
-                )
-            qs.append(_from_csv_row(dict(zip(header, cells, strict=True)), len(qs), where))
-            rows.append(where)
+        if not cells:
+            continue  # a blank line, not a row
+        if len(cells) != len(header):
+            raise where.error(
+                header[len(cells)] if len(cells) < len(header) else header[-1],
+                f"row has {len(cells)} fields but the header has {len(header)}",
+                "quote fields that contain commas and give every column",
+            )
+        qs.append(_from_csv_row(dict(zip(header, cells, strict=True)), len(qs), where))
+        rows.append(where)
     check_unique_ids(qs, rows)
     return tuple(qs)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from hpr.data.schema import Choice, DataError, MCQuestion
@@ -30,6 +31,21 @@ class Where:
 
     def error(self, field: str, problem: str, fix: str) -> DataError:
         return DataError(f"{self.source}, {self.row}, field {field!r}: {problem}. Fix: {fix}.")
+
+
+def read_text(path: Path, fix: str) -> str:
+    """The file as UTF-8 text (a leading BOM dropped), or a :class:`DataError` naming the line and column of
+    the first byte that is not UTF-8 (a text-mode read names neither)."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line_start = raw.rfind(b"\n", 0, e.start) + 1
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(
+            f"{path}, line {line}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start - line_start + 1})."
+            f" Fix: {fix}."
+        ) from e
 
 
 def require_field(record: Mapping[str, Any], name: str, where: Where, fix: str, shown: str | None = None) -> Any:

@@ -163,14 +163,14 @@ class Editor:
         """Refuse a model other than the one the editor was fitted on, even of the same shape."""
         if self.fitted_on is None:
             return
-        from hpr.models import model_fingerprint
+        from hpr.models import fingerprint_like, short_fingerprint
 
-        theirs = model_fingerprint(model)
+        theirs = fingerprint_like(self.fitted_on, model)
         if theirs != self.fitted_on:
             raise ValueError(
-                f"{self.method} editor was fitted on another model (fingerprint {self.fitted_on[:16]}; this "
-                f"model's is {theirs[:16]}), although the shapes match. Fit a new editor, or use "
-                "editor.for_any_model() to apply it anyway."
+                f"{self.method} editor was fitted on another model (fingerprint {short_fingerprint(self.fitted_on)};"
+                f" this model's is {short_fingerprint(theirs)}), although the shapes match. Fit a new editor, or "
+                "use editor.for_any_model() to apply it anyway."
             )
 
     def edited_layers(self) -> tuple[int, ...]:

@@ -67,7 +67,7 @@ from hpr.data.schema import MCQuestion
 from hpr.editors.base import Editor, Hook, Shape, distinct_layers, exclusive_use, register
 from hpr.editors.registry import FitContext, Method, register_method
 from hpr.encoding import Encoded, encode_all, pad_token_id
-from hpr.models import resid_post_hook
+from hpr.models import resid_post_hook, weights_put_back
 
 TOKEN_PARAMS: tuple[str, ...] = ("*",)
 REP_PARAMS: tuple[str, ...] = ("attn.W_V", "attn.b_V", "attn.W_O", "attn.b_O")
@@ -452,7 +452,7 @@ class RepTuneEditor(Editor):
     def applied(self, model) -> Iterator[None]:
         """Tuned weights in the model inside the block, the original ones back on exit (also on error); as
         :meth:`Editor.applied`, a second thread's ``applied`` on the same model raises ``RuntimeError``."""
-        with exclusive_use(model, self.method), self._swapped(model):
+        with exclusive_use(model, self.method), weights_put_back(model), self._swapped(model):
             yield
 
     @contextlib.contextmanager

@@ -35,6 +35,7 @@ from hpr.data.prompts import PromptFormat
 from hpr.data.schema import MCQuestion
 from hpr.editors import BASE, load_editor
 from hpr.files import atomic_write
+from hpr.models import FINGERPRINT_PREFIX
 from hpr.sources import load_dataset, load_model, prompt_format
 
 log = logging.getLogger(__name__)
@@ -187,6 +188,10 @@ def dataset_fingerprint(questions) -> str:
     return hashlib.sha256(json.dumps(records, ensure_ascii=False).encode()).hexdigest()
 
 
+def _short(value) -> str:
+    return str(value).removeprefix(FINGERPRINT_PREFIX)[:16]
+
+
 def check_inputs(out: Path, recorded: dict | None, inputs: dict) -> None:
     """Refuse a run folder built from another dataset or model, naming which and both fingerprints."""
     for key, what in (
@@ -197,7 +202,6 @@ def check_inputs(out: Path, recorded: dict | None, inputs: dict) -> None:
         old = (recorded or {}).get(key)
         if old is not None and old != inputs[key]:
             raise ValueError(
-                f"{out} was built from another {what} ({key} {str(old)[:16]} there, "
-                f"{str(inputs[key])[:16]} now); "
+                f"{out} was built from another {what} ({key} {_short(old)} there, {_short(inputs[key])} now); "
                 "pick another --out, or restore the input it was built from to resume"
             )

@@ -24,7 +24,7 @@ from hpr.data import apply_split, split_groups, split_ids
 from hpr.data.prompts import PromptFormat
 from hpr.editors import BASE, FitContext, load_editor, method_of, methods
 from hpr.files import atomic_write, write_json
-from hpr.models import check_device, model_dtype, model_fingerprint
+from hpr.models import check_device, fingerprint_like, model_dtype, model_fingerprint
 from hpr.runs.config import CONFIG_FORMAT, FEW_TEST_QUESTIONS, RunConfig, settings_differences
 from hpr.runs.folder import (
     check_inputs,
@@ -150,7 +150,13 @@ def _claim_folder(cfg: RunConfig, out: Path, questions, split: dict, model) -> N
                 f"{out} holds a run with other settings ({'; '.join(differences)}); pick another --out "
                 "or rerun with the same settings to resume"
             )
-        check_inputs(out, recorded.get("inputs"), inputs)
+        recorded_inputs = recorded.get("inputs")
+        if recorded_inputs is not None and not isinstance(recorded_inputs, dict):
+            raise ValueError(f"{cfg_path}: 'inputs' is damaged (not an object); pick another --out")
+        old_model = (recorded_inputs or {}).get("model_fingerprint")
+        # A folder from before full-weights fingerprints is compared in its own (sampled) form, then upgraded.
+        like = fingerprint_like(old_model, model) if isinstance(old_model, str) else inputs["model_fingerprint"]
+        check_inputs(out, recorded_inputs, {**inputs, "model_fingerprint": like})
     if splits_path.exists():
         recorded_split = read_json(splits_path, "splits")
         if not isinstance(recorded_split, dict) or {k: tuple(v) for k, v in recorded_split.items()} != split:
