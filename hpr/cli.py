@@ -114,6 +114,12 @@ def _boolean(text: str) -> bool:
     return text.lower() == "true"
 
 
+def _run_folder_path(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty: name a run folder (an empty one would be the current folder)")
+    return text
+
+
 def _method_settings(args) -> dict:
     """Each method's settings: its defaults, with the flags given on the command line."""
     import dataclasses
@@ -197,7 +203,7 @@ def _reproduce_parser(sub) -> None:
     )
     rep.add_argument("--dataset", default="toy", choices=["toy", "truthfulqa", "jsonl"])
     rep.add_argument("--data-path", default=None, help="file or folder for truthfulqa / jsonl")
-    rep.add_argument("--out", required=True, help="run folder")
+    rep.add_argument("--out", required=True, type=_run_folder_path, help="run folder (new, empty, or a run to resume)")
     rep.add_argument(
         "--methods",
         nargs="+",

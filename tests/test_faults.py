@@ -106,6 +106,30 @@ def test_a_folder_recorded_with_the_old_sampled_fingerprint_resumes_and_is_upgra
     assert json.loads(path.read_text())["inputs"]["model_fingerprint"] == full
 
 
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: d.joinpath("results.json").write_text("{}"), "already holds files that are not a run folder"),
+        (lambda d: d.rmdir() or d.write_text("notes"), "is a file, not a folder"),
+    ],
+)
+def test_an_out_that_holds_something_else_is_refused_and_left_as_it_was(make, message, tiny_toy, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    make(out)
+    before = sorted((p.name, p.read_bytes()) for p in ([out] if out.is_file() else out.iterdir()))
+    assert _run(out) == 2
+    assert message in _one_line_error(capsys)
+    assert sorted((p.name, p.read_bytes()) for p in ([out] if out.is_file() else out.iterdir())) == before
+
+
+def test_an_empty_out_is_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["reproduce", "--out", "", "--quiet"])
+    assert e.value.code == 2
+    assert "--out: is empty" in capsys.readouterr().err
+
+
 def test_the_fingerprint_of_data_without_contexts_is_unchanged():
     """Contexts count only where there are some: old run folders (TruthfulQA, the toy world) still resume."""
     import hashlib

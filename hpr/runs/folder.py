@@ -135,6 +135,22 @@ class Run:
         return {m: self.editor(m) for m in (methods or self.methods)}
 
 
+def check_run_folder(out: Path) -> None:
+    """Refuse, before anything is loaded or written, an ``--out`` that is a file, or a folder whose files are
+    not a run's (a run folder's ``config.json`` is its first file, so a folder without one holds no run,
+    interrupted or finished): a run there would overwrite or mix with them."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder; pick a new or empty folder for the run")
+    if out.is_dir() and not (out / "config.json").exists():
+        entries = sorted(p.name for p in out.iterdir())
+        if entries:
+            shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+            raise ValueError(
+                f"--out {out} already holds files that are not a run folder ({shown}); pick a new or empty "
+                "folder, or a run folder to resume"
+            )
+
+
 def read_json(path: Path, what: str):
     """A JSON file of a run folder, or a ``ValueError`` naming it and what is wrong."""
     try:

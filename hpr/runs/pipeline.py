@@ -28,6 +28,7 @@ from hpr.models import check_device, fingerprint_like, model_dtype, model_finger
 from hpr.runs.config import CONFIG_FORMAT, FEW_TEST_QUESTIONS, RunConfig, settings_differences
 from hpr.runs.folder import (
     check_inputs,
+    check_run_folder,
     dataset_fingerprint,
     editor_is_intact,
     read_json,
@@ -90,6 +91,7 @@ def reproduce(cfg: RunConfig, out: Path, device=None, progress: bool = True, pas
     ``pass_threads`` (:mod:`hpr.threads`: 1, the default, is bit-reproducible on any machine; more is faster
     and may differ in the last bits)."""
     out = Path(out)
+    check_run_folder(out)
     questions, split, model, load_s, neutral = _prepared(cfg, device)
     with threads.reproducible(model, pass_threads):
         return _reproduce(cfg, out, questions, split, model, load_s, neutral, progress)
