@@ -9,6 +9,7 @@ import streamlit as st
 import workbench as wb
 
 st.set_page_config(page_title="hpr workbench", page_icon=":material/rotate_right:", layout="wide")
+wb.check_binding()
 wb.init_state()
 
 pages = [

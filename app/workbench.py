@@ -6,8 +6,13 @@ that runs it, edited or not, holds :data:`MODEL_LOCK` (representation tuning swa
 ``editor.applied``, so even an unedited call must not overlap an edited one).
 
 Environment: ``HPR_APP_RUNS_ROOT`` (the workspace: the only folder the app lists, opens, creates runs and
-keeps uploads under; default ``runs``), ``HPR_APP_RUN`` (a run folder in it, opened in every new session),
-``HPR_APP_DEVICE`` (cpu, cuda; default: cuda if available).
+keeps uploads under; default ``runs``), ``HPR_APP_READ_ROOTS`` (more folders, separated by ``:``, that data
+files and model checkpoints may be read from; default none), ``HPR_APP_RUN`` (a run folder in the workspace,
+opened in every new session), ``HPR_APP_DEVICE`` (cpu, cuda; default: cuda if available).
+
+Confinement: every path is resolved (symlinks followed) before it is checked, a run folder holding a link
+that leads outside the workspace is refused, and the app serves nothing when Streamlit was started without
+an address to listen on (:func:`check_binding`).
 """
 
 from __future__ import annotations
@@ -70,6 +75,79 @@ def inside_workspace(path: str | os.PathLike) -> Path:
     return resolved
 
 
+def check_binding() -> None:
+    """Serve nothing when Streamlit listens on every interface because nobody chose an address: its
+    ``.streamlit/config.toml`` (127.0.0.1) is read only from the working directory, so ``streamlit run
+    <checkout>/app/main.py`` from elsewhere would share every run with the network. An address chosen on
+    purpose (``--server.address 0.0.0.0``, or a config file) is served."""
+    if st.get_option("server.address") is None:
+        st.error(
+            "Streamlit was started without an address to listen on, so it listens on every network interface; "
+            f"the workbench serves nothing like that. Restart it with `streamlit run {ROOT / 'app' / 'main.py'} "
+            "--server.address 127.0.0.1` (or from the checkout, whose .streamlit/config.toml sets it), or "
+            "choose an address on purpose, e.g. `--server.address 0.0.0.0`.",
+            icon=":material/lock:",
+        )
+        st.stop()
+
+
+def read_roots() -> list[Path]:
+    """The folders the app may read data files and checkpoints from: the workspace and $HPR_APP_READ_ROOTS."""
+    extra = os.environ.get("HPR_APP_READ_ROOTS", "")
+    return [workspace()] + [Path(p).expanduser().resolve() for p in extra.split(os.pathsep) if p.strip()]
+
+
+def readable(path: str | os.PathLike, what: str) -> Path:
+    """``path`` resolved (relative ones from the working directory, as the library's loaders read them), or
+    a ``ValueError`` if it leads outside :func:`read_roots`: the app never opens a file elsewhere, so it never
+    shows such a file's bytes."""
+    resolved = Path(path).expanduser().resolve()
+    roots = read_roots()
+    if not any(resolved.is_relative_to(root) for root in roots):
+        raise ValueError(
+            f"{what} {path} is outside the folders the app reads ({', '.join(map(str, roots))}); put it under "
+            "the workspace, or add its folder to HPR_APP_READ_ROOTS (folders separated by ':') and restart"
+        )
+    return resolved
+
+
+def check_links(folder: Path) -> None:
+    """Refuse a run folder that holds a symbolic link leading outside the workspace (a results.json,
+    config.json or shard pointing at any file on the machine)."""
+    root = workspace()
+    for parent, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            path = Path(parent) / name
+            if path.is_symlink() and not path.resolve().is_relative_to(root):
+                raise ValueError(
+                    f"{path} is a link to {path.resolve()}, outside the workspace {root}: the app reads only "
+                    "under it; copy the file into the run folder instead"
+                )
+
+
+def check_run_sources(run: measurements.Run) -> None:
+    """The run's data file and model checkpoint, where they are paths, must be in :func:`read_roots`."""
+    data_path = run.config.get("data_path")
+    if data_path:
+        readable(data_path, "its data file")
+    model = str(run.config.get("model", ""))
+    if model and Path(model).expanduser().exists():  # a checkpoint folder or GGUF file, not a name
+        readable(model, "its model")
+
+
+def methods_dropped(folder: Path, labels) -> list[str]:
+    """The methods of the finished run in ``folder`` (if any) that ``labels`` leaves out: a run there would
+    replace its results without them."""
+    path = folder / "results.json"
+    if not path.is_file():
+        return []
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8")).get("methods", {})
+    except (OSError, ValueError, AttributeError):
+        return []  # not a readable results file: the run itself refuses or rebuilds it
+    return [m for m in recorded if m not in set(labels)]
+
+
 def open_run(folder: str | os.PathLike) -> measurements.Run:
     """Open a finished run folder (reads its results.json and config.json only) and make it this session's."""
     run = read_run(str(inside_workspace(folder)))
@@ -84,8 +162,12 @@ def read_run(folder: str) -> measurements.Run:
         raise FileNotFoundError(f"{folder} does not exist")
     if not path.is_dir():
         raise NotADirectoryError(f"{folder} is not a folder")
+    inside_workspace(path)  # resolved again: a folder that became a link since it was opened
+    check_links(path)
     try:
-        return measurements.Run(path)
+        run = measurements.Run(path)
+        check_run_sources(run)
+        return run
     except json.JSONDecodeError as e:
         raise ValueError(f"{folder} holds a damaged results.json or config.json ({e})") from e
     except (KeyError, FileNotFoundError) as e:

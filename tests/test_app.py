@@ -13,6 +13,17 @@ APP = Path(__file__).resolve().parent.parent / "app" / "main.py"
 PAGES = ("views/probes.py", "views/norms.py", "views/results.py", "views/generations.py", "views/export.py")
 
 
+@pytest.fixture(autouse=True)
+def listens_on_loopback():
+    """As the checkout's .streamlit/config.toml sets it, whatever directory pytest runs from."""
+    from streamlit import config
+
+    before = config.get_option("server.address")
+    config.set_option("server.address", "127.0.0.1")
+    yield
+    config.set_option("server.address", before)
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tiny_run_folder, tmp_path_factory):
     """One tiny toy run for the module; "toy" stays the tiny world (in-process app) while it lives."""
@@ -227,3 +238,107 @@ def test_typed_run_folder_survives_reruns_a_second_apart(app, tmp_path):
     time.sleep(1.1)
     ok(app.run())
     assert by_label(app.text_input, "Run folder").value == str(tmp_path / "mine")
+
+
+def test_started_without_an_address_it_serves_nothing(workspace, monkeypatch):
+    """``streamlit run <checkout>/app/main.py`` from another folder reads no config.toml: it would listen on
+    every interface. The app then shows how to restart it, and no page or run."""
+    from streamlit import config
+
+    monkeypatch.setenv("HPR_APP_RUN", str(workspace / "run"))
+    monkeypatch.setenv("HPR_APP_RUNS_ROOT", str(workspace))
+    config.set_option("server.address", None)
+    at = AppTest.from_file(str(APP), default_timeout=60)
+    at.run()
+    assert not at.exception
+    assert "--server.address 127.0.0.1" in at.error[0].value
+    assert "run_folder" not in at.session_state and not at.dataframe and not at.button
+    config.set_option("server.address", "0.0.0.0")  # asked for on purpose: served
+    at = AppTest.from_file(str(APP), default_timeout=60)
+    at.run()
+    ok(at)
+
+
+def _open_typed(app, folder):
+    by_label(app.text_input, "Or a run folder").set_value(str(folder))
+    app.button(key="open-path").click().run()
+    assert not app.exception
+    return app
+
+
+def test_links_that_lead_outside_the_workspace_are_never_read(app, workspace, tiny_run, tmp_path_factory):
+    outside = tmp_path_factory.mktemp("outside")
+    secret = outside / "secret.json"
+    secret.write_text(json.dumps({"methods": {"base": {}}}))
+    run = workspace / "run"
+    (run / "results.json").unlink()
+    (run / "results.json").symlink_to(secret)  # a run folder whose results.json is any file on the machine
+    assert "is a link to" in _open_typed(app, run).error[0].value
+    (workspace / "linked").symlink_to(tiny_run, target_is_directory=True)  # a run folder that is a link out
+    assert "outside the workspace" in _open_typed(app, workspace / "linked").error[0].value
+    app.run()
+    listed = app.dataframe[0].value["folder"].tolist() if app.dataframe else []
+    assert not any("linked" in f or f.endswith("run") for f in listed)
+
+
+def test_a_run_whose_data_or_model_is_outside_the_read_roots_is_refused(app, workspace, monkeypatch):
+    from hpr.toyworld import toy_dataset
+
+    outside = workspace.parent / f"{workspace.name}-data"
+    outside.mkdir()
+    data = outside / "q.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "id": q.id,
+                    "question": q.question,
+                    "choices": [{"text": c.text, "label": int(c.is_true)} for c in q.mc2],
+                }
+            )
+            + "\n"
+            for q in toy_dataset()
+        )
+    )
+    record_path = workspace / "run" / "config.json"
+    record = json.loads(record_path.read_text())
+    record["run"] = {**record["run"], "dataset": "jsonl", "data_path": str(data)}
+    record_path.write_text(json.dumps(record))
+    assert "HPR_APP_READ_ROOTS" in _open_typed(app, workspace / "run").error[0].value
+    monkeypatch.setenv("HPR_APP_READ_ROOTS", str(outside))
+    ok(_open_typed(app, workspace / "run"))
+    monkeypatch.delenv("HPR_APP_READ_ROOTS")
+    record["run"] = {**record["run"], "dataset": "toy", "data_path": None, "model": str(outside)}  # a checkpoint
+    record_path.write_text(json.dumps(record))
+    assert "its model" in _open_typed(app, workspace / "run").error[0].value
+
+
+def test_start_refuses_the_workspace_root_files_outside_and_dropping_methods(app, workspace, tmp_path_factory):
+    outside = tmp_path_factory.mktemp("outside-model") / "weights.gguf"
+    outside.write_bytes(b"root:x:0:0:secret")
+    by_label(app.radio, "Model").set_value("GGUF file")
+    ok(app.run())
+    by_label(app.text_input, "Path to a .gguf file").set_value(str(outside))
+    by_label(app.text_input, "Run folder").set_value(str(workspace / "new"))
+    by_label(app.button, "Start").click().run()
+    assert not app.exception and "outside the folders the app reads" in app.error[0].value
+    assert "root:x" not in app.error[0].value
+
+    by_label(app.radio, "Model").set_value("toy")
+    ok(app.run())
+    for root in ("", ".", str(workspace)):
+        by_label(app.text_input, "Run folder").set_value(root)
+        by_label(app.button, "Start").click().run()
+        assert not app.exception and "the workspace" in app.error[0].value and "itself" in app.error[0].value
+    assert not (workspace / "results.json").exists() and not (workspace / "config.json").exists()
+
+    results = (workspace / "run" / "results.json").read_text()
+    by_label(app.multiselect, "Methods").set_value(["base"])  # the finished run has base, hpr, iti15, iti200
+    by_label(app.text_input, "Run folder").set_value(str(workspace / "run"))
+    by_label(app.button, "Start").click().run()
+    assert not app.exception and "hpr, iti15, iti200" in app.error[0].value
+    assert (workspace / "run" / "results.json").read_text() == results
+    by_label(app.checkbox, "Allow dropping methods").check()
+    by_label(app.button, "Start").click().run()
+    ok(app)
+    assert list(json.loads((workspace / "run" / "results.json").read_text())["methods"]) == ["base"]

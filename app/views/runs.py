@@ -46,6 +46,8 @@ st.subheader("Open a run")
 found = sorted({p.parent for pattern in ("*/results.json", "*/*/results.json") for p in root.glob(pattern)})
 rows = []
 for folder in found:
+    if not (folder / "results.json").resolve().is_relative_to(root):
+        continue  # a linked run folder or results.json that leads outside: never listed, never read
     with wb.shows_errors(f"{folder}/results.json is damaged, not listed"):
         res = json.loads((folder / "results.json").read_text())
         rows.append(
@@ -100,7 +102,7 @@ dtype = c1.selectbox(
 dataset = c2.radio("Dataset", ["toy", "truthfulqa (path)", "jsonl upload"], horizontal=True)
 data_path, upload = None, None
 if dataset.startswith("truthfulqa"):
-    data_path = c2.text_input("mc_task.json, TruthfulQA.csv or their folder")
+    data_path = c2.text_input("mc_task.json, TruthfulQA.csv or their folder (in the workspace or HPR_APP_READ_ROOTS)")
 elif dataset == "jsonl upload":
     upload = c2.file_uploader(f"JSON lines (≤ {MAX_UPLOAD_MB} MB; format: hpr.data.jsonl)", type=["jsonl", "json"])
 registered = methods()
@@ -121,6 +123,10 @@ seed = c4.number_input("Seed", 0, 2**31 - 1, 0)
 if "w_out" not in ss or ss.pop("renew_out", False):
     ss.w_out = str(root / time.strftime("run-%Y%m%d-%H%M%S"))
 out = st.text_input("Run folder", key="w_out")
+replace_ok = st.checkbox(
+    "Allow dropping methods from a finished run",
+    help="a run folder that holds a finished run with methods not picked here gets results without them",
+)
 
 if st.button("Start", type="primary", icon=":material/play_arrow:"):
     with wb.shows_errors("The run failed"):
@@ -128,11 +134,22 @@ if st.button("Start", type="primary", icon=":material/play_arrow:"):
             raise ValueError("name a model: a checkpoint folder or a hub id")
         if not labels:
             raise ValueError("pick at least one method")
-        if kind == "GGUF file" and not Path(model.strip()).expanduser().is_file():
+        if kind in ("GGUF file", "local checkpoint dir"):  # checked before anything opens it
+            model = str(wb.readable(model.strip(), "the model"))
+        if kind == "GGUF file" and not Path(model).is_file():
             raise FileNotFoundError(f"{model} is not a file")
-        if kind.startswith("local") and not (Path(model).expanduser() / "config.json").is_file():
+        if kind.startswith("local") and not (Path(model) / "config.json").is_file():
             raise FileNotFoundError(f"{model} is not a Hugging Face checkpoint folder (no config.json in it)")
         out_dir = wb.inside_workspace(out)
+        if out_dir == root:
+            raise ValueError(f"the run folder is the workspace {root} itself: name a folder under it")
+        dropped = wb.methods_dropped(out_dir, labels)
+        if dropped and not replace_ok:
+            raise ValueError(
+                f"{out_dir} holds a finished run with {', '.join(dropped)}, which are not picked here: its "
+                "results would be replaced without them. Pick them too, choose another run folder, or tick "
+                "'Allow dropping methods from a finished run'"
+            )
         name = {"toy": "toy", "jsonl upload": "jsonl"}.get(dataset, "truthfulqa")
         if upload is not None:  # parsed as data by the library's loader (errors name line and field), then
             if upload.size > MAX_UPLOAD_MB * 2**20:  # kept under the workspace, named by its content
@@ -149,6 +166,8 @@ if st.button("Start", type="primary", icon=":material/play_arrow:"):
                 os.replace(data_path + ".tmp", data_path)
         elif name == "jsonl":
             raise ValueError("upload a JSON-lines file first")
+        elif data_path:
+            data_path = str(wb.readable(data_path.strip(), "the data file"))
         n = len(load_dataset(name, data_path or None))  # a wrong path or format fails here, before any work
         settings = {
             "hpr": dataclasses.replace(defaults["hpr"], top_k=int(top_k)),
