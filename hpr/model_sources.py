@@ -54,11 +54,13 @@ Named models
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import importlib.metadata
 import importlib.util
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -202,10 +204,31 @@ def check_magic(path: Path) -> None:
         )
 
 
+def _remove_abandoned_conversions(final: Path) -> None:
+    """Remove the ``.converting-<name>-<pid>-*`` folders of conversions whose process is gone (killed: its
+    ``finally`` never ran); a folder whose process still runs is another conversion at work."""
+    for folder in final.parent.glob(f".converting-{final.name}-*"):
+        pid = folder.name.removeprefix(f".converting-{final.name}-").split("-")[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            log.info("removing %s, left by an interrupted conversion", folder)
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def _ensure_converted(gguf_path: Path, final: Path, record: dict) -> Path:
     """Convert ``gguf_path`` into ``final`` through a temporary sibling directory renamed into place."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".converting-{final.name}-", dir=final.parent))
+    _remove_abandoned_conversions(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".converting-{final.name}-{os.getpid()}-", dir=final.parent))
     try:
         log.info("converting %s into %s (once; later loads read the cache)", gguf_path, final)
         convert_gguf(gguf_path, tmp, record)
@@ -273,8 +296,19 @@ def dequantizable_types() -> list[str]:
 _GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 
 
-def read_gguf_header(path: Path) -> tuple[dict, list[tuple[str, int]]]:
-    """``(metadata, [(tensor name, GGML type id), ...])`` from a GGUF file's header.
+@dataclasses.dataclass(frozen=True)
+class GGUFTensor:
+    """One tensor's entry in a GGUF header: where its data lies, from the start of the data section."""
+
+    name: str
+    type_id: int
+    n_elements: int
+    offset: int
+
+
+def read_gguf_header(path: Path) -> tuple[dict, list[GGUFTensor], int]:
+    """``(metadata, tensors, data start)`` from a GGUF file's header: the data section starts at the end
+    of the header, rounded up to ``general.alignment`` (32 by default).
 
     Arrays are skipped (their value is their length). A plain reader rather than ``gguf.GGUFReader``,
     which builds every element of the vocabulary and merges arrays as numpy views: about 5 s for
@@ -285,7 +319,24 @@ def read_gguf_header(path: Path) -> tuple[dict, list[tuple[str, int]]]:
     with open(path, "rb") as f:
         if f.read(4) != GGUF_MAGIC:
             check_magic(path)
-        (version,) = struct.unpack("<I", f.read(4))
+        file_size = os.fstat(f.fileno()).st_size
+
+        def skip(n: int) -> int:
+            """Move ``n`` bytes on, refusing to pass the end: a damaged length would otherwise read or
+            allocate gigabytes, or fail deep inside struct."""
+            at = f.tell()
+            if n > file_size - at:
+                raise ValueError(
+                    f"GGUF file {path} is truncated or damaged: its header asks for {n:,} bytes at offset "
+                    f"{at:,}, past the end of the file ({file_size:,} bytes). Download or convert it again."
+                )
+            return at
+
+        def read(n: int) -> bytes:
+            skip(n)
+            return f.read(n)
+
+        (version,) = struct.unpack("<I", read(4))
         order = "<" if version & 0xFFFF else ">"  # a big-endian file reads as a huge little-endian version
         if order == ">":
             (version,) = struct.unpack(">I", struct.pack("<I", version))
@@ -294,21 +345,25 @@ def read_gguf_header(path: Path) -> tuple[dict, list[tuple[str, int]]]:
 
         def unpack(fmt: str):
             size = struct.calcsize(order + fmt)
-            return struct.unpack(order + fmt, f.read(size))[0]
+            return struct.unpack(order + fmt, read(size))[0]
 
         def string() -> str:
-            return f.read(unpack("Q")).decode("utf-8", errors="replace")
+            return read(unpack("Q")).decode("utf-8", errors="replace")
+
+        def seek(n: int) -> None:
+            f.seek(skip(n) + n)
 
         def value(vtype: int):
             if vtype == 8:
                 return string()
             if vtype == 9:
                 etype, count = unpack("I"), unpack("Q")
+                skip(count)  # every element takes at least a byte
                 if etype == 8:
                     for _ in range(count):
-                        f.seek(unpack("Q"), 1)
+                        seek(unpack("Q"))
                 elif etype in _GGUF_SCALARS:
-                    f.seek(struct.calcsize(order + _GGUF_SCALARS[etype]) * count, 1)
+                    seek(struct.calcsize(order + _GGUF_SCALARS[etype]) * count)
                 else:  # nested arrays: rare; read them element by element
                     for _ in range(count):
                         value(etype)
@@ -318,6 +373,7 @@ def read_gguf_header(path: Path) -> tuple[dict, list[tuple[str, int]]]:
             return unpack(_GGUF_SCALARS[vtype])
 
         n_tensors, n_kv = unpack("Q"), unpack("Q")
+        skip(n_tensors + n_kv)  # each takes bytes: a damaged count fails here, not after hours of looping
         metadata = {}
         for _ in range(n_kv):
             key = string()
@@ -325,10 +381,15 @@ def read_gguf_header(path: Path) -> tuple[dict, list[tuple[str, int]]]:
         tensors = []
         for _ in range(n_tensors):
             name = string()
-            f.seek(8 * unpack("I"), 1)  # the dimensions
-            tensors.append((name, unpack("I")))
-            f.seek(8, 1)  # the data offset
-    return metadata, tensors
+            n_dims = unpack("I")
+            skip(8 * n_dims)
+            n_elements = math.prod(unpack("Q") for _ in range(n_dims))
+            type_id = unpack("I")
+            tensors.append(GGUFTensor(name, type_id, n_elements, unpack("Q")))
+        alignment = metadata.get("general.alignment", 32)
+        alignment = alignment if isinstance(alignment, int) and alignment > 0 else 32
+        data_start = -(-f.tell() // alignment) * alignment
+    return metadata, tensors, data_start
 
 
 def check_gguf(path: Path) -> dict:
@@ -343,7 +404,7 @@ def check_gguf(path: Path) -> dict:
     _require("accelerate", ACCELERATE_PIP, "Loading a GGUF file with transformers")
     from gguf import GGMLQuantizationType
 
-    metadata, tensors = read_gguf_header(path)
+    metadata, tensors, data_start = read_gguf_header(path)
     arch = metadata.get("general.architecture")
     if not isinstance(arch, str):
         raise ValueError(f"GGUF file {path} has no general.architecture in its metadata")
@@ -354,7 +415,7 @@ def check_gguf(path: Path) -> dict:
             f"hpr loads GGUF files of these architectures: {', '.join(supported)}."
         )
     known = {t.value: t.name for t in GGMLQuantizationType}
-    names = [(name, known.get(type_id, f"unknown type {type_id}")) for name, type_id in tensors]
+    names = [(t.name, known.get(t.type_id, f"unknown type {t.type_id}")) for t in tensors]
     types = collections.Counter(type_name for _, type_name in names)
     ok = set(dequantizable_types())
     bad = sorted(set(types) - ok)
@@ -364,7 +425,23 @@ def check_gguf(path: Path) -> dict:
             f"GGUF file {path} stores tensors as {', '.join(bad)} (e.g. {first!r}), which the gguf package "
             f"{importlib.metadata.version('gguf')} cannot dequantize. Types it can: {', '.join(sorted(ok))}."
         )
+    _check_tensor_data(path, tensors, data_start)
     return {"architecture": arch, "tensor_types": dict(types)}
+
+
+def _check_tensor_data(path: Path, tensors: list, data_start: int) -> None:
+    """Refuse a file cut inside its tensor data (a partial download), naming the first tensor it cuts."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    size = path.stat().st_size
+    for t in tensors:
+        block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(t.type_id)]
+        end = data_start + t.offset + t.n_elements // block * block_bytes
+        if end > size:
+            raise ValueError(
+                f"GGUF file {path} is truncated or damaged: tensor {t.name!r} needs bytes up to {end:,}, and the "
+                f"file has {size:,}. Download or convert it again."
+            )
 
 
 def _save_dense(gguf_model, out_dir: Path) -> None:

@@ -229,6 +229,47 @@ def test_not_a_gguf_file(cache, tmp_path):
     assert not cache.exists()
 
 
+def _header_damages(data: bytes):
+    """A valid GGUF cut inside its header at a few points, and with its metadata count set to 2**60."""
+    import struct
+
+    for cut in (6, 20, 40, len(data) // 50, len(data) - 1):  # in the header, then in the tensor data
+        yield f"cut at {cut}", data[:cut]
+    yield "2**60 metadata entries", data[:16] + struct.pack("<Q", 2**60) + data[24:]
+    key_length = struct.unpack("<Q", data[24:32])[0]
+    yield "a 2**62-byte key", data[:24] + struct.pack("<Q", 2**62) + data[32 : 32 + key_length]
+
+
+def test_a_truncated_or_hostile_gguf_header_is_refused_in_one_line(cache, gguf_files, tmp_path):
+    data = gguf_files["F32"].read_bytes()
+    for what, damaged in _header_damages(data):
+        path = tmp_path / "damaged.gguf"
+        path.write_bytes(damaged)
+        with pytest.raises(ValueError, match="truncated or damaged"):
+            load_model(str(path), device="cpu")
+        assert not cache.exists() or not list(cache.iterdir()), what
+
+
+def test_a_conversion_killed_in_another_process_is_cleaned_up(cache, gguf_files):
+    """A ``kill -9`` leaves its ``.converting-*`` folder (tens of MB): the next conversion removes it once
+    its process is gone, and never one whose process still runs."""
+    import subprocess
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone_pid = int(dead.stdout)
+    digest, size = sources.file_digest(gguf_files["F32"])
+    final = cache / f"gguf-{digest[:20]}-{size}"  # where gguf_model_dir converts it
+    final.parent.mkdir(parents=True, exist_ok=True)
+    left = final.parent / f".converting-{final.name}-{gone_pid}-abc"
+    alive = final.parent / f".converting-{final.name}-{sources.os.getpid()}-def"
+    for folder in (left, alive):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"half")
+    load_model(str(gguf_files["F32"]), device="cpu")
+    assert (final / sources.DONE_MARKER).is_file()
+    assert not left.exists() and alive.exists()
+
+
 def test_missing_gguf_file(cache, tmp_path):
     with pytest.raises(FileNotFoundError, match="No such GGUF file"):
         load_model(str(tmp_path / "missing.gguf"), device="cpu")
