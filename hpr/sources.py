@@ -9,7 +9,9 @@ them needs to know the others.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import shutil
 
 import torch
 
@@ -20,6 +22,8 @@ from hpr.model_sources import resolve_source
 from hpr.models import check_device, load_checkpoint, model_dtype
 from hpr.toyworld import PRIMER, TRUTHFUL_PRIMER, load_toy_model, toy_dataset
 from hpr.toyworld.world import WORLD_VERSION
+
+log = logging.getLogger(__name__)
 
 DATASETS = ("truthfulqa", "jsonl", "toy")
 
@@ -36,8 +40,15 @@ def load_model(name_or_path: str, device: torch.device | str | None = None, dtyp
     dtype = model_dtype(dtype, device)
     if name_or_path == "toy":
         return load_toy_model(device=device, dtype=dtype)
-    # named models and GGUF files: a cached checkpoint directory
-    return load_checkpoint(resolve_source(name_or_path) or name_or_path, device, dtype)
+    cached = resolve_source(name_or_path)  # named models and GGUF files: a cached checkpoint directory
+    if cached is None:
+        return load_checkpoint(name_or_path, device, dtype)
+    try:
+        return load_checkpoint(cached, device, dtype)
+    except (ValueError, OSError) as e:  # the cache is ours, written whole: unreadable means damaged since
+        log.warning("the converted cache %s is damaged (%s); converting again", cached, " ".join(str(e).split())[:200])
+        shutil.rmtree(cached)
+        return load_checkpoint(resolve_source(name_or_path) or cached, device, dtype)
 
 
 def load_dataset(name: str, path: str | os.PathLike[str] | None = None) -> tuple[MCQuestion, ...]:

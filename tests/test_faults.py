@@ -713,3 +713,26 @@ def test_a_weight_swap_that_puts_everything_back_keeps_the_cached_fingerprint(ti
         param.add_(1.0)
         raise RuntimeError("the swap failed half-way")
     assert models.model_fingerprint(model) != first and hashed  # recomputed, and the weight really differs
+
+
+@pytest.mark.parametrize("damage", ["truncate", "build.json"])
+def test_a_damaged_toy_model_cache_is_built_again(damage, tiny_toy, toy_cache, tmp_path, monkeypatch):
+    import shutil
+
+    from hpr.models import model_fingerprint
+    from hpr.sources import load_model
+    from hpr.toyworld.build import ensure_built
+
+    intact = model_fingerprint(load_model("toy", device="cpu"))
+    folder = ensure_built(tiny_toy)
+    copy = tmp_path / "cache"
+    shutil.copytree(toy_cache, copy)
+    monkeypatch.setenv("HPR_CACHE_DIR", str(copy))
+    damaged = copy / folder.relative_to(toy_cache)
+    if damage == "truncate":
+        weights = damaged / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    else:
+        (damaged / "build.json").write_text("{not json")
+    assert model_fingerprint(load_model("toy", device="cpu")) == intact  # rebuilt, bit for bit
+    assert (damaged / "model.safetensors").read_bytes() == (folder / "model.safetensors").read_bytes()

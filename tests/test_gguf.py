@@ -270,6 +270,19 @@ def test_a_conversion_killed_in_another_process_is_cleaned_up(cache, gguf_files)
     assert not left.exists() and alive.exists()
 
 
+def test_a_damaged_converted_cache_is_converted_again(cache, gguf_files):
+    from hpr.models import model_fingerprint
+
+    path = gguf_files["F32"]
+    intact = model_fingerprint(load_model(str(path), device="cpu"))
+    (folder,) = cache.iterdir()
+    weights = folder / "model.safetensors"
+    size = weights.stat().st_size
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert model_fingerprint(load_model(str(path), device="cpu")) == intact
+    assert weights.stat().st_size == size  # converted again, in place
+
+
 def test_missing_gguf_file(cache, tmp_path):
     with pytest.raises(FileNotFoundError, match="No such GGUF file"):
         load_model(str(tmp_path / "missing.gguf"), device="cpu")
