@@ -3,6 +3,7 @@ folders and devices that are not there. Each fails with one line naming what to 
 leaves nothing behind that a corrected rerun would trip over."""
 
 import json
+import re
 
 import pytest
 
@@ -736,3 +737,28 @@ def test_a_damaged_toy_model_cache_is_built_again(damage, tiny_toy, toy_cache, t
         (damaged / "build.json").write_text("{not json")
     assert model_fingerprint(load_model("toy", device="cpu")) == intact  # rebuilt, bit for bit
     assert (damaged / "model.safetensors").read_bytes() == (folder / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: [d], "a JSON list, not an object"),
+        (lambda d: {k: v for k, v in d.items() if k != "selected_layers"}, "'selected_layers' is None"),
+        (lambda d: {**d, "selected_layers": "0"}, "'selected_layers' is '0'"),
+        (lambda d: {**d, "selected_layers": [99]}, "'selected_layers' is \\[99\\]"),
+        (lambda d: {**d, "selected_layers": [1, 1]}, "not distinct layer numbers"),
+        (lambda d: {**d, "accuracy": "x"}, "'accuracy' is missing or not an object"),
+        (lambda d: {**d, "accuracy": {**d["accuracy"], "val": [0.5]}}, "accuracy\\['val'\\] is not a list of"),
+    ],
+)
+def test_a_hand_edited_probes_file_is_refused_naming_it(edit, message, tiny_toy, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _run(out, "--methods", "base,hpr") == 0
+    path = out / "probes.json"
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    results = (out / "results.json").read_text()
+    assert _run(out, "--methods", "base,hpr,iti15") == 2
+    line = _one_line_error(capsys)
+    assert "probes.json is damaged" in line and "to fit HPR again" in line
+    assert re.search(message, line), line
+    assert (out / "results.json").read_text() == results

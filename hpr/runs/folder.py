@@ -80,6 +80,41 @@ def check_results(results, path: Path) -> dict:
     return results
 
 
+def read_probes(path: Path, n_layers: int) -> dict:
+    """``probes.json`` (HPR's per-layer probe accuracy and the layers every method edits), checked: an
+    object with per-split lists of ``n_layers`` accuracies and distinct layer numbers below ``n_layers``;
+    else a ``ValueError`` naming the file and what is wrong."""
+    probes = read_json(path, "probe accuracy")
+
+    def bad(problem):
+        return ValueError(
+            f"{path} is damaged ({problem}); delete it and {path.parent / 'editors' / 'hpr'} to fit HPR again"
+        )
+
+    if not isinstance(probes, dict):
+        raise bad(f"a JSON {type(probes).__name__}, not an object")
+    accuracy = probes.get("accuracy")
+    if not isinstance(accuracy, dict):
+        raise bad("'accuracy' is missing or not an object")
+    for split in ("val", "test"):
+        values = accuracy.get(split)
+        if not (isinstance(values, list) and len(values) == n_layers and all(_is_fraction(v) for v in values)):
+            raise bad(f"accuracy[{split!r}] is not a list of {n_layers} accuracies, one per layer")
+    layers = probes.get("selected_layers")
+    if not (
+        isinstance(layers, list)
+        and layers
+        and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < n_layers for v in layers)
+        and len(set(layers)) == len(layers)
+    ):
+        raise bad(f"'selected_layers' is {layers!r}, not distinct layer numbers from 0 to {n_layers - 1}")
+    return probes
+
+
+def _is_fraction(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+
+
 @dataclass
 class Run:
     """A finished run folder (``hpr reproduce``), opened for analysis."""

@@ -32,6 +32,7 @@ from hpr.runs.folder import (
     dataset_fingerprint,
     editor_is_intact,
     read_json,
+    read_probes,
     saved_predictions,
     write_parquet,
 )
@@ -188,7 +189,7 @@ def collect_activations(run: Pipeline) -> None:
 def fit_hpr(run: Pipeline) -> dict:
     """HPR's fit, always: its probes select the layers of every method. Returns ``probes.json``."""
     fit_method(run, "hpr", None)
-    return read_json(run.out / "probes.json", "probe accuracy")
+    return read_probes(run.out / "probes.json", run.model.cfg.n_layers)
 
 
 def _methods_to_fit(cfg: RunConfig) -> list[str]:
