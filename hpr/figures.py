@@ -342,6 +342,9 @@ def export_figures(
     """
     import plotly.io as pio
 
+    unknown = sorted(set(formats) - {*FIGURE_FORMATS, "html"})
+    if unknown:
+        raise ValueError(f"unknown figure format(s) {unknown}: use {', '.join(FIGURE_FORMATS)} (and html)")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = []

@@ -321,6 +321,22 @@ def neutral_texts(model: str, n: int = 64, path: str | None = None) -> list[str]
 # ------------------------------------------------------------------------------------- analysis scripts
 
 
+def _at_least(low: int):
+    """An argparse type: a whole number >= ``low`` (``--prompts -1`` generated 239 prompts)."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
 def script_parser(description: str):
     """The options every script in ``analyses/`` understands (``reproduce_paper.py`` passes them all on)."""
     import argparse
@@ -335,10 +351,13 @@ def script_parser(description: str):
         "--formats",
         nargs="*",
         default=list(FIGURE_FORMATS),
+        choices=FIGURE_FORMATS,
         help="figure formats besides HTML: png svg pdf (none: HTML only, no browser needed)",
     )
-    parser.add_argument("--prompts", type=int, default=6, help="generations, hpr_edit_regions: first N test questions")
-    parser.add_argument("--max-new-tokens", type=int, default=16, help="generations: greedy tokens per prompt")
+    parser.add_argument(
+        "--prompts", type=_at_least(1), default=6, help="generations, hpr_edit_regions: first N test questions"
+    )
+    parser.add_argument("--max-new-tokens", type=_at_least(1), default=16, help="generations: greedy tokens per prompt")
     parser.add_argument(
         "--neutral-text",
         default=None,
@@ -346,13 +365,13 @@ def script_parser(description: str):
     )
     parser.add_argument(
         "--gen-questions",
-        type=int,
+        type=_at_least(0),
         default=40,
         help="strength curves: greedy answers to the first N val questions at every strength (0: none)",
     )
     parser.add_argument(
         "--topk",
-        type=int,
+        type=_at_least(1),
         nargs="+",
         default=None,
         help="top-k sweep: the k values (default: every k from 1 to the number of layers; each "

@@ -169,6 +169,8 @@ def test_a_trimmed_splits_file_is_refused(tiny_toy, tmp_path, capsys):
         (["--methods", "base,hpr,base"], "methods named twice"),
         (["--methods", "hrp"], "unknown methods ['hrp']"),
         (["--limit", "3"], "3 question(s) leave the val split(s) empty"),
+        (["--methods", "base,caa", "--caa-multipliers", "1", "nan"], "caa.multipliers must be a finite number"),
+        (["--methods", "base,sadi", "--sadi-deltas", "inf"], "sadi.deltas must be a finite number"),
     ],
 )
 def test_bad_options_fail_at_once_and_write_nothing(option, message, tiny_toy, tmp_path, capsys):
@@ -762,3 +764,31 @@ def test_a_hand_edited_probes_file_is_refused_naming_it(edit, message, tiny_toy,
     assert "probes.json is damaged" in line and "to fit HPR again" in line
     assert re.search(message, line), line
     assert (out / "results.json").read_text() == results
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--formats", "bogus"], "argument --formats: invalid choice: 'bogus'"),
+        (["--prompts", "-1"], "argument --prompts: must be at least 1, got -1"),
+        (["--max-new-tokens", "0"], "argument --max-new-tokens: must be at least 1"),
+        (["--gen-questions", "-2"], "argument --gen-questions: must be at least 0"),
+        (["--topk", "3", "0"], "argument --topk: must be at least 1"),
+    ],
+)
+def test_analyses_options_out_of_range_are_refused(option, message, capsys):
+    from hpr.measurements import script_parser
+
+    with pytest.raises(SystemExit):
+        script_parser("test").parse_args(["--run", "r", *option])
+    assert message in capsys.readouterr().err
+
+
+def test_an_unknown_figure_format_is_refused_before_anything_is_written(tmp_path):
+    import plotly.graph_objects as go
+
+    from hpr.figures import export_figures
+
+    with pytest.raises(ValueError, match=r"unknown figure format\(s\) \['bogus'\]"):
+        export_figures({"f": go.Figure()}, tmp_path / "figures", formats=("bogus",))
+    assert not (tmp_path / "figures").exists()

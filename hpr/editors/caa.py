@@ -153,7 +153,7 @@ class CAASettings:
             raise ValueError(f"caa.layers must be 'single' or 'hpr_layers', got {self.layers!r}")
         if not self.multipliers:
             raise ValueError("caa.multipliers is empty: give at least one value")
-        object.__setattr__(self, "multipliers", tuple(float(m) for m in self.multipliers))
+        object.__setattr__(self, "multipliers", tuple(check_number(m, "caa.multipliers") for m in self.multipliers))
 
 
 def fit_step(fit: FitContext) -> None:

@@ -252,7 +252,7 @@ class SADISettings:
         if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.k):
             raise ValueError(f"sadi.k must be whole numbers >= 1, got {self.k!r}")
         object.__setattr__(self, "k", tuple(self.k))
-        object.__setattr__(self, "deltas", tuple(float(d) for d in self.deltas))
+        object.__setattr__(self, "deltas", tuple(check_number(d, "sadi.deltas") for d in self.deltas))
         check_mode(self.positions, "sadi.positions")
 
 
