@@ -361,6 +361,11 @@ def _load_hf(
                 "beside the weights (tokenizer.save_pretrained(folder))"
             )
         tokenizer, hf_model = _hf_tokenizer_and_model(src, hf_config, dtype, local_files_only, hub)
+        if len(tokenizer) > cfg.d_vocab:  # its top ids would index past the embedding: IndexError mid-run
+            raise ValueError(
+                f"{src}: the tokenizer has {len(tokenizer):,} tokens but the model's embedding only {cfg.d_vocab:,} "
+                "rows; save the checkpoint with the tokenizer it was trained with"
+            )
         # tl_dir stands in for the checkpoint: TL only needs an existing path here
         # (a hub id outside its list would be rejected); the weights come from hf_model.
         with _converting(model_type):

@@ -560,12 +560,12 @@ def test_unreadable_weights_name_the_checkpoint(damage, tmp_path, word_tokenizer
         load_model(str(tmp_path), device="cpu")
 
 
-def _saved_checkpoint(folder, word_tokenizer, family: str = "gpt2"):
+def _saved_checkpoint(folder, word_tokenizer, family: str = "gpt2", vocab_size: int = 64):
     """A tiny random 2-layer checkpoint saved by transformers (Llama with tied embeddings: no lm_head in it)."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     if family == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16))
+        model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=vocab_size, n_positions=16))
     else:
         config = LlamaConfig(
             num_hidden_layers=2,
@@ -792,3 +792,15 @@ def test_an_unknown_figure_format_is_refused_before_anything_is_written(tmp_path
     with pytest.raises(ValueError, match=r"unknown figure format\(s\) \['bogus'\]"):
         export_figures({"f": go.Figure()}, tmp_path / "figures", formats=("bogus",))
     assert not (tmp_path / "figures").exists()
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused_before_a_folder_is_written(word_tokenizer, tmp_path, capsys):
+    from hpr.sources import load_model
+
+    checkpoint = tmp_path / "ckpt"
+    _saved_checkpoint(checkpoint, word_tokenizer, vocab_size=len(word_tokenizer) - 4)
+    with pytest.raises(ValueError, match=f"the tokenizer has {len(word_tokenizer)} tokens but the model's embedding"):
+        load_model(str(checkpoint), device="cpu")
+    assert _run(tmp_path / "run", "--model", str(checkpoint)) == 2
+    assert "the tokenizer has" in _one_line_error(capsys)
+    assert not (tmp_path / "run").exists()
