@@ -804,3 +804,15 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused_before_a_folder_is_wri
     assert _run(tmp_path / "run", "--model", str(checkpoint)) == 2
     assert "the tokenizer has" in _one_line_error(capsys)
     assert not (tmp_path / "run").exists()
+
+
+def test_loading_an_editor_onto_a_device_that_is_not_there_names_the_device(tmp_path, monkeypatch):
+    import torch
+
+    from hpr.editors import load_editor
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    folder = _saved_hpr(tmp_path)
+    with pytest.raises(ValueError, match="CUDA is not available on this machine; use --device cpu"):
+        load_editor(folder, device="cuda")
+    assert load_editor(folder, device="cpu").method == "hpr"

@@ -326,7 +326,11 @@ def load_editor(folder: str | Path, device=None) -> Editor:
     """Load any saved editor (``config.json`` + ``state.safetensors``), refusing one whose record or state is
     not what its method writes: fields of the wrong JSON type, numbers that are not finite or out of range,
     an empty or out-of-range selection of layers, tensors missing, unexpected, of the wrong shape or not finite."""
+    from hpr.models import check_device
+
     folder = Path(folder)
+    if device is not None:
+        device = check_device(device)  # a device that is not there is named as such, not as damaged state
     path = folder / "config.json"
     record = _read_record(folder, path)
     cls = REGISTRY[record["method"]]
