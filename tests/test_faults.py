@@ -816,3 +816,14 @@ def test_loading_an_editor_onto_a_device_that_is_not_there_names_the_device(tmp_
     with pytest.raises(ValueError, match="CUDA is not available on this machine; use --device cpu"):
         load_editor(folder, device="cuda")
     assert load_editor(folder, device="cpu").method == "hpr"
+
+
+def test_too_few_groups_are_counted_as_groups(tiny_toy, tmp_path, capsys):
+    """20 questions in one group: it is groups that are too few, and more questions of it would not help."""
+    data = _write_jsonl(tmp_path / "q.jsonl", n=20)
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    data.write_text("".join(json.dumps({**r, "meta": {"group": "g0"}}) + "\n" for r in rows))
+    assert _run(tmp_path / "run", data=data) == 2
+    line = _one_line_error(capsys)
+    assert "20 question(s) in 1 group(s)" in line and "use at least 10 groups" in line
+    assert not (tmp_path / "run").exists()

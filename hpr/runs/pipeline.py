@@ -123,10 +123,18 @@ def _prepared(cfg: RunConfig, device):
     questions = load_dataset(cfg.dataset, cfg.data_path)
     if cfg.limit is not None:
         questions = questions[: cfg.limit]
-    split = split_ids([q.id for q in questions], cfg.fractions, cfg.seed, split_groups(questions))
+    groups = split_groups(questions)
+    split = split_ids([q.id for q in questions], cfg.fractions, cfg.seed, groups)
     empty = [name for name, ids in split.items() if not ids]
     if empty:
         needed = math.ceil(1 / min(cfg.fractions))
+        if groups is not None:  # whole groups go to one split: it is groups that must be enough
+            n_groups = len(set(groups))
+            raise ValueError(
+                f"{len(questions)} question(s) in {n_groups} group(s) leave the {' and '.join(empty)} split(s) "
+                f"empty with fractions {tuple(cfg.fractions)}: each group goes to one split whole, so use at "
+                f"least {needed} groups (more data, or a finer 'group' in the JSONL)"
+            )
         raise ValueError(
             f"{len(questions)} question(s) leave the {' and '.join(empty)} split(s) empty with "
             f"fractions {tuple(cfg.fractions)}: use at least {needed} questions (--limit, or more data)"
