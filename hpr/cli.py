@@ -141,7 +141,7 @@ def _build_toy(args) -> int:
     from hpr.toyworld import DEFAULT
     from hpr.toyworld.build import ensure_built
 
-    folder = ensure_built(DEFAULT, progress=not args.quiet)
+    folder = ensure_built(DEFAULT, progress=not args.quiet, rebuild=args.rebuild)
     print(folder)
     return 0
 
@@ -169,8 +169,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hpr", description="Activation editing workbench (HPR and baselines)")
     sub = parser.add_subparsers(dest="command", required=True)
     _reproduce_parser(sub)
-    toy = sub.add_parser("build-toy", help="build (or find) the cached embedded toy model")
+    toy = sub.add_parser("build-toy", help="the cached embedded toy model: the shipped build, or --rebuild")
     toy.add_argument("--quiet", action="store_true")
+    toy.add_argument(
+        "--rebuild", action="store_true", help="train it on this machine (3.5 min), replacing the cached copy"
+    )
     toy.set_defaults(func=_build_toy)
 
     world = sub.add_parser("toyworld", help="build (or find) the toy world and print its diagnostics")

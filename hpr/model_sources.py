@@ -63,6 +63,7 @@ import logging
 import math
 import os
 import shutil
+import struct
 import tempfile
 import time
 from dataclasses import dataclass
@@ -306,6 +307,73 @@ class GGUFTensor:
     offset: int
 
 
+class _HeaderReader:
+    """Reads a GGUF header field by field, refusing any length that runs past the end of the file: a damaged
+    length would otherwise read or allocate gigabytes, or fail deep inside struct."""
+
+    def __init__(self, path: Path, f):
+        self.path, self.f = path, f
+        self.size = os.fstat(f.fileno()).st_size
+        self.order = "<"
+
+    def skip(self, n: int) -> int:
+        """The offset now, after checking that ``n`` more bytes are in the file."""
+        at = self.f.tell()
+        if n > self.size - at:
+            raise ValueError(
+                f"GGUF file {self.path} is truncated or damaged: its header asks for {n:,} bytes at offset "
+                f"{at:,}, past the end of the file ({self.size:,} bytes). Download or convert it again."
+            )
+        return at
+
+    def read(self, n: int) -> bytes:
+        self.skip(n)
+        return self.f.read(n)
+
+    def seek(self, n: int) -> None:
+        self.f.seek(self.skip(n) + n)
+
+    def unpack(self, fmt: str):
+        return struct.unpack(self.order + fmt, self.read(struct.calcsize(self.order + fmt)))[0]
+
+    def string(self) -> str:
+        return self.read(self.unpack("Q")).decode("utf-8", errors="replace")
+
+    def version(self) -> int:
+        (version,) = struct.unpack("<I", self.read(4))
+        if not version & 0xFFFF:  # a big-endian file reads as a huge little-endian version
+            self.order = ">"
+            (version,) = struct.unpack(">I", struct.pack("<I", version))
+        return version
+
+    def value(self, vtype: int):
+        """A metadata value; an array's value is its length (its elements are skipped)."""
+        if vtype == 8:
+            return self.string()
+        if vtype == 9:
+            etype, count = self.unpack("I"), self.unpack("Q")
+            self.skip(count)  # every element takes at least a byte
+            if etype == 8:
+                for _ in range(count):
+                    self.seek(self.unpack("Q"))
+            elif etype in _GGUF_SCALARS:
+                self.seek(struct.calcsize(self.order + _GGUF_SCALARS[etype]) * count)
+            else:  # nested arrays: rare; read them element by element
+                for _ in range(count):
+                    self.value(etype)
+            return count
+        if vtype not in _GGUF_SCALARS:
+            raise ValueError(f"GGUF file {self.path} has a metadata value of unknown type {vtype}")
+        return self.unpack(_GGUF_SCALARS[vtype])
+
+    def tensor(self) -> GGUFTensor:
+        name, n_dims = self.string(), self.unpack("I")
+        self.skip(8 * n_dims)
+        n_elements = math.prod(self.unpack("Q") for _ in range(n_dims))
+        type_id = self.unpack("I")
+        return GGUFTensor(name, type_id, n_elements, self.unpack("Q"))
+
+
 def read_gguf_header(path: Path) -> tuple[dict, list[GGUFTensor], int]:
     """``(metadata, tensors, data start)`` from a GGUF file's header: the data section starts at the end
     of the header, rounded up to ``general.alignment`` (32 by default).
@@ -314,78 +382,20 @@ def read_gguf_header(path: Path) -> tuple[dict, list[GGUFTensor], int]:
     which builds every element of the vocabulary and merges arrays as numpy views: about 5 s for
     SmolLM2's, where this takes a fraction of a second.
     """
-    import struct
-
     with open(path, "rb") as f:
         if f.read(4) != GGUF_MAGIC:
             check_magic(path)
-        file_size = os.fstat(f.fileno()).st_size
-
-        def skip(n: int) -> int:
-            """Move ``n`` bytes on, refusing to pass the end: a damaged length would otherwise read or
-            allocate gigabytes, or fail deep inside struct."""
-            at = f.tell()
-            if n > file_size - at:
-                raise ValueError(
-                    f"GGUF file {path} is truncated or damaged: its header asks for {n:,} bytes at offset "
-                    f"{at:,}, past the end of the file ({file_size:,} bytes). Download or convert it again."
-                )
-            return at
-
-        def read(n: int) -> bytes:
-            skip(n)
-            return f.read(n)
-
-        (version,) = struct.unpack("<I", read(4))
-        order = "<" if version & 0xFFFF else ">"  # a big-endian file reads as a huge little-endian version
-        if order == ">":
-            (version,) = struct.unpack(">I", struct.pack("<I", version))
+        header = _HeaderReader(path, f)
+        version = header.version()
         if version not in (2, 3):
             raise ValueError(f"GGUF file {path} is version {version}; transformers reads versions 2 and 3")
-
-        def unpack(fmt: str):
-            size = struct.calcsize(order + fmt)
-            return struct.unpack(order + fmt, read(size))[0]
-
-        def string() -> str:
-            return read(unpack("Q")).decode("utf-8", errors="replace")
-
-        def seek(n: int) -> None:
-            f.seek(skip(n) + n)
-
-        def value(vtype: int):
-            if vtype == 8:
-                return string()
-            if vtype == 9:
-                etype, count = unpack("I"), unpack("Q")
-                skip(count)  # every element takes at least a byte
-                if etype == 8:
-                    for _ in range(count):
-                        seek(unpack("Q"))
-                elif etype in _GGUF_SCALARS:
-                    seek(struct.calcsize(order + _GGUF_SCALARS[etype]) * count)
-                else:  # nested arrays: rare; read them element by element
-                    for _ in range(count):
-                        value(etype)
-                return count
-            if vtype not in _GGUF_SCALARS:
-                raise ValueError(f"GGUF file {path} has a metadata value of unknown type {vtype}")
-            return unpack(_GGUF_SCALARS[vtype])
-
-        n_tensors, n_kv = unpack("Q"), unpack("Q")
-        skip(n_tensors + n_kv)  # each takes bytes: a damaged count fails here, not after hours of looping
+        n_tensors, n_kv = header.unpack("Q"), header.unpack("Q")
+        header.skip(n_tensors + n_kv)  # each takes bytes: a damaged count fails here, not after hours of looping
         metadata = {}
         for _ in range(n_kv):
-            key = string()
-            metadata[key] = value(unpack("I"))
-        tensors = []
-        for _ in range(n_tensors):
-            name = string()
-            n_dims = unpack("I")
-            skip(8 * n_dims)
-            n_elements = math.prod(unpack("Q") for _ in range(n_dims))
-            type_id = unpack("I")
-            tensors.append(GGUFTensor(name, type_id, n_elements, unpack("Q")))
+            key = header.string()
+            metadata[key] = header.value(header.unpack("I"))
+        tensors = [header.tensor() for _ in range(n_tensors)]
         alignment = metadata.get("general.alignment", 32)
         alignment = alignment if isinstance(alignment, int) and alignment > 0 else 32
         data_start = -(-f.tell() // alignment) * alignment

@@ -336,6 +336,19 @@ def _converting(model_type: str):
         ) from e
 
 
+def _check_vocabulary(src: str, tokenizer, d_vocab: int) -> None:
+    """Refuse a tokenizer whose vocabulary or special tokens (BOS, EOS, padding) have ids past the embedding:
+    they would fail mid-run with an IndexError. Tokens added beyond the vocabulary that the model never sees
+    (transformers adds ``<|endoftext|>`` to some converted GGUF tokenizers) are let through."""
+    specials = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]
+    top = max([tokenizer.vocab_size - 1] + [i for i in specials if i is not None])
+    if top >= d_vocab:
+        raise ValueError(
+            f"{src}: the tokenizer has token ids up to {top:,} but the model's embedding only {d_vocab:,} rows; "
+            "save the checkpoint with the tokenizer it was trained with"
+        )
+
+
 def _load_hf(
     src: str, device: torch.device, dtype: torch.dtype, local_files_only: bool, hub: bool
 ) -> HookedTransformer:
@@ -361,11 +374,7 @@ def _load_hf(
                 "beside the weights (tokenizer.save_pretrained(folder))"
             )
         tokenizer, hf_model = _hf_tokenizer_and_model(src, hf_config, dtype, local_files_only, hub)
-        if len(tokenizer) > cfg.d_vocab:  # its top ids would index past the embedding: IndexError mid-run
-            raise ValueError(
-                f"{src}: the tokenizer has {len(tokenizer):,} tokens but the model's embedding only {cfg.d_vocab:,} "
-                "rows; save the checkpoint with the tokenizer it was trained with"
-            )
+        _check_vocabulary(src, tokenizer, cfg.d_vocab)
         # tl_dir stands in for the checkpoint: TL only needs an existing path here
         # (a hub id outside its list would be rejected); the weights come from hf_model.
         with _converting(model_type):

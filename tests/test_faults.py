@@ -168,7 +168,7 @@ def test_a_trimmed_splits_file_is_refused(tiny_toy, tmp_path, capsys):
         (["--methods", ""], "methods is empty"),
         (["--methods", "base,hpr,base"], "methods named twice"),
         (["--methods", "hrp"], "unknown methods ['hrp']"),
-        (["--limit", "3"], "3 question(s) leave the val split(s) empty"),
+        (["--limit", "3"], "3 question(s) in 2 group(s) leave the val split(s) empty"),
         (["--methods", "base,caa", "--caa-multipliers", "1", "nan"], "caa.multipliers must be a finite number"),
         (["--methods", "base,sadi", "--sadi-deltas", "inf"], "sadi.deltas must be a finite number"),
     ],
@@ -799,7 +799,8 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused_before_a_folder_is_wri
 
     checkpoint = tmp_path / "ckpt"
     _saved_checkpoint(checkpoint, word_tokenizer, vocab_size=len(word_tokenizer) - 4)
-    with pytest.raises(ValueError, match=f"the tokenizer has {len(word_tokenizer)} tokens but the model's embedding"):
+    top = len(word_tokenizer) - 1
+    with pytest.raises(ValueError, match=f"the tokenizer has token ids up to {top} but the model's embedding only 40"):
         load_model(str(checkpoint), device="cpu")
     assert _run(tmp_path / "run", "--model", str(checkpoint)) == 2
     assert "the tokenizer has" in _one_line_error(capsys)

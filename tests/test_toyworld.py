@@ -161,3 +161,35 @@ def test_unknown_tokenizer_kind_is_refused(tmp_path):
 
     with pytest.raises(ValueError, match="tokenizer kind"):
         train_tokenizer(["Q: a?\nA: b.\n"], 300, tmp_path / "tok", "chars")
+
+
+def test_the_default_world_starts_from_the_shipped_build_without_training(tmp_path, monkeypatch):
+    """A newcomer's first run uses the shipped model: the same bits on every machine, and no 3.5-minute build."""
+    from hpr.toyworld import DEFAULT, build
+
+    monkeypatch.setenv("HPR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(build, "build_toy_model", lambda *a, **k: pytest.fail("trained instead of copying"))
+    folder = build.ensure_built(DEFAULT)
+    assert build.shipped_build(DEFAULT) == build.SHIPPED
+    for name in ("build.json", "model.safetensors", "tokenizer/tokenizer.json"):
+        assert (folder / name).read_bytes() == (build.SHIPPED / name).read_bytes(), name
+    assert build.ensure_built(DEFAULT) == folder  # the cache from then on
+
+
+def test_the_builder_still_reproduces_the_shipped_model_on_its_machine(tmp_path, monkeypatch):
+    """``hpr build-toy --rebuild`` on the kind of machine the shipped model was trained on gives its bits
+    (one-thread training is deterministic there); another CPU or torch rounds differently, so it is skipped."""
+    from hpr.toyworld import DEFAULT, build
+
+    shipped = json.loads((build.SHIPPED / "build.json").read_text())
+    here = build.machine()
+    if {k: shipped["machine"][k] for k in ("cpu_flags_sha256", "torch")} != {
+        k: here[k] for k in ("cpu_flags_sha256", "torch")
+    }:
+        pytest.skip(f"the shipped model was trained on {shipped['machine']}, this is {here}")
+    monkeypatch.setenv("HPR_CACHE_DIR", str(tmp_path))
+    folder = build.ensure_built(DEFAULT, progress=False, rebuild=True)
+    assert (folder / "model.safetensors").read_bytes() == (build.SHIPPED / "model.safetensors").read_bytes()
+    assert (folder / "tokenizer" / "tokenizer.json").read_bytes() == (
+        build.SHIPPED / "tokenizer" / "tokenizer.json"
+    ).read_bytes()

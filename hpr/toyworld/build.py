@@ -3,6 +3,11 @@
 The cache lives in ``$HPR_CACHE_DIR`` (default ``~/.cache/hpr-workbench``) under ``toy-<config key>/``.
 A build is written to a temporary folder and renamed into place, so an interrupted build leaves
 nothing half-written; a later call simply builds again.
+
+The default world's build ships with the package (``shipped/``, 1.8 MB): training is bit-reproducible on one
+machine, but floating point differs between CPUs, so a model built elsewhere scores a few points apart. The
+cache starts as a copy of the shipped build, and every machine runs the same model; ``hpr build-toy
+--rebuild`` trains it here instead. Each build records the machine it was trained on (:func:`machine`).
 """
 
 from __future__ import annotations
@@ -97,6 +102,7 @@ def build_toy_model(config: ToyWorldConfig, out_dir: Path, progress: bool = True
         "timings": timings,
         "n_tokens": len(stream),
         "final_loss": sum(losses[-20:]) / min(20, len(losses)),
+        "machine": machine(),
     }
     (out_dir / "build.json").write_text(json.dumps(record, indent=2))
     return record
@@ -118,16 +124,57 @@ def _model_cfg(config: ToyWorldConfig, d_vocab: int) -> dict:
     )
 
 
-def ensure_built(config: ToyWorldConfig, progress: bool = True) -> Path:
-    """Return the cached model folder for ``config``, building it first if needed (atomically)."""
+SHIPPED = Path(__file__).resolve().parent / "shipped"
+
+
+def shipped_build(config: ToyWorldConfig) -> Path | None:
+    """The build shipped with the package, if it is ``config``'s (the default world's)."""
+    try:
+        record = json.loads((SHIPPED / "build.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return SHIPPED if record.get("config") == json.loads(json.dumps(dataclasses.asdict(config))) else None
+
+
+def machine() -> dict:
+    """What decides a build's floating point: the CPU, torch and its BLAS."""
+    import hashlib
+    import platform
+
+    info: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())  # the first core's
+    except OSError:
+        pass
+    flags = info.get("flags", "")  # the instruction sets, which pick the BLAS kernels
+    return {
+        "cpu": info.get("model name") or platform.processor() or platform.machine(),
+        "cpu_flags_sha256": hashlib.sha256(flags.encode()).hexdigest()[:16],
+        "torch": torch.__version__,
+        "mkl": torch.backends.mkl.is_available(),
+    }
+
+
+def ensure_built(config: ToyWorldConfig, progress: bool = True, rebuild: bool = False) -> Path:
+    """Return the cached model folder for ``config``: the cache as it is, else a copy of the shipped build
+    when it is ``config``'s, else a new build (each written atomically). ``rebuild`` trains it on this
+    machine whatever the cache holds."""
     final = model_dir(config)
-    if (final / "build.json").exists():
+    if (final / "build.json").exists() and not rebuild:
         return final
+    shipped = None if rebuild else shipped_build(config)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".building-{final.name}-", dir=final.parent))
     try:
-        log.info("building toy world %s into %s", config.key(), final)
-        build_toy_model(config, tmp, progress=progress)
+        if shipped is not None:
+            shutil.copytree(shipped, tmp, dirs_exist_ok=True)
+        else:
+            log.info("building toy world %s into %s", config.key(), final)
+            build_toy_model(config, tmp, progress=progress)
+        if rebuild and final.exists():
+            shutil.rmtree(final)
         try:
             os.replace(tmp, final)
         except OSError:  # another process finished first: keep theirs
