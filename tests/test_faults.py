@@ -247,6 +247,27 @@ def test_damaged_caches_are_rebuilt_on_resume_with_the_same_results(tiny_toy, tm
     assert again["methods"] == results["methods"] and again["norm_change"] == results["norm_change"]
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda df: df.rename(columns={"loglik": "ll"}),  # other columns
+        lambda df: df.iloc[: len(df) // 2],  # rows missing
+        lambda df: df.assign(loglik=float("nan")),  # no scores
+        lambda df: df.assign(method="base"),  # another label's
+    ],
+)
+def test_saved_predictions_that_are_not_this_runs_are_scored_again(damage, tiny_toy, tmp_path, capsys):
+    import pandas as pd
+
+    out = tmp_path / "run"
+    assert _run(out, "--methods", "base,hpr") == 0
+    results = json.loads((out / "results.json").read_text())
+    path = out / "predictions" / "hpr.parquet"
+    damage(pd.read_parquet(path)).to_parquet(path, index=False)
+    assert _run(out, "--methods", "base,hpr") == 0
+    assert json.loads((out / "results.json").read_text())["methods"] == results["methods"]
+
+
 def test_ctrl_c_says_how_to_resume(monkeypatch, tmp_path, capsys):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

@@ -241,7 +241,8 @@ def _test_predictions_and_norms(run: Pipeline, label: str, editor, with_predicti
     test, bs = run.parts["test"], run.cfg.batch_size
     preds_path = run.out / "predictions" / f"{label}.parquet"
     norms_path = run.out / "predictions" / f"{label}.norms.safetensors"
-    df, norms = saved_predictions(preds_path) if with_predictions else None, _saved_norms(norms_path)
+    df = _whole_predictions(saved_predictions(preds_path), preds_path, label, test) if with_predictions else None
+    norms = _saved_norms(norms_path)
     fresh_df, fresh_norms = with_predictions and df is None, norms is None
     if fresh_df and fresh_norms:
         df, before, after = evaluate.predictions_and_norms(run.model, test, run.fmt, label, editor, bs, run.progress)
@@ -260,6 +261,27 @@ def _test_predictions_and_norms(run: Pipeline, label: str, editor, with_predicti
             norms_path, lambda tmp: save_file({"before": before.contiguous(), "after": after.contiguous()}, tmp)
         )
     return df, tuple(norms)
+
+
+def _whole_predictions(df: pd.DataFrame | None, path: Path, label: str, test) -> pd.DataFrame | None:
+    """Saved predictions if they are this label's, row for row (every test question's choices, in order, with
+    finite log-likelihoods); None to score again: a file of other columns or rows is a damaged cache."""
+    if df is None:
+        return None
+    rows = [(q.id, task, c.text, c.is_true) for q in test for task in ("mc1", "mc2") for c in getattr(q, task)]
+    columns = ["method", "question_id", "task", "choice", "is_true", "loglik"]
+    whole = (
+        list(df.columns) == columns
+        and len(df) == len(rows)
+        and (df["method"] == label).all()
+        and list(zip(df["question_id"], df["task"], df["choice"], df["is_true"], strict=True)) == rows
+        and pd.api.types.is_float_dtype(df["loglik"])
+        and bool(df["loglik"].notna().all())
+    )
+    if not whole:
+        log.warning("%s does not hold this run's %s predictions; scoring again", path, label)
+        return None
+    return df
 
 
 def _saved_norms(path: Path):
