@@ -171,6 +171,19 @@ def model_fingerprint(model) -> str:
     return fingerprint
 
 
+@torch.no_grad()
+def check_finite_weights(model, source: str) -> None:
+    """Refuse a model with NaN or infinite weights, naming the first such parameter: every score and every
+    fitted editor would otherwise come out NaN, and the failure would surface far from its cause."""
+    for name, param in model.named_parameters():
+        if not bool(torch.isfinite(param).all()):
+            bad = int((~torch.isfinite(param)).sum())
+            raise ValueError(
+                f"{source}: the model's weights hold {bad:,} NaN or infinite value(s) in {name}; the checkpoint "
+                "is damaged: restore it, or convert or download it again"
+            )
+
+
 @contextlib.contextmanager
 def weights_put_back(model):
     """For a block that puts back every weight it changes, bit for bit (representation tuning's swap): a

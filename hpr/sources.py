@@ -19,7 +19,7 @@ from hpr import toyworld
 from hpr.data import DataError, MCQuestion, PromptFormat
 from hpr.data.truthfulqa import TRUTHFULQA_ENV, load_truthfulqa, truthfulqa_from_hub
 from hpr.model_sources import resolve_source
-from hpr.models import check_device, load_checkpoint, model_dtype
+from hpr.models import check_device, check_finite_weights, load_checkpoint, model_dtype
 from hpr.toyworld import PRIMER, TRUTHFUL_PRIMER, load_toy_model, toy_dataset
 from hpr.toyworld.world import WORLD_VERSION
 
@@ -36,7 +36,12 @@ def load_model(name_or_path: str, device: torch.device | str | None = None, dtyp
     a checkpoint directory), a local Hugging Face checkpoint directory (config.json + weights + tokenizer;
     loaded fully offline), or a Hugging Face hub id (needs network or the hub cache).
     """
-    device = check_device(device)
+    model = _load(name_or_path, check_device(device), dtype)
+    check_finite_weights(model, name_or_path)
+    return model
+
+
+def _load(name_or_path: str, device: torch.device, dtype):
     dtype = model_dtype(dtype, device)
     if name_or_path == "toy":
         return load_toy_model(device=device, dtype=dtype)

@@ -849,3 +849,22 @@ def test_too_few_groups_are_counted_as_groups(tiny_toy, tmp_path, capsys):
     line = _one_line_error(capsys)
     assert "20 question(s) in 1 group(s)" in line and "use at least 10 groups" in line
     assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_with_nan_weights_is_refused_naming_the_parameter(word_tokenizer, tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from hpr.sources import load_model
+
+    checkpoint = tmp_path / "ckpt"
+    weights = _saved_checkpoint(checkpoint, word_tokenizer)
+    state = load_file(weights)
+    name = next(k for k in state if k.endswith("mlp.c_fc.weight"))
+    state[name][0, 0] = float("nan")
+    save_file(state, weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"weights hold 1 NaN or infinite value\(s\) in blocks\.\d\.mlp\.W_in"):
+        load_model(str(checkpoint), device="cpu")
+    assert _run(tmp_path / "run", "--model", str(checkpoint)) == 2
+    assert "NaN or infinite" in _one_line_error(capsys) and not (tmp_path / "run").exists()
+    assert torch.isnan(load_file(weights)[name]).any()
