@@ -868,3 +868,38 @@ def test_a_checkpoint_with_nan_weights_is_refused_naming_the_parameter(word_toke
     assert _run(tmp_path / "run", "--model", str(checkpoint)) == 2
     assert "NaN or infinite" in _one_line_error(capsys) and not (tmp_path / "run").exists()
     assert torch.isnan(load_file(weights)[name]).any()
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        lambda: __import__("safetensors").SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28)"
+        ),  # as safetensors reports a full disk (seen on a 256 kB tmpfs)
+        lambda: OSError(28, "No space left on device"),
+    ],
+)
+def test_a_full_disk_is_named_in_one_line_and_leaves_no_temporary_file(
+    failure, tiny_toy, tmp_path, monkeypatch, capsys
+):
+    import hpr.activations
+    import hpr.files
+
+    real = hpr.files.atomic_write
+
+    def full_disk_for_shards(path, write):
+        if str(path).endswith(".safetensors"):
+
+            def partial_then_full(tmp):
+                open(tmp, "wb").write(b"half a shard")
+                raise failure()
+
+            return real(path, partial_then_full)
+        return real(path, write)
+
+    monkeypatch.setattr(hpr.activations, "atomic_write", full_disk_for_shards)
+    assert _run(tmp_path / "run") == 2
+    assert "no space left on the device while writing" in _one_line_error(capsys)
+    assert not list((tmp_path / "run").rglob("*.tmp"))
+    monkeypatch.setattr(hpr.activations, "atomic_write", real)  # space freed: the same command resumes
+    assert _run(tmp_path / "run") == 0
