@@ -401,11 +401,22 @@ def script_main(make, description: str, argv: Sequence[str] | None = None) -> in
     import sys
 
     args = script_parser(description).parse_args(argv)
+    out = Path(args.out or args.run)
+    if out.exists() and not out.is_dir():  # checked before the work, which may take minutes
+        print(f"error: --out {out} is a file; pick a folder for figures/ and tables/", file=sys.stderr)
+        return 2
     try:
         run = Run(args.run, device=args.device)
         outputs = make(run, args)
-        written = write_outputs(outputs, Path(args.out or args.run), args.formats)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        written = write_outputs(outputs, out, args.formats)
+    except OSError as e:  # a read-only folder, a file where figures/ or tables/ should be, a full disk
+        print(f"error: cannot write the outputs into {out} ({e}); pick a writable folder with --out", file=sys.stderr)
+        return 2
+    except (ValueError, RuntimeError) as e:  # no browser for static figures (the HTML ones are written)
         print(f"error: {e}", file=sys.stderr)
         return 2
     for path in written:

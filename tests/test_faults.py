@@ -903,3 +903,29 @@ def test_a_full_disk_is_named_in_one_line_and_leaves_no_temporary_file(
     assert not list((tmp_path / "run").rglob("*.tmp"))
     monkeypatch.setattr(hpr.activations, "atomic_write", real)  # space freed: the same command resumes
     assert _run(tmp_path / "run") == 0
+
+
+def test_analyses_that_cannot_write_say_where_in_one_line(tiny_run_folder, tmp_path, monkeypatch, capsys):
+    import pandas as pd
+
+    from hpr import figures
+    from hpr.measurements import script_main
+
+    def table(run, args):
+        return {"tables": {"t": pd.DataFrame({"a": [1]})}}
+
+    with tiny_run_folder(tmp_path / "run", "base") as run:
+        (tmp_path / "file").write_text("x")
+        assert script_main(table, "t", ["--run", str(run), "--out", str(tmp_path / "file"), "--formats"]) == 2
+        assert "--out" in capsys.readouterr().err
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "tables").write_text("x")  # a file where the tables folder goes
+        assert script_main(table, "t", ["--run", str(run), "--out", str(tmp_path / "out"), "--formats"]) == 2
+        assert "cannot write the outputs into" in capsys.readouterr().err
+
+        def read_only(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(figures, "export_table", read_only)  # as a read-only folder fails (not as root)
+        assert script_main(table, "t", ["--run", str(run), "--formats"]) == 2
+        assert "Permission denied" in capsys.readouterr().err
