@@ -929,3 +929,32 @@ def test_analyses_that_cannot_write_say_where_in_one_line(tiny_run_folder, tmp_p
         monkeypatch.setattr(figures, "export_table", read_only)  # as a read-only folder fails (not as root)
         assert script_main(table, "t", ["--run", str(run), "--formats"]) == 2
         assert "Permission denied" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "last_line, message",
+    [
+        (
+            '{"id": "x", "question": "bad \\ud800 here", '
+            '"choices": [{"text": "a", "label": 1}, {"text": "b", "label": 0}]}',
+            r"line \d+: holds the escape \\ud800, a lone surrogate",
+        ),
+        ('{"id": "x", "question": "q", "meta": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
+        (None, r"question '[^']+' has a choice of 5,000 tokens .* does not fit in the model's context"),
+    ],
+)
+def test_data_that_would_fail_after_the_model_loads_is_refused_before_a_folder(
+    last_line, message, tiny_toy, tmp_path, capsys
+):
+    data = _write_jsonl(tmp_path / "q.jsonl")
+    rows = data.read_text().splitlines()
+    if last_line is None:  # one choice of 5,000 words
+        first = json.loads(rows[0])
+        first["choices"][0]["text"] = " ".join(["w"] * 5000)
+        rows[0] = json.dumps(first)
+    else:
+        rows.append(last_line)
+    data.write_text("\n".join(rows) + "\n")
+    assert _run(tmp_path / "run", data=data) == 2
+    assert re.search(message, _one_line_error(capsys))
+    assert not (tmp_path / "run").exists()

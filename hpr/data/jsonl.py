@@ -36,7 +36,15 @@ from pathlib import Path
 from typing import Any
 
 from hpr.data.schema import Choice, DataError, MCQuestion
-from hpr.data.validate import Where, check_question, check_unique_ids, parse_label, require_field, require_text
+from hpr.data.validate import (
+    Where,
+    check_question,
+    check_unique_ids,
+    parse_json,
+    parse_label,
+    require_field,
+    require_text,
+)
 
 KEYS = ("id", "question", "context", "choices", "mc1_choices", "meta")
 CHOICE_KEYS = ("text", "label")
@@ -63,7 +71,7 @@ def load_jsonl(path: str | os.PathLike[str]) -> tuple[MCQuestion, ...]:
             continue
         where = Where(str(p), f"line {line_no}")
         try:
-            rec = json.loads(line)
+            rec = parse_json(line, f"{p}, line {line_no}", "one JSON object per line, of text")
         except json.JSONDecodeError as e:
             raise DataError(f"{p}, line {line_no}: not valid JSON ({e.msg}). Fix: one JSON object per line.") from e
         qs.append(_parse(rec, f"{p.stem}-{line_no}", where))

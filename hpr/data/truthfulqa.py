@@ -48,6 +48,7 @@ from hpr.data.validate import (
     Where,
     check_question,
     check_unique_ids,
+    parse_json,
     parse_label,
     read_text,
     require_field,
@@ -151,7 +152,7 @@ def _object_hook(pairs: list[tuple[str, Any]]) -> _Object:
 def _load_json(path: Path) -> tuple[MCQuestion, ...]:
     text = read_text(path, "save the file as UTF-8 JSON")
     try:
-        data = json.loads(text, object_pairs_hook=_object_hook)
+        data = parse_json(text, str(path), "repair the file", object_pairs_hook=_object_hook)
     except json.JSONDecodeError as e:
         raise DataError(
             f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}). Fix: repair the file."
@@ -172,7 +173,7 @@ def _load_jsonl(path: Path) -> tuple[MCQuestion, ...]:
                 continue
             where = Where(str(path), f"line {line_no}")
             try:
-                rec = json.loads(line, object_pairs_hook=_object_hook)
+                rec = parse_json(line, f"{path}, line {line_no}", _JSON_FIX, object_pairs_hook=_object_hook)
             except json.JSONDecodeError as e:
                 raise DataError(
                     f"{path}, line {line_no}: not valid JSON ({e.msg}). Fix: one JSON object per line."

@@ -14,6 +14,7 @@ Messages have one shape, so a user can find and fix the record without reading c
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,25 @@ def read_text(path: Path, fix: str) -> str:
             f"{path}, line {line}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start - line_start + 1})."
             f" Fix: {fix}."
         ) from e
+
+
+def parse_json(text: str, where: str, fix: str, **kwargs) -> Any:
+    """``json.loads(text)``, refusing, with ``where`` (file and line) and ``fix``, what json accepts and no
+    later step could use: nesting too deep for Python (json raises a RecursionError, which names nothing) and a
+    lone UTF-16 surrogate escape such as ``\\ud800`` (valid JSON, but no text: it would fail only when the
+    text is first encoded, after the model has loaded). A ``json.JSONDecodeError`` is left to the caller."""
+    try:
+        value = json.loads(text, **kwargs)
+    except RecursionError:
+        raise DataError(f"{where}: the JSON is nested too deeply to read. Fix: {fix}.") from None
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = e.object[e.start : e.end].encode("unicode_escape").decode()
+        raise DataError(f"{where}: holds the escape {bad}, a lone surrogate that is no text. Fix: {fix}.") from None
+    except RecursionError:
+        raise DataError(f"{where}: the JSON is nested too deeply to read. Fix: {fix}.") from None
+    return value
 
 
 def require_field(record: Mapping[str, Any], name: str, where: Where, fix: str, shown: str | None = None) -> Any:

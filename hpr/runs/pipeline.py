@@ -142,7 +142,25 @@ def _prepared(cfg: RunConfig, device):
     neutral = neutral_passages(cfg.model, cfg.neutral_text, cfg.neutral_passages)
     t0 = time.perf_counter()
     model = load_model(cfg.model, device=device, dtype=dtype)
-    return questions, split, model, round(time.perf_counter() - t0, 2), neutral
+    load_s = round(time.perf_counter() - t0, 2)
+    _check_choices_fit(model, questions, prompt_format(cfg.dataset))
+    return questions, split, model, load_s, neutral
+
+
+def _check_choices_fit(model, questions, fmt: PromptFormat) -> None:
+    """Refuse, before anything is written, a choice too long to score in the model's context (it needs at
+    least one context token before it): otherwise the run fails at its first scoring pass, hours in."""
+    texts = sorted({fmt.continuation(c.text) for q in questions for c in (*q.mc1, *q.mc2)})
+    lengths = [len(ids) for ids in model.tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+    too_long = [(n, text) for n, text in zip(lengths, texts, strict=True) if n >= model.cfg.n_ctx - 1]
+    if too_long:
+        n, text = max(too_long)
+        question = next(q for q in questions if any(fmt.continuation(c.text) == text for c in (*q.mc1, *q.mc2)))
+        raise ValueError(
+            f"question {question.id!r} has a choice of {n:,} tokens ({text[:60].strip()!r}...), which does not fit "
+            f"in the model's context of {model.cfg.n_ctx} tokens with its question; shorten it or drop the question"
+            + (f" ({len(too_long)} choices are too long)" if len(too_long) > 1 else "")
+        )
 
 
 def _claim_folder(cfg: RunConfig, out: Path, questions, split: dict, model) -> None:
