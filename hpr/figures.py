@@ -29,6 +29,13 @@ _LAYOUT = dict(
 )
 
 
+def reference_line(fig: go.Figure, y: float, line_color: str, dash: str, label: str) -> None:
+    """A horizontal reference line with its label. The width is explicit: the ``simple_white`` template
+    draws shapes with a line width of 0, so a line without one shows only its label (in the app and in
+    every export)."""
+    fig.add_hline(y=y, line=dict(color=line_color, dash=dash, width=1.5), annotation_text=label)
+
+
 def color(name: str) -> str:
     """The colour of a method (each registers its own: :mod:`hpr.editors.registry`) or group in every figure;
     unknown names get a stable palette colour."""
@@ -77,7 +84,7 @@ def probe_accuracy(df: pd.DataFrame, selected_layers: Sequence[int] = ()) -> go.
                 marker=dict(symbol="star", size=14, color="#000000"),
             )
         )
-    fig.add_hline(y=0.5, line=dict(color="#999999", dash="dot"), annotation_text="chance")
+    reference_line(fig, 0.5, "#999999", "dot", "chance")
     return _layout(
         fig,
         "Probe accuracy per layer",
@@ -156,9 +163,7 @@ def topk_sweep(df: pd.DataFrame, base: Mapping[str, float]) -> go.Figure:
                 line=dict(color=color("hpr"), dash=dash),
             )
         )
-        fig.add_hline(
-            y=base[metric], line=dict(color=color("base"), dash=dash), annotation_text=f"base {metric.upper()}"
-        )
+        reference_line(fig, base[metric], color("base"), dash, f"base {metric.upper()}")
     return _layout(
         fig, "HPR: edited layers (top-k by validation probe)", "k (edited layers)", "score", xaxis=dict(dtick=1)
     )
@@ -285,7 +290,7 @@ def tradeoff(df: pd.DataFrame, base_mc1: float) -> go.Figure:
                 marker=dict(size=[13 if f else 7 for f in part["fitted"]], line=dict(width=1, color="#000000")),
             )
         )
-    fig.add_hline(y=0, line=dict(color="#999999", dash="dot", width=1), annotation_text="base")
+    reference_line(fig, 0, "#999999", "dot", "base")
     fig.update_xaxes(type="log")
     return _layout(
         fig,

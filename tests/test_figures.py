@@ -23,6 +23,8 @@ def test_probe_accuracy_figure():
     names = [t.name for t in fig.data]
     assert names == ["val", "test", "selected"]
     assert list(fig.data[2].x) == [1] and list(fig.data[2].y) == [0.8]
+    (chance,) = fig.layout.shapes
+    assert chance.y0 == 0.5 and chance.line.width > 0  # the template's default width, 0, drew no line
     assert fig.layout.xaxis.title.text.startswith("layer") and fig.layout.yaxis.title.text == "accuracy"
 
 
@@ -59,6 +61,8 @@ def test_mc_bars_topk_and_other_builders():
         pd.DataFrame({"k": [2, 1], "mc1": [0.5, 0.4], "mc2": [0.6, 0.5]}), {"mc1": 0.3, "mc2": 0.45}
     )
     assert list(sweep.data[0].x) == [1, 2] and len(sweep.layout.shapes) == 2  # base lines
+    # drawn: simple_white's shape default is a line width of 0, which shows the labels only
+    assert all(shape.line.width and shape.line.width > 0 for shape in sweep.layout.shapes)
     dm = figures.direction_magnitude(
         pd.DataFrame({"method": ["hpr", "hpr", "iti15"], "cosine": [0.9, 0.8, 0.5], "norm_ratio": [1.0, 1.0, 2.0]})
     )
