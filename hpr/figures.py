@@ -85,13 +85,18 @@ def probe_accuracy(df: pd.DataFrame, selected_layers: Sequence[int] = ()) -> go.
             )
         )
     reference_line(fig, 0.5, "#999999", "dot", "chance")
+    # Ranges from the data (with chance in view): a fixed 0.4-1.02 squashed a model whose probes reach 0.62,
+    # and autorange put ticks at layers -1 and n_layers.
+    low, high = min(0.5, float(df["accuracy"].min())), max(0.5, float(df["accuracy"].max()))
+    pad = max(0.02, 0.08 * (high - low))
+    first, last = int(df["layer"].min()), int(df["layer"].max())
     return _layout(
         fig,
         "Probe accuracy per layer",
         "layer (0-based block)",
         "accuracy",
-        yaxis_range=[0.4, 1.02],
-        xaxis=dict(dtick=1),
+        yaxis_range=[low - pad, min(high + pad, 1.02)],
+        xaxis=dict(range=[first - 0.5, last + 0.5], dtick=1 if last - first < 16 else 2),
     )
 
 

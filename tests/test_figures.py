@@ -25,6 +25,11 @@ def test_probe_accuracy_figure():
     assert list(fig.data[2].x) == [1] and list(fig.data[2].y) == [0.8]
     (chance,) = fig.layout.shapes
     assert chance.y0 == 0.5 and chance.line.width > 0  # the template's default width, 0, drew no line
+    low, high = fig.layout.yaxis.range
+    assert low < 0.5 and 0.8 < high < 0.9  # fitted to the data, chance in view
+    assert list(fig.layout.xaxis.range) == [-0.5, 2.5]  # no ticks at layers -1 or 3
+    flat = figures.probe_accuracy(df.assign(accuracy=[0.5, 0.62, 0.55, 0.52, 0.6, 0.58]))
+    assert flat.layout.yaxis.range[1] < 0.7  # a model whose probes reach 0.62 is not squashed into 0.4-1.02
     assert fig.layout.xaxis.title.text.startswith("layer") and fig.layout.yaxis.title.text == "accuracy"
 
 
