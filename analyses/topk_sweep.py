@@ -28,7 +28,7 @@ def make(run: measurements.Run, args) -> dict:
             )
     df = pd.DataFrame(rows)
     base = run.results["methods"]["base"]
-    fig = figures.topk_sweep(df[df["split"] == "test"], {"mc1": base["mc1"], "mc2": base["mc2"]})
+    fig = figures.topk_sweep(df, {"mc1": base["mc1"], "mc2": base["mc2"]})  # both splits; base is test's
     return {"figures": {"topk_sweep": fig}, "tables": {"topk_sweep": df}}
 
 

@@ -154,20 +154,28 @@ def mc_bars(df: pd.DataFrame) -> go.Figure:
 
 
 def topk_sweep(df: pd.DataFrame, base: Mapping[str, float]) -> go.Figure:
-    """MC1/MC2 as the number of HPR-edited layers grows (paper Fig. 6). ``df``: ``k, mc1, mc2``."""
+    """MC1/MC2 as the number of HPR-edited layers grows (paper Fig. 6). ``df``: ``k, mc1, mc2``, and
+    optionally ``split`` (one line per split and metric: test solid markers, val open and fainter). ``base``:
+    the unedited model's scores (a run records them on the test split)."""
     _require(df, ("k", "mc1", "mc2"), "topk_sweep")
     df = df.sort_values("k")
+    parts = list(df.groupby("split", sort=False)) if "split" in df.columns else [(None, df)]
+    parts.sort(key=lambda part: part[0] != "val")  # val first, so test is drawn on top
     fig = go.Figure()
     for metric, dash in (("mc1", "solid"), ("mc2", "dash")):
-        fig.add_trace(
-            go.Scatter(
-                x=df["k"],
-                y=df[metric],
-                mode="lines+markers",
-                name=f"HPR {metric.upper()}",
-                line=dict(color=color("hpr"), dash=dash),
+        for split, part in parts:
+            faint = split == "val"
+            fig.add_trace(
+                go.Scatter(
+                    x=part["k"],
+                    y=part[metric],
+                    mode="lines+markers",
+                    name=f"HPR {metric.upper()}" + (f" ({split})" if split else ""),
+                    line=dict(color=color("hpr"), dash=dash),
+                    marker=dict(symbol="circle-open" if faint else "circle"),
+                    opacity=0.55 if faint else 1.0,
+                )
             )
-        )
         reference_line(fig, base[metric], color("base"), dash, f"base {metric.upper()}")
     return _layout(
         fig, "HPR: edited layers (top-k by validation probe)", "k (edited layers)", "score", xaxis=dict(dtick=1)

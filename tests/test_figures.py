@@ -68,6 +68,11 @@ def test_mc_bars_topk_and_other_builders():
     assert list(sweep.data[0].x) == [1, 2] and len(sweep.layout.shapes) == 2  # base lines
     # drawn: simple_white's shape default is a line width of 0, which shows the labels only
     assert all(shape.line.width and shape.line.width > 0 for shape in sweep.layout.shapes)
+    both = figures.topk_sweep(
+        pd.DataFrame({"k": [1, 1], "split": ["test", "val"], "mc1": [0.4, 0.5], "mc2": [0.5, 0.6]}),
+        {"mc1": 0.3, "mc2": 0.45},
+    )
+    assert [t.name for t in both.data] == ["HPR MC1 (val)", "HPR MC1 (test)", "HPR MC2 (val)", "HPR MC2 (test)"]
     dm = figures.direction_magnitude(
         pd.DataFrame({"method": ["hpr", "hpr", "iti15"], "cosine": [0.9, 0.8, 0.5], "norm_ratio": [1.0, 1.0, 2.0]})
     )

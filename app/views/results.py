@@ -103,7 +103,8 @@ if "base" not in run.methods or not (run.folder / "editors" / "hpr_all_layers" /
     st.stop()
 st.caption(
     "MC1/MC2 as HPR edits the top-k layers by validation probe accuracy, k = 1 .. layers, on val and "
-    "test (analyses/topk_sweep.py; scores every question once per k and split)."
+    "test (val open and fainter; analyses/topk_sweep.py; scores every question once per k and split). The base "
+    "lines are the unedited model's test scores."
 )
 if st.button("Compute the sweep", icon=":material/play_arrow:") or st.session_state.get(f"sweep:{run.folder}"):
     st.session_state[f"sweep:{run.folder}"] = True
