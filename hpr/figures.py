@@ -16,7 +16,9 @@ import plotly.graph_objects as go
 
 # Okabe & Ito (2008), colour-blind safe; black is kept for the unedited model.
 OKABE_ITO = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#999999")
-GROUP_COLORS = {"true answers": "#009E73", "false answers": "#D55E00"}
+# The ends of ColorBrewer's PRGn (colour-blind safe), kept apart from every method's colour: the Okabe-Ito
+# green and vermilion they were before are ITI200's and CAA's.
+GROUP_COLORS = {"true answers": "#1B7837", "false answers": "#762A83"}
 FIGURE_FORMATS = ("png", "svg", "pdf")
 TABLE_FORMATS = ("csv", "md", "tex")
 _LAYOUT = dict(

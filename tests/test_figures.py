@@ -117,3 +117,10 @@ def test_static_export_smoke(tmp_path):
     assert {p.suffix for p in paths} == {".html", ".png", ".svg", ".pdf"}
     assert (tmp_path / "probe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "probe.pdf").read_bytes()[:4] == b"%PDF"
+
+
+def test_group_colours_are_no_methods_colours():
+    from hpr.editors import default_labels
+
+    methods = {figures.color(label) for label in default_labels()} | {figures.color("base")}
+    assert not methods & set(figures.GROUP_COLORS.values())
