@@ -47,7 +47,7 @@ def color(name: str) -> str:
 
 
 def _layout(fig: go.Figure, title: str, x: str, y: str, **extra) -> go.Figure:
-    fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, **_LAYOUT, **extra)
+    fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, **{**_LAYOUT, **extra})  # extra wins
     return fig
 
 
@@ -126,7 +126,21 @@ def norm_boxes(df: pd.DataFrame, title: str = "Activation norms per layer") -> g
                 boxpoints=False,
             )
         )
-    return _layout(fig, title, "layer", "‖h‖ at resid_post (L2 norm)", boxmode="group")
+    # One edit that multiplies norms (ITI alpha 200 reaches ~3,400 on SmolLM2) flattens every other box on a
+    # linear axis: when the largest median is over 20x the smallest, the axis is logarithmic. Wide enough for
+    # every box of many layers.
+    low, high = float(df["median"].min()), float(df["median"].max())
+    log = low > 0 and high / low > 20 and float(df["lowerfence"].min()) > 0
+    n_layers, n_groups = df["layer"].nunique(), df["group"].nunique()
+    return _layout(
+        fig,
+        title,
+        "layer",
+        "‖h‖ at resid_post (L2 norm" + (", log scale)" if log else ")"),
+        boxmode="group",
+        yaxis_type="log" if log else "linear",
+        width=max(760, min(3000, 80 + n_layers * (10 * n_groups + 8))),
+    )
 
 
 def mc_bars(df: pd.DataFrame) -> go.Figure:

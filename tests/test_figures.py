@@ -39,6 +39,12 @@ def test_norm_boxes_one_box_per_group_and_layer():
     assert all(len(t.q1) == 4 and list(t.x) == ["L0", "L1", "L2", "L3"] for t in fig.data)
     assert fig.data[0].marker.color == figures.color("base")  # one colour per method in every figure
     assert "norm" in fig.layout.yaxis.title.text and fig.layout.boxmode == "group"
+    assert fig.layout.yaxis.type == "linear"  # medians of one scale read on a linear axis
+    wide = _boxes(("base", "iti200"), layers=30)
+    wide.loc[wide["group"] == "iti200", ["q1", "median", "q3", "upperfence"]] *= 40  # ITI200's ~3,400
+    big = figures.norm_boxes(wide)
+    assert big.layout.yaxis.type == "log" and "log scale" in big.layout.yaxis.title.text
+    assert big.layout.width > 760  # 30 layers x 2 boxes get room
 
 
 def test_box_stats_are_exact_tukey_statistics():
