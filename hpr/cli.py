@@ -172,7 +172,9 @@ def _parser() -> argparse.ArgumentParser:
     toy = sub.add_parser("build-toy", help="the cached embedded toy model: the shipped build, or --rebuild")
     toy.add_argument("--quiet", action="store_true")
     toy.add_argument(
-        "--rebuild", action="store_true", help="train it on this machine (3.5 min), replacing the cached copy"
+        "--rebuild",
+        action="store_true",
+        help="train it on this machine (about 5 min on 2 cores), replacing the cached copy",
     )
     toy.set_defaults(func=_build_toy)
 
