@@ -41,12 +41,15 @@ def mc_frame(results: Mapping) -> pd.DataFrame:
 
 
 def flip_frame(results: Mapping) -> pd.DataFrame:
-    """One row per edited method: the four flip fractions against base and the method's MC1 (Table 3)."""
+    """One row per edited method: the four flip fractions against base (Table 3), each with its number of test
+    questions (``<flip>_n``: a fraction of 30 questions reads differently from one of 400), and the method's MC1."""
+    n_test = results["splits"]["test"]
     rows = []
     for method, flips in results["flip_rates"].items():
         if method == "base":
             continue
-        rows.append({"method": method, **flips, "mc1": results["methods"][method]["mc1"]})
+        counts = {f"{name}_n": round(fraction * n_test) for name, fraction in flips.items()}
+        rows.append({"method": method, **flips, **counts, "mc1": results["methods"][method]["mc1"]})
     return pd.DataFrame(rows)
 
 
@@ -295,7 +298,7 @@ def generations(
     for method, editor in editors.items():  # each method's prompts in batches over their shared primer
         with _applied(editor, model):
             outs = generation.greedy_batch(model, ids, max_new_tokens, stops)
-        decoded = [model.tokenizer.decode(out) for out in outs]
+        decoded = [model.tokenizer.decode(out, skip_special_tokens=True) for out in outs]  # no raw <|im_end|>
         texts[method] = [t.split("\n")[0] for t in decoded] if stop_at_newline else decoded
     rows = [{"prompt": p, "method": m, "text": texts[m][i]} for i, p in enumerate(prompts) for m in editors]
     return pd.DataFrame(rows)

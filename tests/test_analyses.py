@@ -138,3 +138,25 @@ def test_scripts_refuse_a_folder_that_is_no_run(tmp_path, capsys):
         sys.path.remove(str(ANALYSES))
     assert measurements.script_main(module.make, "t", ["--run", str(tmp_path), "--formats"]) == 2
     assert "no results.json" in capsys.readouterr().err
+
+
+def test_flip_table_gives_counts_beside_fractions():
+    results = {
+        "splits": {"test": 30},
+        "flip_rates": {"base": {}, "hpr": {"false_to_true": 0.1, "true_to_false": 0.0333, "remains_true": 0.5}},
+        "methods": {"base": {"mc1": 0.2}, "hpr": {"mc1": 0.3}},
+    }
+    row = measurements.flip_frame(results).iloc[0]
+    assert row["false_to_true"] == 0.1 and row["false_to_true_n"] == 3 and row["true_to_false_n"] == 1
+    assert row["remains_true_n"] == 15 and row["method"] == "hpr"
+
+
+def test_generations_show_no_special_tokens(tiny_lm, monkeypatch):
+    from hpr import generation
+
+    model = tiny_lm("gpt2-like")
+    eos = model.tokenizer.eos_token_id
+    word = model.tokenizer.convert_tokens_to_ids("w3")
+    monkeypatch.setattr(generation, "greedy_batch", lambda model, ids, *a, **k: [[word, eos] for _ in ids])
+    df = measurements.generations(model, ["w1 w2"], {"base": None}, max_new_tokens=4, stop_at_newline=False)
+    assert df["text"].tolist() == ["w3"]  # the end-of-sequence token is not shown as text
