@@ -101,11 +101,20 @@ def _shown(default) -> str:
     return " ".join(map(str, default)) if isinstance(default, tuple) else str(default)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def at_least(low: int):
+    """An argparse type: a whole number >= ``low`` (shared with the analyses' options: ``--prompts -1``
+    generated 239 prompts)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
 
 
 def _boolean(text: str) -> bool:
@@ -226,7 +235,7 @@ def _reproduce_parser(sub) -> None:
     rep.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     rep.add_argument(
         "--threads",
-        type=_positive_int,
+        type=at_least(1),
         default=1,
         help="threads for the model's forward passes (default 1: bit-reproducible); fits always run on one. "
         "More is faster, but MKL rounds small matrix products differently on several threads, so scores "

@@ -324,26 +324,11 @@ def neutral_texts(model: str, n: int = 64, path: str | None = None) -> list[str]
 # ------------------------------------------------------------------------------------- analysis scripts
 
 
-def _at_least(low: int):
-    """An argparse type: a whole number >= ``low`` (``--prompts -1`` generated 239 prompts)."""
-    import argparse
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
-
-    return parse
-
-
 def script_parser(description: str):
     """The options every script in ``analyses/`` understands (``reproduce_paper.py`` passes them all on)."""
     import argparse
 
+    from hpr.cli import at_least
     from hpr.figures import FIGURE_FORMATS
 
     parser = argparse.ArgumentParser(description=description)
@@ -358,9 +343,9 @@ def script_parser(description: str):
         help="figure formats besides HTML: png svg pdf (none: HTML only, no browser needed)",
     )
     parser.add_argument(
-        "--prompts", type=_at_least(1), default=6, help="generations, hpr_edit_regions: first N test questions"
+        "--prompts", type=at_least(1), default=6, help="generations, hpr_edit_regions: first N test questions"
     )
-    parser.add_argument("--max-new-tokens", type=_at_least(1), default=16, help="generations: greedy tokens per prompt")
+    parser.add_argument("--max-new-tokens", type=at_least(1), default=16, help="generations: greedy tokens per prompt")
     parser.add_argument(
         "--neutral-text",
         default=None,
@@ -368,13 +353,13 @@ def script_parser(description: str):
     )
     parser.add_argument(
         "--gen-questions",
-        type=_at_least(0),
+        type=at_least(0),
         default=40,
         help="strength curves: greedy answers to the first N val questions at every strength (0: none)",
     )
     parser.add_argument(
         "--topk",
-        type=_at_least(1),
+        type=at_least(1),
         nargs="+",
         default=None,
         help="top-k sweep: the k values (default: every k from 1 to the number of layers; each "
