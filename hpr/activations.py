@@ -242,8 +242,16 @@ class Rows:
         return self.acts[self.index[idx]].float()
 
 
-def _shard_path(folder: Path, k: int) -> Path:
+QUESTIONS_PER_SHARD = 64
+
+
+def shard_path(folder: Path, k: int) -> Path:
     return folder / f"shard-{k:05d}.safetensors"
+
+
+def shard_count(n_questions: int, questions_per_shard: int = QUESTIONS_PER_SHARD) -> int:
+    """How many shards :func:`collect` writes for ``n_questions``."""
+    return -(-n_questions // questions_per_shard)
 
 
 def collect(
@@ -251,7 +259,7 @@ def collect(
     questions: Sequence[MCQuestion],
     fmt: PromptFormat,
     folder: Path,
-    questions_per_shard: int = 64,
+    questions_per_shard: int = QUESTIONS_PER_SHARD,
     batch_size: int = 16,
     fp16: bool = False,
     progress: bool = False,
@@ -270,7 +278,7 @@ def collect(
         total=sum(len(q.mc2) for q in questions), desc=f"activations {folder.name}", disable=not progress, unit="answer"
     )
     for k, block in enumerate(blocks):
-        path = _shard_path(folder, k)
+        path = shard_path(folder, k)
         expected = [q.id for q in block for _ in q.mc2]
         if path.exists() and _shard_is_intact(path, expected, model.cfg):
             bar.update(len(expected))
@@ -294,9 +302,9 @@ def collect(
     bar.close()
     buffer = acts = tensors = None  # freed before load allocates the result
     for stale in range(len(blocks), 1 << 30):  # shards of a longer earlier run
-        if not _shard_path(folder, stale).exists():
+        if not shard_path(folder, stale).exists():
             break
-        _shard_path(folder, stale).unlink()
+        shard_path(folder, stale).unlink()
     return load(folder) if load_result else None
 
 
@@ -334,8 +342,8 @@ _READ_BYTES = 16 << 20  # per read when loading a shard
 def shard_paths(folder: Path) -> list[Path]:
     """The shards of ``folder`` in order; each holds whole questions (every pair of a question is in one)."""
     paths: list[Path] = []
-    while _shard_path(folder, len(paths)).exists():
-        paths.append(_shard_path(folder, len(paths)))
+    while shard_path(folder, len(paths)).exists():
+        paths.append(shard_path(folder, len(paths)))
     if not paths:
         raise FileNotFoundError(f"no activation shards in {folder}")
     return paths

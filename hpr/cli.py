@@ -33,7 +33,12 @@ def _reproduce(args) -> int:
         gen_max_new_tokens=args.gen_max_new_tokens,
         settings=_method_settings(args),
     )
-    results = reproduce(cfg, Path(args.out), device=args.device, progress=not args.quiet, pass_threads=args.threads)
+    from hpr.runs.parallel import default_workers
+
+    workers = args.workers if args.workers is not None else default_workers(args.device, args.threads)
+    results = reproduce(
+        cfg, Path(args.out), device=args.device, progress=not args.quiet, pass_threads=args.threads, workers=workers
+    )
     print(format_results(results))
     print(f"run folder: {args.out} (results.json has everything)")
     return 0
@@ -115,6 +120,19 @@ def at_least(low: int):
         return value
 
     return parse
+
+
+def positive_number(text: str) -> float:
+    """An argparse type: a finite number above 0."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
 
 
 def _boolean(text: str) -> bool:
@@ -240,6 +258,13 @@ def _reproduce_parser(sub) -> None:
         help="threads for the model's forward passes (default 1: bit-reproducible); fits always run on one. "
         "More is faster, but MKL rounds small matrix products differently on several threads, so scores "
         "may differ in the last bits (hpr.threads)",
+    )
+    rep.add_argument(
+        "--workers",
+        type=at_least(1),
+        default=None,
+        help="processes the run's steps are spread over, each holding the model (default: one per core for "
+        "--threads, one on a GPU); results are bit-identical whatever the number (hpr.runs.parallel)",
     )
     rep.add_argument("--quiet", action="store_true", help="no progress bars")
     _setting_flags(rep)

@@ -12,7 +12,8 @@ network sees such row counts (the negative-side tokens of a batch), so a ``--lim
 threads scores HPR differently in the last bits; every other method, every editor and every greedy answer came
 out identical. MKL's strict reproducibility mode (``MKL_CBWR=AUTO,STRICT``, set before torch loads) makes those
 products thread-invariant, but it also changes one-thread results of one-column products (HPR's last angle
-layer), so it is not turned on here.
+layer), so it is not turned on here. A run uses more cores bit-identically by spreading its steps over
+processes of one thread each instead (:mod:`hpr.runs.parallel`).
 """
 
 from __future__ import annotations

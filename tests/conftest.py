@@ -72,6 +72,13 @@ def no_hook_left_attached(monkeypatch):
     assert not leaked, f"hooks left attached at {leaked}"
 
 
+@pytest.fixture(autouse=True)
+def one_worker_by_default(monkeypatch):
+    """``hpr reproduce`` on one process in tests, unless a test asks for more: a spawned worker costs seconds
+    of start-up per run, and does not see a test's monkeypatches. tests/test_parallel.py runs the workers."""
+    monkeypatch.setattr("hpr.runs.parallel.default_workers", lambda device=None, pass_threads=1: 1)
+
+
 @pytest.fixture(scope="session")
 def toy_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("hpr-cache")

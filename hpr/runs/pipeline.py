@@ -55,9 +55,11 @@ class Pipeline:
     neutral: list[str] = field(default_factory=list)  # the capability step's passages, read before any write
 
     def timed(self, name: str, step, *args):
+        """``step(self, *args)``, its wall time added to ``timings[name]`` (work done earlier by
+        :mod:`hpr.runs.parallel` for the same step is already there)."""
         t0 = time.perf_counter()
         result = step(self, *args)
-        self.timings[name] = round(time.perf_counter() - t0, 2)
+        self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - t0, 2)
         return result
 
     def fit_context(self, probes: dict | None) -> FitContext:
@@ -87,24 +89,45 @@ class Pipeline:
         return {"mc1": row["mc1"], "mc2": row["mc2"]}
 
 
-def reproduce(cfg: RunConfig, out: Path, device=None, progress: bool = True, pass_threads: int = 1) -> dict:
+def reproduce(
+    cfg: RunConfig, out: Path, device=None, progress: bool = True, pass_threads: int = 1, workers: int = 1
+) -> dict:
     """The whole run (module docstring). Fits run on one thread and the model's forward passes on
     ``pass_threads`` (:mod:`hpr.threads`: 1, the default, is bit-reproducible on any machine; more is faster
-    and may differ in the last bits)."""
+    and may differ in the last bits). ``workers`` > 1 spreads the steps over that many processes, each on
+    ``pass_threads`` threads (:mod:`hpr.runs.parallel`): the same results to the bit, sooner."""
     out = Path(out)
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
     check_run_folder(out)
+    t0 = time.perf_counter()
     questions, split, model, load_s, neutral = _prepared(cfg, device)
     with threads.reproducible(model, pass_threads):
-        return _reproduce(cfg, out, questions, split, model, load_s, neutral, progress)
+        _claim_folder(cfg, out, questions, split, model)
+        run = pipeline_of(cfg, out, questions, split, model, neutral, progress)
+        run.timings["load_model"] = load_s
+        if workers > 1:
+            from hpr.runs import parallel
+
+            parallel.prefill(run, workers, device, pass_threads)
+        results = _reproduce(run, split)
+    results["workers"] = workers
+    results["wall_s"] = round(time.perf_counter() - t0, 2)
+    write_json(out / "results.json", results)
+    return results
 
 
-def _reproduce(cfg: RunConfig, out: Path, questions, split, model, load_s: float, neutral, progress: bool) -> dict:
-    _claim_folder(cfg, out, questions, split, model)
+def pipeline_of(cfg: RunConfig, out: Path, questions, split, model, neutral, progress: bool) -> Pipeline:
+    """The run in progress for a claimed folder (:func:`_claim_folder`)."""
     parts = apply_split(questions, split)
-    run = Pipeline(cfg, out, model, parts, prompt_format(cfg.dataset), progress, {"load_model": load_s}, neutral)
+    return Pipeline(cfg, out, model, parts, prompt_format(cfg.dataset), progress, {}, neutral)
+
+
+def _reproduce(run: Pipeline, split: dict) -> dict:
+    """Every step in order, each skipping what the folder already holds (all of it after a parallel prefill)."""
     run.timed("activations", collect_activations)
     probes = run.timed("hpr_training", fit_hpr)
-    for method in _methods_to_fit(cfg):
+    for method in _methods_to_fit(run.cfg):
         run.timed(f"fit_{method}", fit_method, method, probes)
     preds, norm_change, norm_vs_base = run.timed("evaluation", evaluate_test_split)
     generated = run.timed("generation", answer_test_questions)
@@ -112,7 +135,6 @@ def _reproduce(cfg: RunConfig, out: Path, questions, split, model, load_s: float
     results = summarize(run, split, probes, preds, norm_change, norm_vs_base)
     results.update(generated)
     results.update(costs)
-    write_json(out / "results.json", results)
     return results
 
 
@@ -198,18 +220,26 @@ def _claim_folder(cfg: RunConfig, out: Path, questions, split: dict, model) -> N
     write_json(splits_path, {k: list(v) for k, v in split.items()})
 
 
+SPLITS = ("train", "val", "test")
+
+
 def collect_activations(run: Pipeline) -> None:
-    for name in ("train", "val", "test"):  # written to disk; each step loads what it needs
-        activations.collect(
-            run.model,
-            run.parts[name],
-            run.fmt,
-            run.out / "activations" / name,
-            batch_size=run.cfg.batch_size,
-            fp16=run.cfg.fp16_activations,
-            progress=run.progress,
-            load_result=False,
-        )
+    for name in SPLITS:  # written to disk; each step loads what it needs
+        collect_split(run, name)
+
+
+def collect_split(run: Pipeline, name: str) -> None:
+    """The answer activations of one split, into ``activations/<name>`` (shards already there are kept)."""
+    activations.collect(
+        run.model,
+        run.parts[name],
+        run.fmt,
+        run.out / "activations" / name,
+        batch_size=run.cfg.batch_size,
+        fp16=run.cfg.fp16_activations,
+        progress=run.progress,
+        load_result=False,
+    )
 
 
 def fit_hpr(run: Pipeline) -> dict:
@@ -236,18 +266,23 @@ def evaluate_test_split(run: Pipeline):
     frames, norm_change, norm_vs_base = [], {}, {}
     base_norms = None  # resid_post norms of the unedited pass at the test answers, computed once
     for label in run.cfg.methods:
-        editor = None if label == BASE else load_editor(run.out / "editors" / label)
-        df, (before, after) = _test_predictions_and_norms(run, label, editor)
+        df, (before, after) = evaluate_label(run, label)
         frames.append(df)
         if base_norms is None:
-            base_norms = (
-                after if editor is None else _test_predictions_and_norms(run, BASE, None, BASE in run.cfg.methods)[1][1]
-            )
+            base_norms = after if label == BASE else evaluate_label(run, BASE)[1][1]
         norm_change[label] = evaluate._mean_relative_change(after, before)
         norm_vs_base[label] = evaluate._mean_relative_change(after, base_norms)
     preds = pd.concat(frames, ignore_index=True)
     write_parquet(preds, run.out / "predictions.parquet")
     return preds, norm_change, norm_vs_base
+
+
+def evaluate_label(run: Pipeline, label: str):
+    """``(predictions, (before, after))`` of one label on the test split, measured or read back. The base's
+    norms are measured whether or not base is asked for (every norm change is taken against them); its
+    predictions only when it is (None otherwise)."""
+    editor = None if label == BASE else load_editor(run.out / "editors" / label)
+    return _test_predictions_and_norms(run, label, editor, label != BASE or BASE in run.cfg.methods)
 
 
 def _test_predictions_and_norms(run: Pipeline, label: str, editor, with_predictions: bool = True):
@@ -320,23 +355,11 @@ def answer_test_questions(run: Pipeline) -> dict:
     """``generation`` (per label: lm-eval ``truthfulqa_gen`` scores of its greedy test answers, and how many are
     non-answers) and ``generation_settings`` for ``results.json``; every answer with its scores in
     ``answers.parquet``. Each label's answers are kept in ``predictions/<label>.answers.parquet``."""
-    from tqdm.auto import tqdm
 
     from hpr import answers, gen_scoring
 
     test = run.parts["test"]
-    frames = []
-    for label in run.cfg.methods:
-        path = run.out / "predictions" / f"{label}.answers.parquet"
-        df = _saved_answers(path, [q.id for q in test])
-        if df is None:
-            editor = None if label == BASE else load_editor(run.out / "editors" / label)
-            with tqdm(total=len(test), disable=not run.progress, desc=f"answers {label}", unit="question") as bar:
-                df = answers.greedy_answers(
-                    run.model, test, run.fmt, editor, run.cfg.gen_max_new_tokens, run.cfg.batch_size, bar
-                )
-            write_parquet(df, path)
-        frames.append(df.assign(method=label))
+    frames = [answer_label(run, label).assign(method=label) for label in run.cfg.methods]
     scores = answers.scored(pd.concat(frames, ignore_index=True), test)
     write_parquet(scores, run.out / "answers.parquet")
     summary = gen_scoring.summarize(scores)
@@ -350,6 +373,26 @@ def answer_test_questions(run: Pipeline) -> dict:
             "references": "TruthfulQA.csv's correct / incorrect answers where known, else the MC2 targets",
         },
     }
+
+
+def answer_label(run: Pipeline, label: str) -> pd.DataFrame:
+    """``question_id, completion``: one label's greedy test answers, kept in
+    ``predictions/<label>.answers.parquet`` (answered only when that holds none)."""
+    from tqdm.auto import tqdm
+
+    from hpr import answers
+
+    test = run.parts["test"]
+    path = run.out / "predictions" / f"{label}.answers.parquet"
+    df = _saved_answers(path, [q.id for q in test])
+    if df is None:
+        editor = None if label == BASE else load_editor(run.out / "editors" / label)
+        with tqdm(total=len(test), disable=not run.progress, desc=f"answers {label}", unit="question") as bar:
+            df = answers.greedy_answers(
+                run.model, test, run.fmt, editor, run.cfg.gen_max_new_tokens, run.cfg.batch_size, bar
+            )
+        write_parquet(df, path)
+    return df
 
 
 def _saved_answers(path: Path, ids: list[str]) -> pd.DataFrame | None:
@@ -368,26 +411,9 @@ def measure_capability(run: Pipeline) -> dict:
     ``results.json``. Each label's measure is kept in ``capability/<label>.json`` with the text's fingerprint;
     a rerun measures only the labels it lacks (the base pass, which every KL needs, runs again then)."""
     from hpr import capability
-    from hpr.data import neutral
 
-    cfg, folder = run.cfg, run.out / "capability"
-    sha = neutral.fingerprint(run.neutral)
-    key = {"neutral_sha256": sha, "neutral_tokens": cfg.neutral_tokens}
-    labels = list(dict.fromkeys([BASE, *cfg.methods]))
-    saved = {label: _saved_measure(folder / f"{label}.json", key) for label in labels}
-    measures = {label: m for label, m in saved.items() if m is not None}
-    missing = [label for label in labels if label not in measures]
-    if missing:
-        editors = {label: load_editor(run.out / "editors" / label) for label in missing if label != BASE}
-        from tqdm.auto import tqdm
-
-        encoded = capability.encode_passages(run.model, run.neutral, cfg.neutral_tokens)
-        with tqdm(total=len(encoded), disable=not run.progress, desc="capability", unit="passage") as bar:
-            fresh = capability.measure(run.model, encoded, editors, progress=bar)
-        folder.mkdir(exist_ok=True)
-        for label in missing:
-            measures[label] = fresh[label]
-            write_json(folder / f"{label}.json", {**key, "measure": fresh[label]})
+    cfg = run.cfg
+    measures = measure_labels(run, list(dict.fromkeys([BASE, *cfg.methods])))
     costs = capability.with_ppl_change(measures)
     return {
         "capability": {label: costs[label] for label in cfg.methods},
@@ -396,9 +422,40 @@ def measure_capability(run: Pipeline) -> dict:
             "passages": len(run.neutral),
             "tokens_per_passage": cfg.neutral_tokens,
             "predictions": costs[BASE]["tokens"],
-            "sha256": sha,
+            "sha256": _neutral_key(run)["neutral_sha256"],
         },
     }
+
+
+def _neutral_key(run: Pipeline) -> dict:
+    from hpr.data import neutral
+
+    return {"neutral_sha256": neutral.fingerprint(run.neutral), "neutral_tokens": run.cfg.neutral_tokens}
+
+
+def measure_labels(run: Pipeline, labels: list[str]) -> dict:
+    """``{label: measure}`` of :mod:`hpr.capability` for ``labels`` (base among them or not), each kept in
+    ``capability/<label>.json`` with the text's fingerprint; only the labels without one are measured, in
+    one pass of the unedited model that every KL needs (a label's numbers do not depend on which others
+    share that pass)."""
+    from tqdm.auto import tqdm
+
+    from hpr import capability
+
+    folder, key = run.out / "capability", _neutral_key(run)
+    saved = {label: _saved_measure(folder / f"{label}.json", key) for label in labels}
+    measures = {label: m for label, m in saved.items() if m is not None}
+    missing = [label for label in labels if label not in measures]
+    if missing:
+        editors = {label: load_editor(run.out / "editors" / label) for label in missing if label != BASE}
+        encoded = capability.encode_passages(run.model, run.neutral, run.cfg.neutral_tokens)
+        with tqdm(total=len(encoded), disable=not run.progress, desc="capability", unit="passage") as bar:
+            fresh = capability.measure(run.model, encoded, editors, progress=bar)
+        folder.mkdir(exist_ok=True)
+        for label in missing:
+            measures[label] = fresh[label]
+            write_json(folder / f"{label}.json", {**key, "measure": fresh[label]})
+    return measures
 
 
 def _saved_measure(path: Path, key: dict) -> dict | None:
