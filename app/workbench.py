@@ -269,13 +269,13 @@ def table_download(df: pd.DataFrame, name: str) -> None:
     )
 
 
-def figure_bytes(name: str, fig, fmt: str) -> bytes:
-    """One figure as PNG/SVG/PDF (kaleido, needs a Chromium) or self-contained HTML."""
+def figure_bytes(name: str, fig, fmt: str, scale: float = figures.PNG_SCALE) -> bytes:
+    """One figure as PNG (at ``scale``)/SVG/PDF (kaleido, needs a Chromium) or self-contained HTML."""
     with tempfile.TemporaryDirectory() as tmp:
         if fmt == "html":
             paths = figures.export_figures({name: fig}, Path(tmp), formats=(), html=True)
         else:
-            paths = figures.export_figures({name: fig}, Path(tmp), formats=(fmt,), html=False)
+            paths = figures.export_figures({name: fig}, Path(tmp), formats=(fmt,), html=False, scale=scale)
         return paths[0].read_bytes()
 
 

@@ -21,6 +21,7 @@ OKABE_ITO = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "
 GROUP_COLORS = {"true answers": "#1B7837", "false answers": "#762A83"}
 FIGURE_FORMATS = ("png", "svg", "pdf")
 TABLE_FORMATS = ("csv", "md", "tex")
+PNG_SCALE = 2.0  # publication scale: a PNG at twice the figure's size
 _LAYOUT = dict(
     template="simple_white",
     font=dict(family="Arial", size=13),
@@ -367,15 +368,22 @@ NO_BROWSER = (
 
 
 def export_figures(
-    figures: Mapping[str, go.Figure], folder: Path, formats: Sequence[str] = FIGURE_FORMATS, html: bool = True
+    figures: Mapping[str, go.Figure],
+    folder: Path,
+    formats: Sequence[str] = FIGURE_FORMATS,
+    html: bool = True,
+    scale: float = PNG_SCALE,
 ) -> list[Path]:
     """Write each figure as ``folder/<name>.<format>`` in one kaleido session; returns the paths written.
+    PNGs are drawn at ``scale`` times the figure's size (2: 1400x1000 pixels for plotly's default 700x500).
 
     HTML (self-contained, plotly.js inlined) needs no browser; static formats raise a RuntimeError naming
     the fix when no browser is found, after the HTML files are written.
     """
     import plotly.io as pio
 
+    if not scale > 0:
+        raise ValueError(f"scale must be positive, got {scale}")
     unknown = sorted(set(formats) - {*FIGURE_FORMATS, "html"})
     if unknown:
         raise ValueError(f"unknown figure format(s) {unknown}: use {', '.join(FIGURE_FORMATS)} (and html)")
@@ -397,24 +405,70 @@ def export_figures(
             raise RuntimeError(NO_BROWSER) from e
         names = [(name, fmt) for fmt in static for name in figures]
         paths = [folder / f"{name}.{fmt}" for name, fmt in names]
-        pio.write_images([figures[name] for name, _ in names], paths)  # one browser for the batch
+        # one browser for the batch
+        pio.write_images(
+            [figures[name] for name, _ in names], paths, scale=[scale if f == "png" else 1 for _, f in names]
+        )
         written += paths
     return written
+
+
+STDERR_SUFFIX = "_stderr"
+_LATEX_SPECIAL = {c: "\\" + c for c in "&%$#_{}"} | {
+    "\\": "\\textbackslash{}",
+    "~": "\\textasciitilde{}",
+    "^": "\\textasciicircum{}",
+}
+
+
+def latex_escaped(text: str) -> str:
+    return "".join(_LATEX_SPECIAL.get(c, c) for c in text)
+
+
+def shown_table(df: pd.DataFrame, float_format: str = "{:.3f}", cell=str, plus_minus: str = "±") -> pd.DataFrame:
+    """``df`` as a paper shows it, every cell text: each ``X`` with an ``X_stderr`` beside it becomes one
+    ``mean ± s.e.`` column, other floats are formatted; ``cell`` is applied to each piece of text (LaTeX
+    escaping) before ``plus_minus`` joins them."""
+    shown = pd.DataFrame(index=df.index)
+    for col in df.columns:
+        if col.endswith(STDERR_SUFFIX) and col.removesuffix(STDERR_SUFFIX) in df.columns:
+            continue
+        values = df[col]
+        text = values.map(float_format.format) if pd.api.types.is_float_dtype(values) else values.astype(str)
+        text = text.map(cell)
+        if f"{col}{STDERR_SUFFIX}" in df.columns:
+            text = text + f" {plus_minus} " + df[f"{col}{STDERR_SUFFIX}"].map(float_format.format).map(cell)
+        shown[col] = text
+    return shown
+
+
+def _caption(name: str) -> str:
+    return name.replace("_", " ").capitalize()
 
 
 def export_table(
     df: pd.DataFrame, folder: Path, name: str, caption: str = "", float_format: str = "{:.3f}"
 ) -> list[Path]:
-    """Write ``folder/<name>.csv``, ``.md`` and ``.tex`` (booktabs); returns the paths."""
+    """Write ``folder/<name>.csv`` (every column, unrounded), ``.md`` and ``.tex`` (booktabs); in the last two
+    a number with a ``<column>_stderr`` beside it reads ``mean ± s.e.``, numbers are right-aligned, and the
+    LaTeX table has a caption (``caption``, or the name's words). Returns the paths."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{name}.{fmt}" for fmt in TABLE_FORMATS]
     df.to_csv(paths[0], index=False)
-    shown = df.copy()
-    for col in shown.columns:
-        if pd.api.types.is_float_dtype(shown[col]):
-            shown[col] = shown[col].map(float_format.format)
-    paths[1].write_text(shown.to_markdown(index=False) + "\n")
-    styler = shown.style.hide(axis="index").format(escape="latex").format_index(escape="latex", axis=1)
-    paths[2].write_text(styler.to_latex(hrules=True, caption=caption or None, label=f"tab:{name.replace('_', '-')}"))
+    numeric = {c for c in df.columns if pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c])}
+    shown = shown_table(df, float_format)
+    align = ["right" if c in numeric else "left" for c in shown.columns]
+    paths[1].write_text(shown.to_markdown(index=False, colalign=align) + "\n")
+    latex = shown_table(df, float_format, cell=latex_escaped, plus_minus="$\\pm$")
+    styler = latex.style.hide(axis="index").format_index(escape="latex", axis=1)
+    paths[2].write_text(
+        styler.to_latex(
+            hrules=True,
+            column_format="".join("r" if c in numeric else "l" for c in latex.columns),
+            caption=caption or _caption(name),
+            label=f"tab:{name.replace('_', '-')}",
+            position_float="centering",
+        )
+    )
     return paths

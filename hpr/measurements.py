@@ -53,6 +53,35 @@ def flip_frame(results: Mapping) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def against_base(predictions: pd.DataFrame, base: str = "base") -> pd.DataFrame:
+    """One row per edited method: its MC1/MC2 minus the base's, each with the standard error of that
+    difference, paired over the test questions (ddof=1 std of the per-question differences / sqrt(n); the
+    same questions under both, so tighter than the two standard errors apart), and ``<task>_within_se``:
+    whether the difference is within one such standard error, too small to read as a gain or a loss."""
+    import numpy as np
+
+    from hpr import metrics
+
+    scores = metrics.question_scores(predictions).set_index(["method", "question_id"])
+    if base not in scores.index.get_level_values("method"):
+        return pd.DataFrame()
+    base_scores = scores.loc[base]
+    rows = []
+    for method in dict.fromkeys(scores.index.get_level_values("method")):
+        if method == base:
+            continue
+        row: dict = {"method": method}
+        for task in ("mc1", "mc2"):
+            diff = (scores.loc[method][task] - base_scores[task]).dropna()
+            n = len(diff)
+            stderr = float(diff.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
+            row.update({f"{task}_diff": float(diff.mean()), f"{task}_diff_stderr": stderr})
+            row[f"{task}_within_se"] = bool(abs(row[f"{task}_diff"]) <= stderr)
+        row["n"] = n
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def norm_change_frame(results: Mapping, key: str = "norm_change_vs_base") -> pd.DataFrame:
     """``method, layer, relative_norm_change`` from ``results[key]``."""
     return pd.DataFrame(
@@ -328,8 +357,8 @@ def script_parser(description: str):
     """The options every script in ``analyses/`` understands (``reproduce_paper.py`` passes them all on)."""
     import argparse
 
-    from hpr.cli import at_least
-    from hpr.figures import FIGURE_FORMATS
+    from hpr.cli import at_least, positive_number
+    from hpr.figures import FIGURE_FORMATS, PNG_SCALE
 
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--run", required=True, help="a finished run folder (hpr reproduce --out ...)")
@@ -341,6 +370,9 @@ def script_parser(description: str):
         default=list(FIGURE_FORMATS),
         choices=FIGURE_FORMATS,
         help="figure formats besides HTML: png svg pdf (none: HTML only, no browser needed)",
+    )
+    parser.add_argument(
+        "--png-scale", type=positive_number, default=PNG_SCALE, help="PNG pixels per figure unit (default 2: 1400x1000)"
     )
     parser.add_argument(
         "--prompts", type=at_least(1), default=6, help="generations, hpr_edit_regions: first N test questions"
@@ -372,15 +404,20 @@ def script_parser(description: str):
     return parser
 
 
-def write_outputs(outputs: Mapping[str, Mapping], folder: Path, formats: Sequence[str]) -> list[Path]:
+def write_outputs(
+    outputs: Mapping[str, Mapping], folder: Path, formats: Sequence[str], png_scale: float | None = None
+) -> list[Path]:
     """``outputs = {"figures": {name: Figure}, "tables": {name: DataFrame}}`` -> figures/ and tables/."""
     from hpr import figures
+
+    if png_scale is None:
+        png_scale = figures.PNG_SCALE
 
     folder = Path(folder)
     written = []
     for name, df in outputs.get("tables", {}).items():
         written += figures.export_table(df, folder / "tables", name)
-    written += figures.export_figures(outputs.get("figures", {}), folder / "figures", formats)
+    written += figures.export_figures(outputs.get("figures", {}), folder / "figures", formats, scale=png_scale)
     return written
 
 
@@ -400,7 +437,7 @@ def script_main(make, description: str, argv: Sequence[str] | None = None) -> in
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        written = write_outputs(outputs, out, args.formats)
+        written = write_outputs(outputs, out, args.formats, args.png_scale)
     except OSError as e:  # a read-only folder, a file where figures/ or tables/ should be, a full disk
         print(f"error: cannot write the outputs into {out} ({e}); pick a writable folder with --out", file=sys.stderr)
         return 2

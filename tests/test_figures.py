@@ -1,6 +1,7 @@
 """Figure builders on small hand-made frames, table export, and one real export when a browser exists."""
 
 import pandas as pd
+import plotly.graph_objects as go
 import pytest
 import torch
 
@@ -103,6 +104,22 @@ def test_tables_export_to_csv_markdown_and_booktabs_latex(tmp_path):
     assert "| hpr_no_angle |" in paths[1].read_text() and "0.312" in paths[1].read_text()
     tex = paths[2].read_text()
     assert "\\toprule" in tex and "\\bottomrule" in tex and "hpr\\_no\\_angle" in tex
+    assert "\\caption{MC scores}" in tex and "\\begin{tabular}{lr}" in tex  # numbers right-aligned
+
+
+def test_table_exports_show_mean_plus_minus_stderr_and_keep_raw_columns_in_csv(tmp_path):
+    df = pd.DataFrame({"method": ["base", "a&b"], "mc1": [0.31234, 0.5], "mc1_stderr": [0.0214, 0.02], "n": [30, 30]})
+    csv, md, tex = figures.export_table(df, tmp_path, "mc_scores")
+    assert pd.read_csv(csv).equals(df)  # every column, unrounded
+    assert "0.312 ± 0.021" in md.read_text() and "stderr" not in md.read_text()
+    text = tex.read_text()
+    assert "0.312 $\\pm$ 0.021" in text and "a\\&b" in text and "stderr" not in text
+    assert "\\begin{tabular}{lrr}" in text and "\\caption{Mc scores}" in text  # a caption from the name
+
+
+def test_a_scale_that_is_not_positive_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="scale must be positive"):
+        figures.export_figures({"f": go.Figure()}, tmp_path, formats=("png",), html=False, scale=0)
 
 
 def test_html_export_needs_no_browser(tmp_path):
@@ -121,7 +138,10 @@ def test_static_export_smoke(tmp_path):
     fig = figures.probe_accuracy(pd.DataFrame({"layer": [0, 1], "split": ["val", "val"], "accuracy": [0.6, 0.7]}))
     paths = figures.export_figures({"probe": fig}, tmp_path)
     assert {p.suffix for p in paths} == {".html", ".png", ".svg", ".pdf"}
-    assert (tmp_path / "probe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    png = (tmp_path / "probe.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    assert (width, height) == (1400, 1000)  # publication scale: twice plotly's 700x500
     assert (tmp_path / "probe.pdf").read_bytes()[:4] == b"%PDF"
 
 

@@ -145,3 +145,25 @@ def test_malformed_predictions():
         question_scores(pd.concat([good, good.iloc[:1]]))
     with pytest.raises(ValueError, match="missing column"):
         summarize(pd.DataFrame({"method": ["m"], "question_id": ["q"], "mc1": [1.0]}))
+
+
+def test_differences_from_base_are_paired_over_questions_and_marked_within_one_stderr():
+    import pandas as pd
+
+    from hpr.measurements import against_base
+
+    rows = []
+    # 4 questions, two choices each in mc1 and mc2: "up" wins every question base loses; "same" is base
+    for method, wins in (("base", [1, 0, 1, 0]), ("up", [1, 1, 1, 1]), ("same", [1, 0, 1, 0])):
+        for q, win in enumerate(wins):
+            for task in ("mc1", "mc2"):
+                rows.append((method, f"q{q}", task, "t", True, 0.0 if win else -2.0))
+                rows.append((method, f"q{q}", task, "f", False, -1.0))
+    preds = pd.DataFrame(rows, columns=["method", "question_id", "task", "choice", "is_true", "loglik"])
+    diff = against_base(preds).set_index("method")
+    assert list(diff.index) == ["up", "same"]
+    assert diff.loc["up", "mc1_diff"] == 0.5 and diff.loc["same", "mc1_diff"] == 0.0
+    # per-question differences 0, 1, 0, 1: std 0.577 / sqrt(4) = 0.289, so +0.5 is outside one s.e.
+    assert abs(diff.loc["up", "mc1_diff_stderr"] - 0.2887) < 1e-3 and not diff.loc["up", "mc1_within_se"]
+    assert diff.loc["same", "mc1_within_se"] and diff.loc["up", "n"] == 4
+    assert against_base(preds[preds["method"] != "base"]).empty

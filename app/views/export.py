@@ -31,16 +31,26 @@ st.caption("Figures and tables computed on the Norms, Results and Generations pa
 st.subheader("Figure")
 browser = figures.browser_available()
 formats = ["png", "svg", "pdf", "html"] if browser else ["html"]
-c1, c2 = st.columns(2)
+c1, c2, c3 = st.columns(3)
 name = c1.selectbox("Figure", list(made["figures"]))
 fmt = c2.selectbox("Format", formats)
+scale = c3.selectbox(
+    "PNG scale",
+    [1, 2, 3, 4],
+    index=[1, 2, 3, 4].index(int(figures.PNG_SCALE)),
+    format_func=lambda k: f"{k}x ({700 * k}x{500 * k} px)",
+    disabled=fmt != "png",
+    help="pixels per figure unit; SVG and PDF are vector and need none",
+)
 if not browser:
     st.error(figures.NO_BROWSER + " Offering HTML only.", icon=":material/error:")
+wanted = f"{name}.{fmt}" + (f"@{scale}x" if fmt == "png" else "")
 if st.button("Prepare the file", icon=":material/build:"):
     with wb.shows_errors("Export failed"), st.spinner(f"Writing {name}.{fmt}..."):
-        st.session_state.export_file = (f"{name}.{fmt}", wb.figure_bytes(name, made["figures"][name], fmt))
-file_name, data = st.session_state.get("export_file", (None, None))
-if file_name == f"{name}.{fmt}":
+        st.session_state.export_file = (wanted, wb.figure_bytes(name, made["figures"][name], fmt, scale))
+prepared, data = st.session_state.get("export_file", (None, None))
+file_name = f"{name}.{fmt}"
+if prepared == wanted:
     st.download_button(
         f"Download {file_name}", data, file_name, wb.MIME[fmt], icon=":material/download:", key="download-figure"
     )

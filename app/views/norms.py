@@ -14,7 +14,7 @@ methods = st.multiselect(
     "Methods",
     run.methods,
     default=[m for m in PAPER_METHODS if m in run.methods],
-    help="every token of prompt + true answer of the test questions",
+    help="the true answer's tokens of each test question (the tokens scored, and the ones every editor edits)",
 )
 if not methods:
     st.warning("Pick at least one method.")

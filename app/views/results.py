@@ -23,6 +23,30 @@ wb.table_download(mc, "mc_scores")
 wb.remember("figures", "mc_scores", fig)
 wb.remember("tables", "mc_scores", mc)
 
+differences = measurements.against_base(run.predictions) if run.predictions is not None else pd.DataFrame()
+if not differences.empty:
+    differences = differences[differences["method"].isin(shown)].reset_index(drop=True)
+    close = differences[differences["mc1_within_se"]]["method"].tolist()
+    st.caption(
+        "Against base, paired over the test questions (the same questions under both): each difference with "
+        "its standard error. "
+        + (
+            f"Within one s.e. of base in MC1, too close to call on {int(differences['n'].iloc[0])} questions: "
+            + ", ".join(close)
+            + "."
+            if close
+            else "Every MC1 difference is larger than one s.e."
+        )
+    )
+    st.dataframe(
+        differences.style.format({c: "{:+.3f}" for c in ("mc1_diff", "mc2_diff")}).format(
+            {c: "{:.3f}" for c in ("mc1_diff_stderr", "mc2_diff_stderr")}
+        ),
+        hide_index=True,
+    )
+    wb.table_download(differences, "against_base")
+    wb.remember("tables", "against_base", differences)
+
 st.subheader("Flips against the base model")
 flips = measurements.flip_frame(run.results)
 if flips.empty:

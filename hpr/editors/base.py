@@ -1,4 +1,4 @@
-"""The Editor interface, the method registry, and saving/loading.
+"""The Editor interface, the table of editor classes that saved editors load through, and saving/loading.
 
 An editor is data (a frozen config + named tensors) plus the hooks it derives from them. Hooks reach a
 model only inside ``with editor.applied(model):``; everything that can fail (shape checks, hook
@@ -259,7 +259,8 @@ class Editor:
 
     def prepared_edit(self, layer: int, device) -> Callable[[Tensor], Tensor]:
         """:meth:`edit_fn`, built once per (layer, device) and kept: entering ``applied()`` again (once per
-        evaluation, generation or, in the bench, per forward pass) reuses it. Editors are not mutated."""
+        evaluation, generation or, in the bench, per forward pass) reuses it. The cache is the one thing an
+        editor keeps about its use; its config and tensors never change after it is made."""
         key = (layer, str(torch.device(device)))
         prepared = self.__dict__.setdefault("_prepared_edits", {})
         if key not in prepared:

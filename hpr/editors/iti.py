@@ -1,4 +1,4 @@
-"""Additive steering baselines: ITI (per-head shifts at ``attn.hook_z``) and CAA (one residual vector).
+"""ITI: additive per-head shifts at ``attn.hook_z`` along probe directions (CAA is :mod:`hpr.editors.caa`).
 
 ITI, Inference-Time Intervention (Li et al., NeurIPS 2023; ``likenneth/honest_llama``). Per head (l, h):
 a logistic-regression probe on the head output ``z`` ranks the heads by validation accuracy, the top K

@@ -146,6 +146,12 @@ class Run:
         return load_model(self.config["model"], device=self.device, dtype=self.config.get("dtype"))
 
     @cached_property
+    def predictions(self) -> pd.DataFrame | None:
+        """Every choice's log-likelihood under every method on the test split (``predictions.parquet``); None
+        when the folder holds none readable."""
+        return saved_predictions(self.folder / "predictions.parquet")
+
+    @cached_property
     def fmt(self) -> PromptFormat:
         return prompt_format(self.config["dataset"])
 
