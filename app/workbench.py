@@ -294,3 +294,54 @@ MIME = {
     "md": "text/markdown",
     "tex": "application/x-tex",
 }
+
+
+def run_row(folder: Path, results: dict) -> dict:
+    """A run's line in the Runs page's list: where, when, what, and its headline MC1s."""
+    import datetime
+
+    finished = datetime.datetime.fromtimestamp((folder / "results.json").stat().st_mtime)
+    methods = results.get("methods", {})
+    code = results.get("code") or {}
+
+    def mc1(label: str):
+        return methods.get(label, {}).get("mc1")
+
+    return {
+        "folder": str(folder),
+        "finished": finished.strftime("%Y-%m-%d %H:%M"),
+        "model": results.get("model"),
+        "dataset": results.get("dataset"),
+        "test questions": results.get("splits", {}).get("test"),
+        "base MC1": mc1("base"),
+        "HPR MC1": mc1("hpr"),
+        "methods": ", ".join(methods),
+        "commit": (code.get("commit") or "")[:10] + ("+" if code.get("dirty") else ""),
+    }
+
+
+def provenance(run) -> dict:
+    """Everything that says how ``run`` was made, for its reproducibility panel."""
+    results = run.results
+    return {
+        "command": "hpr reproduce " + " ".join(_flags(run.config)),
+        "seed": run.config.get("seed"),
+        "settings": run.config,
+        "inputs": run.inputs,
+        "code": results.get("code", "not recorded (a run from before hpr recorded its code)"),
+        "workers": results.get("workers", 1),
+        "wall_s": results.get("wall_s"),
+        "splits": results.get("splits"),
+    }
+
+
+def _flags(config: dict) -> list[str]:
+    """The run-level flags of ``config`` as ``hpr reproduce`` takes them (methods' settings are in "settings")."""
+    flags = []
+    for key in ("model", "dtype", "dataset", "data_path", "limit", "seed", "batch_size"):
+        value = config.get(key)
+        if value is not None:
+            flags.append(f"--{key.replace('_', '-')} {value}")
+    if config.get("methods"):
+        flags.append("--methods " + ",".join(config["methods"]))
+    return flags

@@ -431,7 +431,7 @@ def shown_table(df: pd.DataFrame, float_format: str = "{:.3f}", cell=str, plus_m
     escaping) before ``plus_minus`` joins them."""
     shown = pd.DataFrame(index=df.index)
     for col in df.columns:
-        if col.endswith(STDERR_SUFFIX) and col.removesuffix(STDERR_SUFFIX) in df.columns:
+        if str(col).endswith(STDERR_SUFFIX) and str(col).removesuffix(STDERR_SUFFIX) in df.columns:
             continue
         values = df[col]
         text = values.map(float_format.format) if pd.api.types.is_float_dtype(values) else values.astype(str)
@@ -459,7 +459,7 @@ def export_table(
     numeric = {c for c in df.columns if pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c])}
     shown = shown_table(df, float_format)
     align = ["right" if c in numeric else "left" for c in shown.columns]
-    paths[1].write_text(shown.to_markdown(index=False, colalign=align) + "\n")
+    paths[1].write_text(shown.to_markdown(index=False, colalign=align, disable_numparse=True) + "\n")
     latex = shown_table(df, float_format, cell=latex_escaped, plus_minus="$\\pm$")
     styler = latex.style.hide(axis="index").format_index(escape="latex", axis=1)
     paths[2].write_text(

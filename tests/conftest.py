@@ -113,7 +113,7 @@ def tiny_run_folder(toy_cache, tiny_world):
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv("HPR_CACHE_DIR", str(toy_cache))
             patch.setattr(hpr.toyworld, "DEFAULT", tiny_world)
-            assert main(["reproduce", "--out", str(folder), "--quiet", "--methods", methods]) == 0
+            assert main(["reproduce", "--out", str(folder), "--quiet", "--methods", methods, "--workers", "1"]) == 0
             yield folder
 
     return run_folder

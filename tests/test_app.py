@@ -86,6 +86,8 @@ def test_runs_page_lists_and_opens_runs_and_refuses_bad_folders(app, workspace, 
     app.button(key="open-path").click().run()
     ok(app)
     assert app.success and "HPR layers" in app.code[0].value
+    panel = app.get("json")[0].proto.body  # the reproducibility panel: settings, fingerprints, code
+    assert "model_fingerprint" in panel and "hpr_version" in panel and '"seed"' in panel
     for outside in ("/", str(tmp_path / ".." / ".." / ".."), "../x/../.."):  # the workspace is the only root
         by_label(app.text_input, "Or a run folder").set_value(outside)
         app.button(key="open-path").click().run()
@@ -106,16 +108,18 @@ def test_every_page_renders_and_reacts(app, tiny_run):
     assert set(stats["group"]) == {"base", "hpr"}
 
     app.switch_page(PAGES[2]).run()  # results: MC bars, costs + tables; the curves and the top-k sweep on request
-    assert len(ok(app).get("plotly_chart")) == 2 and len(app.dataframe) == 3
-    costs = app.dataframe[2].value.set_index("method")
+    assert len(ok(app).get("plotly_chart")) == 2 and len(app.dataframe) == 4
+    against = app.dataframe[1].value.set_index("method")  # each method against base, paired over questions
+    assert set(against.index) == {"hpr", "iti15", "iti200"} and against["mc1_within_se"].dtype == bool
+    costs = app.dataframe[3].value.set_index("method")
     assert costs.loc["base", "kl"] == 0 and costs.loc["iti200", "kl"] > costs.loc["iti15", "kl"] > 0
     by_label(app.button, "Compute the curves").click().run()
     assert len(ok(app).get("plotly_chart")) == 2 + 1 + 3  # the trade-off, one curve per method with a strength
-    curves = app.dataframe[3].value
+    curves = app.dataframe[4].value
     assert set(curves["method"]) == {"hpr", "iti15", "iti200"} and (curves[curves["strength"] == 0]["kl"] == 0).all()
     by_label(app.button, "Compute the sweep").click().run()
     assert len(ok(app).get("plotly_chart")) == 7
-    sweep = app.dataframe[4].value
+    sweep = app.dataframe[5].value
     assert sorted(set(sweep["k"])) == list(
         range(1, json.loads((tiny_run / "results.json").read_text())["n_layers"] + 1)
     )
@@ -138,9 +142,10 @@ def test_every_page_renders_and_reacts(app, tiny_run):
     ok(app)
     assert {"topk_sweep", "tradeoff", "strength_hpr", "capability"} <= set(by_label(app.selectbox, "Figure").options)
     by_label(app.selectbox, "Table").set_value("mc_scores")
-    app.selectbox[3].set_value("tex")
+    app.selectbox[4].set_value("tex")  # figure, its format, PNG scale, table, its format
     ok(app.run())
     assert any(b.proto.label == "Download mc_scores.tex" for b in app.get("download_button"))
+    assert by_label(app.selectbox, "PNG scale").value == 2  # publication scale by default
     app.selectbox[1].set_value("html")
     by_label(app.button, "Prepare").click().run()
     assert any(b.proto.label == "Download probe_accuracy.html" for b in ok(app).get("download_button"))

@@ -150,3 +150,9 @@ def test_group_colours_are_no_methods_colours():
 
     methods = {figures.color(label) for label in default_labels()} | {figures.color("base")}
     assert not methods & set(figures.GROUP_COLORS.values())
+
+
+def test_tables_with_numbers_for_column_names_export(tmp_path):
+    pivot = pd.DataFrame({"split": ["val", "test"], 0: [0.61, 0.58], 1: [0.7, 0.66]})  # a layer per column
+    md = figures.export_table(pivot, tmp_path, "probe_accuracy")[1].read_text()
+    assert "0.610" in md and "0.660" in md

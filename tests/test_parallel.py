@@ -9,6 +9,7 @@ import pytest
 
 from hpr.cli import main
 from hpr.runs import parallel
+from hpr.runs import tasks as run_tasks
 from hpr.runs.parallel import Scheduler, Task
 
 METHODS = "base,hpr,caa,sadi,lora"
@@ -53,10 +54,10 @@ def test_a_finished_run_plans_nothing(tiny_toy, tmp_path):
     cfg = RunConfig.from_json(json.loads((out / "config.json").read_text())["run"])
     questions, split, model, _, neutral = pipeline._prepared(cfg, None)
     run = pipeline.pipeline_of(cfg, out, questions, split, model, neutral, progress=False)
-    assert parallel.planned(run) == []
+    assert run_tasks.planned(run) == []
     (out / "predictions" / "iti15.answers.parquet").unlink()
     (out / "editors" / "iti15" / "config.json").unlink()
-    planned = {t.key: t.after for t in parallel.planned(run)}
+    planned = {t.key: t.after for t in run_tasks.planned(run)}
     assert planned == {("fit", "iti"): (("fit", "hpr"),), ("answer", "iti15"): (("fit", "iti"),)}
 
 
@@ -152,3 +153,18 @@ def test_a_short_fit_that_long_work_waits_on_starts_first():
     order = []
     Scheduler(tasks, 0, None).run(lambda t: order.append(t.key) or 0.0)  # by cost alone, SEA would go first
     assert order == [("fit", "diff"), ("fit", "sea"), ("answer", "diff"), ("evaluate", "diff")]
+
+
+def test_no_more_workers_than_copies_of_the_model_fit_in_memory(monkeypatch, tmp_path):
+    import builtins
+
+    import torch
+
+    model = torch.nn.Linear(1024, 1024)  # 4 MiB of weights: 20 MiB per process
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal: 100000 kB\nMemAvailable: 61440 kB\n")  # 60 MiB
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: real_open(meminfo if f == "/proc/meminfo" else f, *a, **k))
+    assert parallel.workers_memory_allows(model) == 2
+    meminfo.write_text("MemAvailable: 1 kB\n")
+    assert parallel.workers_memory_allows(model) == 1  # always at least the main process

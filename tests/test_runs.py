@@ -119,7 +119,7 @@ def test_reproduce_refuses_a_bad_dtype_before_any_work(dtype, message, tmp_path)
 def test_cli_passes_dtype_on(monkeypatch, tmp_path, capsys):
     seen = []
 
-    def fake_reproduce(cfg, out, device=None, progress=True, pass_threads=None):
+    def fake_reproduce(cfg, out, device=None, progress=True, pass_threads=None, workers=None):
         seen.append(cfg)
         raise ValueError("stop here")
 

@@ -50,15 +50,7 @@ for folder in found:
         continue  # a linked run folder or results.json that leads outside: never listed, never read
     with wb.shows_errors(f"{folder}/results.json is damaged, not listed"):
         res = json.loads((folder / "results.json").read_text())
-        rows.append(
-            {
-                "folder": str(folder),
-                "model": res.get("model"),
-                "dataset": res.get("dataset"),
-                "methods": ", ".join(res.get("methods", {})),
-                "test questions": res.get("splits", {}).get("test"),
-            }
-        )
+        rows.append(wb.run_row(folder, res))
 if rows:
     st.dataframe(pd.DataFrame(rows), hide_index=True)
     left, right = st.columns([4, 1], vertical_alignment="bottom")
@@ -76,7 +68,17 @@ if right.button("Open", key="open-path"):
 if ss.run_folder:
     st.success(f"Open: `{ss.run_folder}`")
     with wb.shows_errors():
-        st.code(runs.format_results(wb.current_run().results), language=None)
+        opened = wb.current_run()
+        st.code(runs.format_results(opened.results), language=None)
+        with st.expander("Reproducibility: settings, inputs, code, timings", icon=":material/fingerprint:"):
+            st.caption(
+                "What made this run: `hpr reproduce` with these settings on these inputs (the data's and the "
+                "model's fingerprints: a rerun into this folder refuses other ones) and this code."
+            )
+            st.json(wb.provenance(opened), expanded=1)
+            timings = opened.results.get("timings_s", {})
+            if timings:
+                st.dataframe(pd.Series(timings, name="seconds of work"), use_container_width=False)
 
 # --------------------------------------------------------------------------------------------- start a run
 st.subheader("Start a run")

@@ -1,23 +1,15 @@
-"""A run's steps spread over worker processes, with results bit-identical to one process.
+"""Tasks run side by side: one at a time in this process and one at a time in each of some spawned worker
+processes, each task once the tasks it waits on are done. Generic: the run's own tasks are
+:mod:`hpr.runs.tasks`.
 
-Every step of :func:`hpr.runs.pipeline.reproduce` that can run apart from the others is a task here: one
-split's activations, one method's fit, one label's test scores and norms, its greedy answers, its cost on
-neutral text. Each task writes what it makes into the run folder, as the step itself does, so
-:func:`prefill` only fills the folder: the pipeline then runs as on a resumed run, finds every file and reads
-it back. A task is run in the main process or in a worker, one at a time per process, each on the threads
-of :mod:`hpr.threads` (one by default). It computes the same thing either way: every fit seeds its own
-generators, nothing a task reads depends on which tasks ran before it in the same process, and one-thread
-arithmetic is the same in every process. So ``workers`` changes when things are done, never what.
+Tasks start longest expected path to the end first, and never two heavy ones (those that hold gigabytes
+beside the model) side by side. The first error stops everything: the workers are ended mid-task, which
+loses nothing a task has finished, since every task writes its files atomically. :func:`give_memory_back`
+is for a task's end, so a long-lived process does not sit at the largest task it ever ran.
 
-Each worker loads the data and the model itself (the model is checked against the main process's by its
-full-weights fingerprint), so the run holds one copy of the model per process: ``--workers 1`` is the one
-to use when memory is short. Tasks start as soon as what they read exists (HPR's fit waits for the
-activations, every other fit for HPR's probes, a label's evaluation for its editor), those with the longest
-expected path to the end of the run first, and never two fits that train through the model side by side.
-
-The process that ran a task is the one thread-level fact that is not the same: ``threads.reproducible`` is
-entered in a worker for its whole life and held there (a context manager nobody refers to is closed when it
-is collected, and a worker on every thread computes other bits; the toy test caught that).
+Workers are spawned, not forked (a fork copies torch's thread pools mid-use), with the parent's ``__main__``
+hidden while they start: a spawned child otherwise re-runs the parent's main script (a Streamlit page, a
+notebook, a test runner's module), which workers have no use for and which may not even import there.
 """
 
 from __future__ import annotations
@@ -28,19 +20,12 @@ import dataclasses
 import logging
 import multiprocessing
 import os
+import sys
 import threading
-import time
-from collections.abc import Callable, Sequence
-from pathlib import Path
+import types
+from collections.abc import Callable, Iterator, Sequence
 
 log = logging.getLogger(__name__)
-
-# Expected minutes of each fit on SmolLM2-135M (measured, README): they only set which task starts first.
-_FIT_COST = {"hpr": 7, "sea": 13, "sadi": 12, "caa": 9, "iti": 4, "diff": 1.2, "lora": 15, "reptune": 37}
-# Fits that train through the model. On SmolLM2-135M a process (model included) held up to 4.7 GB fitting
-# representation tuning and 4.1 GB fitting LoRA, against 1.6 GB fitting SEA or SADI: two of them side by side
-# would double the run's peak.
-_HEAVY_FITS = {"lora", "reptune"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,121 +53,77 @@ def default_workers(device=None, pass_threads: int = 1) -> int:
     return max(1, cores // max(1, pass_threads))
 
 
-def planned(run) -> list[Task]:
-    """Every task of ``run`` whose files are not all in its folder yet (a cheap look: a damaged file is found
-    and redone by the pipeline afterwards, in the main process)."""
-    from hpr.editors import BASE, method_of
-    from hpr.runs import pipeline
-
-    cfg, out = run.cfg, run.out
-    collects = [
-        Task("collect", name, "activations", len(run.parts[name]) / 40, ())
-        for name in pipeline.SPLITS
-        if not _collected(run, name)
-    ]
-    all_collected = tuple(t.key for t in collects)
-    fits = [Task("fit", "hpr", "hpr_training", _FIT_COST["hpr"], all_collected)]
-    fits += [
-        Task("fit", m, f"fit_{m}", _FIT_COST.get(m, 5), (("fit", "hpr"),), m in _HEAVY_FITS)
-        for m in pipeline._methods_to_fit(cfg)
-    ]
-    fits = [t for t in fits if not _fitted(run, t.name)]
-    waiting = {t.key for t in fits}
-
-    def after(label: str) -> tuple[tuple[str, str], ...]:
-        method = method_of(label)
-        key = ("fit", method.name) if method is not None else None
-        return (key,) if key in waiting else ()
-
-    labels = list(dict.fromkeys([BASE, *cfg.methods]))
-    per_label = []
-    for label in labels:
-        preds = out / "predictions" / f"{label}.parquet"
-        norms = out / "predictions" / f"{label}.norms.safetensors"
-        if not norms.exists() or (not preds.exists() and (label != BASE or BASE in cfg.methods)):
-            per_label.append(Task("evaluate", label, "evaluation", 4, after(label)))
-        if label in cfg.methods and not (out / "predictions" / f"{label}.answers.parquet").exists():
-            per_label.append(Task("answer", label, "generation", 5, after(label)))
-    # One task for every label's cost on neutral text: each label's pass is compared with one base pass.
-    unmeasured = [label for label in labels if not (out / "capability" / f"{label}.json").exists()]
-    if unmeasured:
-        every_fit = tuple(sorted({k for label in unmeasured for k in after(label)}))
-        per_label.append(Task("capability", ",".join(unmeasured), "capability", 1.2, every_fit))
-    return collects + fits + per_label
+# A process running a task held at most about 5x the model's weights on SmolLM2-135M (2.7 GB beside 0.54 GB of
+# float32 weights: its own model copy, activations, a capability pass's logits), the fits that train aside.
+_PROCESS_BYTES_PER_WEIGHT_BYTE = 5
 
 
-def _collected(run, name: str) -> bool:
-    from hpr.activations import shard_count, shard_path
-
-    folder = run.out / "activations" / name
-    return all(shard_path(folder, k).exists() for k in range(shard_count(len(run.parts[name]))))
-
-
-def _fitted(run, method: str) -> bool:
-    from hpr.editors import method_of
-
-    labels = [label for label in run.cfg.methods if (m := method_of(label)) is not None and m.name == method]
-    if method == "hpr":
-        labels = ["hpr", "hpr_no_angle", "hpr_all_layers", *labels]
-        if not (run.out / "probes.json").exists():
-            return False
-    return all((run.out / "editors" / label / "config.json").exists() for label in labels)
-
-
-def run_task(run, kind: str, name: str) -> None:
-    """Do one task in ``run``'s process: what the pipeline's step does for that one split, method or label."""
-    from hpr.runs import pipeline
-    from hpr.runs.folder import read_probes
-
-    if kind == "collect":
-        pipeline.collect_split(run, name)
-    elif kind == "fit":
-        probes = None if name == "hpr" else read_probes(run.out / "probes.json", run.model.cfg.n_layers)
-        pipeline.fit_method(run, name, probes)
-    elif kind == "evaluate":
-        pipeline.evaluate_label(run, name)
-    elif kind == "answer":
-        pipeline.answer_label(run, name)
-    elif kind == "capability":
-        pipeline.measure_labels(run, name.split(","))
-    else:
-        raise ValueError(f"unknown task kind {kind!r}")
-
-
-def prefill(run, workers: int, device, pass_threads: int) -> None:
-    """Do every :func:`planned` task of ``run`` on ``workers`` processes (this one and ``workers - 1``
-    spawned ones); each task's seconds are added to ``run.timings`` under its step. Nothing to do, or one
-    worker: returns at once (the pipeline does it all)."""
-    tasks = planned(run)
-    if workers < 2 or not tasks:
-        return
-    from hpr.models import model_fingerprint
-
-    here = dataclasses.replace(run, progress=False)  # one bar, over tasks, while tasks run side by side
-    spawned = min(workers, len(tasks)) - 1
-    from hpr import toyworld
-
-    fingerprint = model_fingerprint(run.model)
-    start = (run.cfg.to_json(), str(run.out), device, pass_threads, fingerprint, toyworld.DEFAULT)
-    context = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools mid-use
-    pool = concurrent.futures.ProcessPoolExecutor(spawned, context, initializer=_start, initargs=start)
+def workers_memory_allows(model) -> int:
+    """How many processes, each with its own copy of ``model``, fit in the memory available now (Linux's
+    MemAvailable; no limit where it cannot be read). A run never starts more, so a machine of many cores and
+    a large model does not run out of memory for workers."""
     try:
-        scheduler = Scheduler(tasks, spawned, lambda t: pool.submit(_work, t.kind, t.name), run.progress)
-        seconds = scheduler.run(lambda t: _timed(here, t.kind, t.name))
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 1 << 16
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    allowed = max(1, available // max(1, _PROCESS_BYTES_PER_WEIGHT_BYTE * weights))
+    return int(allowed)
+
+
+def run_pool(
+    tasks: Sequence[Task],
+    workers: int,
+    local: Callable[[Task], float],
+    work: Callable[[str, str], float],
+    initializer: Callable,
+    initargs: tuple,
+    progress: bool = False,
+) -> dict[Task, float]:
+    """Run ``tasks`` on this process (``local(task)``) and ``workers - 1`` spawned ones (``work(kind, name)``,
+    a module-level function, after ``initializer(*initargs)`` once per worker); each returns the task's
+    seconds. Returns every task's seconds."""
+    spawned = min(workers, len(tasks)) - 1
+    context = multiprocessing.get_context("spawn")
+    pool = concurrent.futures.ProcessPoolExecutor(spawned, context, initializer=initializer, initargs=initargs)
+    try:
+        with _main_hidden():  # each submit may start a worker: only while __main__ is hidden
+            started = [pool.submit(_nothing) for _ in range(spawned)]
+        concurrent.futures.wait(started, timeout=0)  # they start the workers; nothing waits on them
+
+        def submit(task: Task):
+            return pool.submit(work, task.kind, task.name)
+
+        seconds = Scheduler(tasks, spawned, submit, progress).run(local)
     except BaseException:
         _stop(pool)
         raise
     pool.shutdown()
-    for task, s in seconds.items():
-        run.timings[task.step] = round(run.timings.get(task.step, 0.0) + s, 2)
+    return seconds
+
+
+def _nothing() -> float:
+    return 0.0
+
+
+@contextlib.contextmanager
+def _main_hidden() -> Iterator[None]:
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
 
 
 class Scheduler:
-    """Runs ``tasks``, each once its ``after`` tasks are done, longest path first, never two heavy ones at once:
-    one at a time here (``local``) and up to ``remote`` at a time through ``submit`` (a task -> a future of
-    its seconds). The first error
-    stops it: nothing new starts and the error is raised (the caller stops the tasks still running; each
-    writes its files atomically, so a rerun redoes them and loses nothing else)."""
+    """Runs ``tasks``, each once its ``after`` tasks are done, longest path first, never two heavy ones at
+    once: one at a time here (``local``) and up to ``remote`` at a time through ``submit`` (a task -> a
+    future of its seconds). The first error stops it: nothing new starts and the error is raised (the caller
+    stops the tasks still running; each writes its files atomically, so a rerun redoes them and loses
+    nothing else)."""
 
     def __init__(self, tasks: Sequence[Task], remote: int, submit: Callable, progress: bool = False):
         self.given = {t.key: t for t in tasks}  # as given: the keys of the seconds returned
@@ -302,38 +243,15 @@ def _outcome(future) -> tuple[float | None, BaseException | None]:
     return (None, error) if error is not None else (future.result(), None)
 
 
-def _timed(run, kind: str, name: str) -> float:
-    t0 = time.perf_counter()
-    run_task(run, kind, name)
-    return time.perf_counter() - t0
+def give_memory_back() -> None:
+    """Hand the heap's free pages back to the system between tasks. A process otherwise keeps the peak of
+    every task it ran (glibc holds freed memory for reuse), so each worker would sit at the run's largest
+    task and the run's total at a multiple of it."""
+    import ctypes
+    import gc
 
-
-_RUN = None  # the worker process's run, made by _start
-_HELD = contextlib.ExitStack()  # what _start entered for the worker's life
-
-
-def _start(cfg_json: dict, out: str, device, pass_threads: int, fingerprint: str, toy_world) -> None:
-    """A worker's setup: the run's data and model, loaded as the main process loaded them, on its threads
-    (``toy_world``: the world "toy" stands for in the main process, which a notebook or test may have changed)."""
-    global _RUN
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from hpr import threads, toyworld
-
-    toyworld.DEFAULT = toy_world
-    from hpr.models import model_fingerprint
-    from hpr.runs import pipeline
-    from hpr.runs.config import RunConfig
-
-    cfg = RunConfig.from_json(cfg_json)
-    questions, split, model, _, neutral = pipeline._prepared(cfg, device)
-    if model_fingerprint(model) != fingerprint:
-        raise RuntimeError(f"a worker loaded other weights for {cfg.model!r} than the run's; rerun with --workers 1")
-    # Entered for the worker's life (it only runs tasks), and held: a context manager nobody refers to is
-    # closed when collected, which would put the worker back on every thread.
-    _HELD.enter_context(threads.reproducible(model, pass_threads))
-    _RUN = pipeline.pipeline_of(cfg, Path(out), questions, split, model, neutral, progress=False)
-
-
-def _work(kind: str, name: str) -> float:
-    assert _RUN is not None, "worker not started"
-    return _timed(_RUN, kind, name)
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to ask
+        pass

@@ -1,5 +1,6 @@
-"""``reproduce``: the whole pipeline into one run folder (:mod:`hpr.runs.folder`); every finished step is
-skipped on rerun.
+"""The steps of ``hpr reproduce`` (:mod:`hpr.runs.command`) into one run folder (:mod:`hpr.runs.folder`);
+every finished step is skipped on rerun, and each step is also callable for one split, method or label (the
+tasks of :mod:`hpr.runs.tasks`).
 
 Steps, in order: check the settings against the folder; collect the answer activations of each split; fit HPR
 (its probes select every method's layers); fit each other method asked for (registry order; ITI at every alpha
@@ -19,7 +20,7 @@ from typing import Any
 import pandas as pd
 
 import hpr
-from hpr import activations, evaluate, metrics, threads
+from hpr import activations, evaluate, metrics
 from hpr.data import apply_split, split_groups, split_ids
 from hpr.data.prompts import PromptFormat
 from hpr.editors import BASE, FitContext, load_editor, method_of, methods
@@ -28,7 +29,6 @@ from hpr.models import check_device, fingerprint_like, model_dtype, model_finger
 from hpr.runs.config import CONFIG_FORMAT, FEW_TEST_QUESTIONS, RunConfig, settings_differences
 from hpr.runs.folder import (
     check_inputs,
-    check_run_folder,
     dataset_fingerprint,
     editor_is_intact,
     read_json,
@@ -89,32 +89,25 @@ class Pipeline:
         return {"mc1": row["mc1"], "mc2": row["mc2"]}
 
 
-def reproduce(
-    cfg: RunConfig, out: Path, device=None, progress: bool = True, pass_threads: int = 1, workers: int = 1
-) -> dict:
-    """The whole run (module docstring). Fits run on one thread and the model's forward passes on
-    ``pass_threads`` (:mod:`hpr.threads`: 1, the default, is bit-reproducible on any machine; more is faster
-    and may differ in the last bits). ``workers`` > 1 spreads the steps over that many processes, each on
-    ``pass_threads`` threads (:mod:`hpr.runs.parallel`): the same results to the bit, sooner."""
-    out = Path(out)
-    if workers < 1:
-        raise ValueError(f"workers must be at least 1, got {workers}")
-    check_run_folder(out)
-    t0 = time.perf_counter()
-    questions, split, model, load_s, neutral = _prepared(cfg, device)
-    with threads.reproducible(model, pass_threads):
-        _claim_folder(cfg, out, questions, split, model)
-        run = pipeline_of(cfg, out, questions, split, model, neutral, progress)
-        run.timings["load_model"] = load_s
-        if workers > 1:
-            from hpr.runs import parallel
+def code_version() -> dict:
+    """``hpr_version``, and the git ``commit`` of the checkout this package runs from with ``dirty`` (whether
+    tracked files differ from it), where it runs from one; the results of a run say which code made them."""
+    import subprocess
 
-            parallel.prefill(run, workers, device, pass_threads)
-        results = _reproduce(run, split)
-    results["workers"] = workers
-    results["wall_s"] = round(time.perf_counter() - t0, 2)
-    write_json(out / "results.json", results)
-    return results
+    record: dict[str, Any] = {"hpr_version": hpr.__version__, "commit": None, "dirty": None}
+    checkout = Path(hpr.__file__).resolve().parent.parent
+    if not (checkout / ".git").exists():
+        return record
+    try:
+        git = ["git", "-C", str(checkout)]
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True)
+        status = subprocess.run(
+            [*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return record
+    record.update(commit=commit.stdout.strip(), dirty=bool(status.stdout.strip()))
+    return record
 
 
 def pipeline_of(cfg: RunConfig, out: Path, questions, split, model, neutral, progress: bool) -> Pipeline:
@@ -123,8 +116,9 @@ def pipeline_of(cfg: RunConfig, out: Path, questions, split, model, neutral, pro
     return Pipeline(cfg, out, model, parts, prompt_format(cfg.dataset), progress, {}, neutral)
 
 
-def _reproduce(run: Pipeline, split: dict) -> dict:
-    """Every step in order, each skipping what the folder already holds (all of it after a parallel prefill)."""
+def run_steps(run: Pipeline, split: dict) -> dict:
+    """Every step in order, each skipping what the folder already holds (all of it after a parallel prefill,
+    :mod:`hpr.runs.tasks`); the results, for ``results.json``."""
     run.timed("activations", collect_activations)
     probes = run.timed("hpr_training", fit_hpr)
     for method in _methods_to_fit(run.cfg):
