@@ -233,8 +233,8 @@ def _reproduce_parser(sub) -> None:
     rep.add_argument(
         "--dtype", default=RunConfig.dtype, help="model dtype: float32 (CPU default) | bfloat16 | float16 (GPU)"
     )
-    rep.add_argument("--dataset", default="toy", choices=["toy", "truthfulqa", "jsonl"])
-    rep.add_argument("--data-path", default=None, help="file or folder for truthfulqa / jsonl")
+    rep.add_argument("--dataset", default="toy", choices=["toy", "truthfulqa", "bbq", "jsonl"])
+    rep.add_argument("--data-path", default=None, help="file or folder for truthfulqa / bbq / jsonl")
     rep.add_argument("--out", required=True, type=_run_folder_path, help="run folder (new, empty, or a run to resume)")
     rep.add_argument(
         "--methods",

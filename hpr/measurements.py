@@ -53,6 +53,18 @@ def flip_frame(results: Mapping) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def bbq_frame(results: Mapping) -> pd.DataFrame:
+    """BBQ's metrics (results.json's ``bbq`` block, :mod:`hpr.bbq_scores`): one row per method and category, the
+    category ``all`` first for each method; empty for a run on another dataset."""
+    rows = []
+    for method, row in results.get("bbq", {}).items():
+        for category, scores in {"all": row, **row.get("by_category", {})}.items():
+            rows.append(
+                {"method": method, "category": category, **{k: v for k, v in scores.items() if k != "by_category"}}
+            )
+    return pd.DataFrame(rows)
+
+
 def against_base(predictions: pd.DataFrame, base: str = "base") -> pd.DataFrame:
     """One row per edited method: its MC1/MC2 minus the base's, each with the standard error of that
     difference, paired over the test questions (ddof=1 std of the per-question differences / sqrt(n); the

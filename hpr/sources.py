@@ -25,7 +25,7 @@ from hpr.toyworld.world import WORLD_VERSION
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("truthfulqa", "jsonl", "toy")
+DATASETS = ("truthfulqa", "bbq", "jsonl", "toy")
 
 
 def load_model(name_or_path: str, device: torch.device | str | None = None, dtype: torch.dtype | str | None = None):
@@ -61,6 +61,8 @@ def load_dataset(name: str, path: str | os.PathLike[str] | None = None) -> tuple
 
     * ``truthfulqa``: ``path`` (a folder, ``mc_task.json``, a JSONL of HF rows or ``TruthfulQA.csv``),
       else ``$HPR_TRUTHFULQA_PATH``, else the HF hub via the optional ``datasets`` package.
+    * ``bbq``: released BBQ files (:mod:`hpr.data.bbq`); ``path`` (a category ``.jsonl`` or a folder of them) is
+      required.
     * ``jsonl``: the generic format of :mod:`hpr.data.jsonl`; ``path`` is required.
     * ``toy``: the synthetic toy world of :mod:`hpr.toyworld` (no files, for tests and demos).
     """
@@ -74,6 +76,14 @@ def load_dataset(name: str, path: str | os.PathLike[str] | None = None) -> tuple
                 "mc_task.json or a TruthfulQA.csv with rows."
             )
         return questions
+    if key == "bbq":
+        if not path:
+            raise DataError(
+                "dataset 'bbq' needs its files. Fix: pass --data-path to a BBQ category .jsonl or a folder of them."
+            )
+        from hpr.data.bbq import load_bbq
+
+        return load_bbq(path)
     if key == "jsonl":
         if not path:
             raise DataError(
@@ -91,6 +101,10 @@ def prompt_format(dataset: str, truthful: bool = False) -> PromptFormat:
     """The scoring prompt; for the toy world, ``truthful=True`` gives the truthful-speaker header."""
     if dataset == "toy":
         return PromptFormat(primer=TRUTHFUL_PRIMER if truthful else PRIMER, separator="\n")
+    if dataset == "bbq":
+        from hpr.data.bbq import PROMPT
+
+        return PROMPT
     return PromptFormat()
 
 

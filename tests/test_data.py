@@ -369,7 +369,9 @@ def test_jsonl_duplicate_ids_and_bad_json(tmp_path):
 
 
 def test_load_dataset_errors():
-    with pytest.raises(DataError, match="unknown dataset 'bbq'.*truthfulqa, jsonl, toy"):
+    with pytest.raises(DataError, match="unknown dataset 'bigbench'.*truthfulqa, bbq, jsonl, toy"):
+        load_dataset("bigbench")
+    with pytest.raises(DataError, match="'bbq' needs its files.*--data-path"):
         load_dataset("bbq")
     with pytest.raises(DataError, match="needs a file"):
         load_dataset("jsonl")

@@ -34,7 +34,7 @@ LAYERS = [
     ("sources", ["hpr.sources"]),  # names to models, questions and prompt formats
     ("model plumbing", ["hpr.continuations", "hpr.scoring", "hpr.generation", "hpr.activations"]),
     ("editors", ["hpr.editors"]),
-    ("evaluation", ["hpr.evaluate", "hpr.capability", "hpr.answers"]),
+    ("evaluation", ["hpr.evaluate", "hpr.capability", "hpr.answers", "hpr.bbq_scores"]),
     ("runs", ["hpr.runs"]),
     ("entry points", ["hpr.cli", "hpr.measurements", "hpr.strength", "hpr.figures", "hpr.toy_diagnose"]),
 ]

@@ -47,6 +47,19 @@ if not differences.empty:
     wb.table_download(differences, "against_base")
     wb.remember("tables", "against_base", differences)
 
+bbq = measurements.bbq_frame(run.results)
+if not bbq.empty:
+    st.subheader("BBQ: accuracy and bias scores (test split)")
+    st.caption(
+        "Per method and category: accuracy (acc; acc_norm per answer byte, as lm-eval's) on ambiguous and on "
+        "disambiguated contexts, and the BBQ paper's bias scores: 0 is no measured bias, 1 always the stereotype, "
+        "-1 always against it."
+    )
+    bbq = bbq[bbq["method"].isin(shown)].reset_index(drop=True)
+    st.dataframe(bbq, hide_index=True)
+    wb.table_download(bbq, "bbq_scores")
+    wb.remember("tables", "bbq_scores", bbq)
+
 st.subheader("Flips against the base model")
 flips = measurements.flip_frame(run.results)
 if flips.empty:

@@ -35,10 +35,12 @@ class PromptFormat:
 
     primer: str = QA_PRIMER
     separator: str = "\n\n"  # between the primer and the question (lm-eval: a blank line)
+    context_separator: str = "\n"  # between a question's context passage and "Q:" (BBQ, as lm-eval: a blank line)
 
     def context(self, q: MCQuestion) -> str:
-        """``primer + separator + [context + "\\n"] + "Q: " + question + "\\nA:"`` (no separator if no primer)."""
-        body = (q.context + "\n" if q.context else "") + "Q: " + q.question + "\nA:"
+        """``primer + separator + [context + context_separator] + "Q: " + question + "\\nA:"`` (no separator if no
+        primer)."""
+        body = (q.context + self.context_separator if q.context else "") + "Q: " + q.question + "\nA:"
         return self.primer + self.separator + body if self.primer else body
 
     def continuation(self, answer: str) -> str:

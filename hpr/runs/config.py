@@ -56,8 +56,8 @@ class RunConfig:
     dtype: str = field(
         default="float32", metadata={"help": "model dtype: float32 (CPU default) | bfloat16 | float16 (GPU)"}
     )
-    dataset: str = field(default="toy", metadata={"help": "toy | truthfulqa | jsonl"})
-    data_path: str | None = field(default=None, metadata={"help": "file or folder for truthfulqa / jsonl"})
+    dataset: str = field(default="toy", metadata={"help": "toy | truthfulqa | bbq | jsonl"})
+    data_path: str | None = field(default=None, metadata={"help": "file or folder for truthfulqa / bbq / jsonl"})
     methods: tuple[str, ...] = field(default_factory=default_labels, metadata={"help": "methods to evaluate"})
     limit: int | None = field(default=None, metadata={"help": "use only the first N questions"})
     seed: int = field(default=0, metadata={"help": "split and training seed (every method that trains)"})
@@ -129,6 +129,8 @@ class RunConfig:
             raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
         if self.dataset == "jsonl" and not self.data_path:
             raise ValueError("dataset jsonl needs a data path (--data-path FILE.jsonl)")
+        if self.dataset == "bbq" and not self.data_path:
+            raise ValueError("dataset bbq needs a data path (--data-path CATEGORY.jsonl or a folder of them)")
         at_least_one = {
             "limit": self.limit,
             "batch_size": self.batch_size,

@@ -21,6 +21,7 @@ import pandas as pd
 
 import hpr
 from hpr import activations, evaluate, metrics
+from hpr.bbq_scores import bbq_summary
 from hpr.data import apply_split, split_groups, split_ids
 from hpr.data.prompts import PromptFormat
 from hpr.editors import BASE, FitContext, load_editor, method_of, methods
@@ -486,6 +487,8 @@ def summarize(
         "norm_change_vs_base": norm_vs_base,
         "timings_s": run.timings,
     }
+    if cfg.dataset == "bbq":
+        results["bbq"] = bbq_summary(preds, run.parts["test"])
     if cfg.model == "toy":
         results["toy_world"] = toy_world_record()
     if cfg.dataset == "toy":  # knowledge ceiling: the base model told that a truthful source speaks
@@ -527,6 +530,21 @@ def format_results(results: dict) -> str:
             f"warning: only {results['splits']['test']} test questions: MC1/MC2 and their standard "
             "errors say little at this size"
         )
+    if "bbq" in results:
+        lines.extend(_bbq_lines(results["bbq"]))
     if "toy_ceiling" in results:
         lines.append(f"toy knowledge ceiling (truthful header): MC1 {results['toy_ceiling']['mc1']:.3f}")
     return "\n".join(lines)
+
+
+def _bbq_lines(bbq: dict) -> list[str]:
+    """BBQ's own metrics per method (:mod:`hpr.bbq_scores`): bias scores near 0 are unbiased, 1 stereotyped."""
+    lines = [
+        f"BBQ {'method':<13} {'acc':>6} {'acc_norm':>8} {'acc_amb':>7} {'acc_dis':>7} {'bias_amb':>8} {'bias_dis':>8}"
+    ]
+    for method, row in bbq.items():
+        lines.append(
+            f"    {method:<13} {row['acc']:>6.3f} {row['acc_norm']:>8.3f} {row['acc_ambig']:>7.3f} "
+            f"{row['acc_disambig']:>7.3f} {row['bias_ambig']:>+8.3f} {row['bias_disambig']:>+8.3f}"
+        )
+    return lines
