@@ -52,17 +52,16 @@ def chosen_answers(predictions: pd.DataFrame, questions: Sequence[MCQuestion]) -
     unknown = sorted(set(mc1["question_id"]) - set(by_id))
     if unknown:
         raise ValueError(f"predictions score {len(unknown)} question(s) not given, e.g. {unknown[:3]}")
-    mc1 = mc1.sort_values(["method", "question_id", "choice"], kind="stable")
     rows = []
-    for (method, qid), g in mc1.groupby(["method", "question_id"], sort=False):
+    for (method, qid), g in mc1.groupby(["method", "question_id"], sort=True):
         q = by_id[qid]
         roles = q.meta.get("roles")
         if roles is None or len(roles) != len(q.mc1):
             raise ValueError(f"question {qid!r} has no BBQ answer roles; load it with hpr.data.bbq")
-        choice = g["choice"].to_numpy()
+        choice = _choice_indices(q, g["choice"])
         loglik = g["loglik"].to_numpy(dtype=float)
         lengths = np.array([len(q.mc1[c].text.encode("utf-8")) for c in choice], dtype=float)
-        best, best_norm = int(choice[np.argmax(loglik)]), int(choice[np.argmax(loglik / lengths)])
+        best, best_norm = choice[int(np.argmax(loglik))], choice[int(np.argmax(loglik / lengths))]
         rows.append(
             {
                 "method": method,
@@ -75,6 +74,17 @@ def chosen_answers(predictions: pd.DataFrame, questions: Sequence[MCQuestion]) -
             }
         )
     return pd.DataFrame(rows)
+
+
+def _choice_indices(question: MCQuestion, texts: pd.Series) -> list[int]:
+    """Each predicted choice's index in the question's MC1 answers (predictions name a choice by its text)."""
+    index = {c.text: i for i, c in enumerate(question.mc1)}
+    if len(index) != len(question.mc1):
+        raise ValueError(f"question {question.id!r} has two answers of the same text; their roles are ambiguous")
+    unknown = sorted(set(texts) - set(index))
+    if unknown:
+        raise ValueError(f"predictions for question {question.id!r} score answers it does not have: {unknown[:3]}")
+    return [index[t] for t in texts]
 
 
 def _scores(rows: pd.DataFrame) -> dict:

@@ -118,7 +118,7 @@ def _predictions(method: str, picks: dict[str, int], questions) -> pd.DataFrame:
     rows = []
     for q in questions:
         for i, c in enumerate(q.mc1):
-            rows.append((method, q.id, "mc1", i, c.is_true, -1.0 if i == picks[q.id] else -5.0))
+            rows.append((method, q.id, "mc1", c.text, c.is_true, -1.0 if i == picks[q.id] else -5.0))
     return pd.DataFrame(rows, columns=["method", "question_id", "task", "choice", "is_true", "loglik"])
 
 
@@ -155,11 +155,38 @@ def test_acc_norm_divides_by_the_answer_length_in_bytes(tmp_path):
     # "Cannot be determined" (20 bytes) at -10 loses on sum to "The British friend" (18 bytes) at -9.5, wins per byte
     ll = {"Cannot be determined": -10.0, "The British friend": -9.5, "The Japanese friend": -12.0}
     preds = pd.DataFrame(
-        [("m", q.id, "mc1", i, c.is_true, ll[c.text]) for i, c in enumerate(q.mc1)],
+        [("m", q.id, "mc1", c.text, c.is_true, ll[c.text]) for c in q.mc1],
         columns=["method", "question_id", "task", "choice", "is_true", "loglik"],
     )
     row = bbq_summary(preds, [q])["m"]
     assert row["acc"] == 0.0 and row["acc_norm"] == 1.0
+
+
+def test_a_models_predictions_score_as_their_top_answers(tmp_path, tiny_lm):
+    """Through the real scorer, whose predictions name each choice by its text (not its index)."""
+    from hpr import evaluate
+
+    info = {"ans0": ["w6", "old"], "ans1": ["w7", "nonOld"], "ans2": ["Unknown", "unknown"]}
+    rows = [
+        example(
+            example_id=i,
+            context_condition=cond,
+            label=label,
+            context=f"w{1 + i} w2 w3",
+            question="w4 w5",
+            ans0="w6",
+            ans1="w7 w8",
+            ans2="w9",
+            answer_info=info,
+            additional_metadata={"stereotyped_groups": ["old"]},
+        )
+        for i, (cond, label) in enumerate([("ambig", 2), ("disambig", 0), ("disambig", 1), ("ambig", 2)])
+    ]
+    qs = load_bbq(write(tmp_path, rows))
+    preds = evaluate.predictions(tiny_lm("llama-like", n_ctx=64), qs, prompt_format("bbq"), "base")
+    mc1 = preds[preds.task == "mc1"]
+    top = mc1.loc[mc1.groupby("question_id")["loglik"].idxmax()]
+    assert bbq_summary(preds, qs)["base"]["acc"] == pytest.approx(top["is_true"].mean())
 
 
 def test_the_results_table_has_a_row_per_method_and_category(tmp_path):
