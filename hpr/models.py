@@ -68,7 +68,11 @@ log = logging.getLogger(__name__)
 
 # model_type values whose TL conversion is tested against HF (tests/test_models.py); load_model
 # refuses every other one with a ValueError naming these.
-SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "gemma2", "gpt_neox")
+SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "gemma2", "gemma3_text", "gpt_neox")
+
+# model_type values that lm-evaluation-harness scores with a BOS token (its HFLM turns add_bos_token on for
+# every model type containing "gemma"); every other model is scored without one, as lm-eval does.
+BOS_MODEL_TYPES = ("gemma2", "gemma3_text")
 
 _DTYPES = {
     "float32": torch.float32,
@@ -414,8 +418,9 @@ def _load_hf(
     # Inference only: no parameter records a graph unless a training step asks for it (LoRA, reptune do).
     model.requires_grad_(False)
     use_matmul_layout(model)
-    # MC scoring follows lm-evaluation-harness, which adds no BOS token (hpr.scoring reads this flag).
-    model.cfg.default_prepend_bos = False
+    # MC scoring follows lm-evaluation-harness, which adds no BOS token except for the Gemma family, which it
+    # gives one because Gemma underperforms without it (hpr.encoding reads this flag).
+    model.cfg.default_prepend_bos = model_type in BOS_MODEL_TYPES
     log.info("Loaded %s (%s) as HookedTransformer on %s, %s", src, model_type, device, dtype)
     return model
 
@@ -477,6 +482,8 @@ def _hooked_config(
 
     if hf_config.model_type == "gemma2":
         cfg_dict = _gemma2_cfg_dict(hf_config)
+    elif hf_config.model_type == "gemma3_text":
+        cfg_dict = _gemma3_cfg_dict(hf_config)
     else:
         cfg_dict = _tl_cfg_dict(loading, hf_config, tl_dir)
     # What TL's get_pretrained_model_config adds on top (no LN folding, so the norm
@@ -564,6 +571,24 @@ def _gemma2_cfg_dict(hf_config) -> dict:
         "output_logits_soft_cap": hf_config.final_logit_softcapping or SOFTCAP_DISABLED,
         "original_architecture": "Gemma2ForCausalLM",
     }
+
+
+def _gemma3_cfg_dict(hf_config) -> dict:
+    """Gemma 3 (text-only: 270M, 1B)'s HookedTransformerConfig fields, read from its HF config.
+
+    As Gemma 2 (TL 3.9 again has only fixed dicts picked by hub name), plus what Gemma 3 changed: RMS norms
+    on queries and keys, one rotary base for the global layers and another for the sliding (local) ones
+    (``rope_parameters`` per layer type), and no soft-capping.
+    """
+    cfg_dict = _gemma2_cfg_dict(hf_config)
+    rope = getattr(hf_config, "rope_parameters", None) or {}
+    cfg_dict.update(
+        use_qk_norm=True,
+        rotary_base=rope["full_attention"]["rope_theta"],
+        rotary_base_local=rope["sliding_attention"]["rope_theta"],
+        original_architecture="Gemma3ForCausalLM",
+    )
+    return cfg_dict
 
 
 def _hf_windows(hf_config) -> list[int | None]:

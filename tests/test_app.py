@@ -199,6 +199,18 @@ def test_start_a_run_and_refuse_bad_input(app, tiny_run, tmp_path):
     assert not (tmp_path / ".." / ".." / ".." / "outside").exists()
 
 
+def test_the_run_form_offers_bbq_and_the_named_models(app, tmp_path):
+    from hpr.model_sources import NAMED_MODELS
+
+    assert set(NAMED_MODELS) <= set(by_label(app.radio, "Model").options)
+    by_label(app.radio, "Dataset").set_value("bbq (path)")
+    by_label(app.multiselect, "Methods").set_value(["base"])
+    by_label(app.text_input, "Run folder").set_value(str(tmp_path / "bbq"))
+    by_label(app.button, "Start").click().run()
+    assert not app.exception and "'bbq' needs its files" in app.error[0].value
+    assert not (tmp_path / "bbq").exists()
+
+
 def test_an_upload_never_overwrites_the_data_of_a_run(app, tmp_path):
     """Each uploaded content gets its own file under the workspace; a run's recorded data stays as it was."""
     from hpr.toyworld import toy_dataset

