@@ -21,6 +21,7 @@ import torch
 from hpr import gen_scoring, generation
 from hpr.data.prompts import PromptFormat
 from hpr.data.schema import MCQuestion
+from hpr.editors.base import applied_if_any
 from hpr.encoding import encode_context
 
 
@@ -51,14 +52,13 @@ def greedy_answers(
     model), at most ``max_new_tokens`` tokens. Where the longest prompt leaves less room in the model's
     context, the answers get what is left, but at least a quarter of the context, prompts then losing their
     first (primer) tokens as :func:`hpr.encoding.encode_context` cuts them."""
-    import contextlib
 
     stops = stop_strings(model, fmt)
     contexts = [fmt.context(q) for q in questions]
     longest = max((len(encode_context(model, c)) for c in contexts), default=0)
     room = max(1, min(max_new_tokens, max(model.cfg.n_ctx - longest, model.cfg.n_ctx // 4)))
     prompts = [encode_context(model, c, room) for c in contexts]
-    with editor.applied(model) if editor is not None else contextlib.nullcontext():
+    with applied_if_any(editor, model):
         outputs = generation.greedy_batch(
             model, prompts, room, stop_strings=stops, batch_size=batch_size, progress=progress
         )

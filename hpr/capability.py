@@ -16,13 +16,13 @@ Memory is bounded: rows are batched so that one ``[rows, pos, vocab]`` float32 t
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Mapping, Sequence
 
 import torch
 
 from hpr import positions
+from hpr.editors.base import applied_if_any
 from hpr.encoding import pad_token_id
 
 LOGIT_FLOATS = 1 << 26  # float32 elements of one [rows, pos, vocab] tensor (256 MB)
@@ -41,12 +41,8 @@ def encode_passages(model, passages: Sequence[str], max_tokens: int) -> list[lis
     return encoded
 
 
-def _applied(editor, model):
-    return editor.applied(model) if editor is not None else contextlib.nullcontext()
-
-
 def _log_probs(model, ids: torch.Tensor, editor) -> torch.Tensor:
-    with _applied(editor, model), positions.as_answer():  # neutral text: every token is continuation
+    with applied_if_any(editor, model), positions.as_answer():  # neutral text: every token is continuation
         logits = model(ids.to(model.cfg.device))
     return logits[:, :-1].float().log_softmax(-1).cpu()
 

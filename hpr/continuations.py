@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from hpr import positions
-from hpr.encoding import Encoded, pad_token_id
+from hpr.encoding import Encoded, pad_sequences, pad_token_id
 
 
 @dataclass
@@ -143,12 +143,7 @@ def _contexts_cache(model, shared, shared_len: int, contexts: Sequence[tuple[int
     width = max(len(r) for r in rests)
     if width == 0:
         return cache
-    ids = torch.full((len(rests), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rests), width), dtype=torch.long)
-    for g, rest in enumerate(rests):
-        if rest:
-            ids[g, width - len(rest) :] = torch.tensor(rest)
-            mask[g, width - len(rest) :] = 1
+    ids, mask = pad_sequences(rests, pad_id, left=True)
     with positions.marked(positions.context_kinds(*ids.shape)):
         model(ids.to(device), past_kv_cache=cache, attention_mask=mask.to(device), stop_at_layer=model.cfg.n_layers)
     return cache
@@ -222,12 +217,7 @@ def _continuation_batch(model, encoded, chunk, rows, cache, for_scoring: bool, p
         cont = e.tokens[len(e.tokens) - e.n_cont :]
         inputs.append((chunk[g][-1],) + (cont[:-1] if for_scoring else cont))
         n_conts.append(e.n_cont)
-    width = max(len(x) for x in inputs)
-    ids = torch.full((len(inputs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(inputs), width), dtype=torch.long)
-    for r, x in enumerate(inputs):
-        ids[r, : len(x)] = torch.tensor(x)
-        mask[r, : len(x)] = 1
+    ids, mask = pad_sequences(inputs, pad_id)
     row_cache = _rows_of(cache, torch.tensor([g for g, _ in rows], device=device))
     return ContinuationBatch(
         index=[i for _, i in rows],
@@ -253,12 +243,8 @@ def shared_prefix_forward(model, batch: Sequence[Encoded], pad_id: int, **forwar
     contexts = [_context(e)[:-1] for e in batch]
     shared = common_prefix(contexts) if len(batch) > 1 else 0
     rests = [e.tokens[shared:] for e in batch]
-    width = max(map(len, rests))
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for r, rest in enumerate(rests):
-        ids[r, : len(rest)] = torch.tensor(rest)
-        mask[r, : len(rest)] = 1
+    ids, mask = pad_sequences(rests, pad_id)
+    width = ids.shape[1]
     ids, lengths = ids.to(device), torch.tensor([len(r) for r in rests])
     kinds = positions.whole_sequence_kinds([len(_context(e)) for e in batch], lengths.tolist(), width, shared)
     if shared == 0:  # nothing to share: the plain right-padded pass (padding after the real tokens)

@@ -61,8 +61,19 @@ def pad_token_id(model) -> int:
 
 def pad_batch(batch: Sequence[Encoded], pad_id: int) -> tuple[Tensor, Tensor]:
     """Right-padded token ids ``[batch, pos]`` and lengths."""
-    lengths = torch.tensor([len(e.tokens) for e in batch])
-    ids = torch.full((len(batch), int(lengths.max())), pad_id, dtype=torch.long)
-    for i, e in enumerate(batch):
-        ids[i, : len(e.tokens)] = torch.tensor(e.tokens)
-    return ids, lengths
+    ids, _ = pad_sequences([e.tokens for e in batch], pad_id)
+    return ids, torch.tensor([len(e.tokens) for e in batch])
+
+
+def pad_sequences(seqs: Sequence[Sequence[int]], pad_id: int, left: bool = False) -> tuple[Tensor, Tensor]:
+    """Token ids ``[len(seqs), longest]`` padded with ``pad_id`` on the right (or the left), and the attention
+    mask (1 on real tokens). Empty sequences are all padding."""
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, seq in enumerate(seqs):
+        if seq:
+            at = slice(width - len(seq), width) if left else slice(0, len(seq))
+            ids[r, at] = torch.tensor(seq)
+            mask[r, at] = 1
+    return ids, mask

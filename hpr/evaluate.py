@@ -13,12 +13,9 @@ from hpr.activations import resid_names
 from hpr.continuations import continuation_batches
 from hpr.data.prompts import PromptFormat, best_answer_texts
 from hpr.data.schema import MCQuestion
+from hpr.editors.base import applied_if_any
 from hpr.encoding import Encoded, encode_all
 from hpr.scoring import score
-
-
-def _applied(editor, model):
-    return editor.applied(model) if editor is not None else contextlib.nullcontext()
 
 
 def predictions(
@@ -35,7 +32,7 @@ def predictions(
     ``alongside``: as :func:`hpr.scoring.score`'s."""
     rows = [(q, task, c) for q in questions for task in ("mc1", "mc2") for c in getattr(q, task)]
     pairs = [(fmt.context(q), fmt.continuation(c.text)) for q, _, c in rows]
-    with _applied(editor, model):
+    with applied_if_any(editor, model):
         ll = score(model, pairs, batch_size, progress, alongside=alongside)
     return pd.DataFrame(
         {
@@ -73,7 +70,7 @@ class _NormRecorder:
     def around(self, model, editor) -> Iterator[None]:
         """The recorders attached with ``editor``'s hooks between them, so they see its input and its output."""
         with model.hooks(fwd_hooks=[(n, self._hook(self.before, k)) for k, n in enumerate(self.names)]):
-            with _applied(editor, model):
+            with applied_if_any(editor, model):
                 with model.hooks(fwd_hooks=[(n, self._hook(self.after, k)) for k, n in enumerate(self.names)]):
                     yield
 

@@ -18,6 +18,7 @@ from hpr import activations, generation, ops
 from hpr.activations import gather_continuations, resid_names
 from hpr.data.prompts import PromptFormat, best_answer_texts
 from hpr.data.schema import MCQuestion
+from hpr.editors.base import Editor, applied_if_any
 from hpr.encoding import encode_all, encode_context
 from hpr.runs.folder import Run, check_results  # noqa: F401 - the run-folder reader, for the analyses
 
@@ -108,12 +109,6 @@ def norm_change_frame(results: Mapping, key: str = "norm_change_vs_base") -> pd.
 # ------------------------------------------------------------------------------------------ measurements
 
 
-def _applied(editor, model):
-    import contextlib
-
-    return editor.applied(model) if editor is not None else contextlib.nullcontext()
-
-
 @torch.inference_mode()
 def resid_tokens(
     model,
@@ -136,7 +131,7 @@ def resid_tokens(
         encoded = _covering(encoded, max_tokens)
     layers = range(model.cfg.n_layers) if layers is None else layers
     out = torch.empty(sum(e.n_cont for e in encoded), len(layers), model.cfg.d_model)
-    with _applied(editor, model):
+    with applied_if_any(editor, model):
         gather_continuations(model, encoded, [resid_names(model.cfg.n_layers)[i] for i in layers], out, batch_size)
     return out if max_tokens is None else out[:max_tokens].clone()
 
@@ -328,7 +323,11 @@ def hpr_edit_regions(model, questions: Sequence[MCQuestion], fmt: PromptFormat, 
 
 @torch.inference_mode()
 def generations(
-    model, prompts: Sequence[str], editors: Mapping[str, object], max_new_tokens: int = 24, stop_at_newline: bool = True
+    model,
+    prompts: Sequence[str],
+    editors: Mapping[str, Editor | None],
+    max_new_tokens: int = 24,
+    stop_at_newline: bool = True,
 ) -> pd.DataFrame:
     """Greedy continuations of each prompt under each method: ``prompt, method, text``."""
     from hpr.editors.sea import newline_ids
@@ -337,7 +336,7 @@ def generations(
     ids = [encode_context(model, prompt, max_new_tokens) for prompt in prompts]
     texts = {}
     for method, editor in editors.items():  # each method's prompts in batches over their shared primer
-        with _applied(editor, model):
+        with applied_if_any(editor, model):
             outs = generation.greedy_batch(model, ids, max_new_tokens, stops)
         decoded = [model.tokenizer.decode(out, skip_special_tokens=True) for out in outs]  # no raw <|im_end|>
         texts[method] = [t.split("\n")[0] for t in decoded] if stop_at_newline else decoded

@@ -64,6 +64,27 @@ def distinct_layers(layers, method: str) -> tuple[int, ...]:
     return checked
 
 
+def check_layers_in_range(method: str, layers, n_layers: int) -> None:
+    """Refuse layers outside ``0 .. n_layers - 1``, naming them: one check and one message for every editor."""
+    bad = sorted({layer for layer in layers if not 0 <= layer < n_layers})
+    if bad:
+        raise ValueError(f"{method} layers {bad} out of range for a {n_layers}-layer model")
+
+
+def applied_if_any(editor: Editor | None, model):
+    """``editor.applied(model)``, or a context that changes nothing when there is no editor (the base model)."""
+    return editor.applied(model) if editor is not None else contextlib.nullcontext()
+
+
+def recorded_head_shape(editor: Editor) -> tuple[int, int]:
+    """``(n_heads, d_head)`` of the model a head-level editor (ITI, LoRA) was fitted on, from its state's
+    ``head_shape`` tensor."""
+    if "head_shape" not in editor.tensors:
+        raise ValueError(f"{editor.method} editor state has no 'head_shape' tensor (n_heads, d_head)")
+    n_heads, d_head = (int(x) for x in editor.tensors["head_shape"])
+    return n_heads, d_head
+
+
 def check_number(value, what: str, low: float = -MAX_MAGNITUDE, high: float = MAX_MAGNITUDE) -> float:
     """``value`` as a float, or a ``ValueError`` unless it is a finite real number in ``[low, high]`` (no bool):
     an editor config's check of its strengths and scales."""
@@ -236,9 +257,7 @@ class Editor:
 
         For editors that rewrite the residual stream after chosen blocks (HPR, Diff, SEA).
         """
-        bad = [layer for layer in layers if not 0 <= layer < model.cfg.n_layers]
-        if bad:
-            raise ValueError(f"{self.method} layers {bad} out of range for a {model.cfg.n_layers}-layer model")
+        check_layers_in_range(self.method, layers, model.cfg.n_layers)
 
         def make(layer: int):
             edit = self.prepared_edit(layer, model.cfg.device)

@@ -26,7 +26,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from hpr.editors.base import Editor, Hook, Shape, check_number, distinct_layers, register
+from hpr.editors.base import (
+    Editor,
+    Hook,
+    Shape,
+    check_layers_in_range,
+    check_number,
+    distinct_layers,
+    register,
+)
 from hpr.editors.registry import FitContext, Method, register_method
 from hpr.models import resid_post_hook
 from hpr.positions import HELP as POSITIONS_HELP
@@ -57,9 +65,7 @@ def fit_caa(pos: Tensor, neg: Tensor, layers: Sequence[int], multiplier: float) 
             f"pos and neg must both be [N, n_layers, d_model] with N > 0, got {tuple(pos.shape)} and {tuple(neg.shape)}"
         )
     n_layers = pos.shape[1]
-    bad = [layer for layer in layers if not 0 <= layer < n_layers]
-    if bad:
-        raise ValueError(f"CAA layers {bad} out of range for {n_layers} layers")
+    check_layers_in_range("CAA", layers, n_layers)
     chunk = 256  # pos/neg may be Rows: summed block by block in float64 (256 rows: ~35 MB on a 30x576 model)
     total = torch.zeros(pos.shape[1:], dtype=torch.float64)
     for a in range(0, len(pos), chunk):
@@ -109,9 +115,7 @@ class CAAEditor(Editor):
         return (x.float() + self.shift(layer).to(x.device)).to(x.dtype)
 
     def hooks(self, model) -> list[Hook]:
-        bad = [layer for layer in self.config.layers if layer >= model.cfg.n_layers]
-        if bad:
-            raise ValueError(f"CAA layers {bad} out of range for a {model.cfg.n_layers}-layer model")
+        check_layers_in_range("CAA", self.config.layers, model.cfg.n_layers)
         device = model.cfg.device
 
         def make(layer: int):

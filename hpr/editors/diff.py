@@ -19,8 +19,6 @@ up to the output width.
 
 from __future__ import annotations
 
-import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -28,7 +26,16 @@ import torch
 from torch import Tensor, nn
 
 from hpr.editors.base import Editor, Hook, Shape, check_number, distinct_layers, register
-from hpr.editors.hpr import HPRTrainConfig, fit_on_pairs, mlp, stacked_mlp
+from hpr.editors.halving_mlp import (
+    halving_widths,
+    mlp,
+    stacked_mlp,
+    stacked_parameters,
+    stored_depth,
+    stored_parameters,
+    stored_shapes,
+)
+from hpr.editors.hpr import HPRTrainConfig, fit_on_pairs
 from hpr.editors.registry import FitContext, Method, register_method
 from hpr.positions import HELP as POSITIONS_HELP
 from hpr.positions import check_mode
@@ -49,7 +56,7 @@ class DiffConfig:
 
 def diff_widths(d_model: int, hidden_layers: int) -> list[int]:
     """``[d, d/2, ..., d/2**(hidden_layers-1), d]``: the halving trunk, then back to ``d``."""
-    widths = [d_model // (2**i) for i in range(hidden_layers)] + [d_model]
+    widths = halving_widths(d_model, hidden_layers, d_model)
     if min(widths) < 1:
         raise ValueError(f"d_model={d_model} too small for {hidden_layers} halving layers")
     return widths
@@ -60,13 +67,7 @@ class LayerwiseDiff(nn.Module):
 
     def __init__(self, n_layers: int, d_model: int, hidden_layers: int = 4):
         super().__init__()
-        widths = diff_widths(d_model, hidden_layers)
-        self.weights = nn.ParameterList()
-        self.biases = nn.ParameterList()
-        for d_in, d_out in zip(widths[:-1], widths[1:], strict=True):
-            bound = 1 / math.sqrt(d_in)  # nn.Linear's default init, per layer
-            self.weights.append(nn.Parameter(torch.empty(n_layers, d_in, d_out).uniform_(-bound, bound)))
-            self.biases.append(nn.Parameter(torch.empty(n_layers, 1, d_out).uniform_(-bound, bound)))
+        self.weights, self.biases = stacked_parameters(n_layers, diff_widths(d_model, hidden_layers))
 
     def forward(self, h: Tensor) -> Tensor:
         """``h [layers, n, d]`` -> predicted shifts ``[layers, n, d]``."""
@@ -116,18 +117,12 @@ class DiffEditor(Editor):
         """Per layer, the shift network of :func:`diff_widths` (``d -> d/2 -> ... -> d``), as deep as stored."""
         shapes: dict[str, Shape] = {}
         for layer in self.config.layers:
-            depth = sum(1 for name in self.tensors if re.fullmatch(rf"layer{layer}\.\d+\.weight", name))
-            widths = [self.d_model // 2**i for i in range(max(depth, 1))] + [self.d_model]
-            for i, (d_in, d_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
-                shapes[f"layer{layer}.{i}.weight"] = (d_in, d_out)
-                shapes[f"layer{layer}.{i}.bias"] = (d_out,)
+            depth = max(stored_depth(self.tensors, f"layer{layer}"), 1)
+            shapes |= stored_shapes(f"layer{layer}", halving_widths(self.d_model, depth, self.d_model))
         return shapes
 
     def _params(self, layer: int) -> list[tuple[Tensor, Tensor]]:
-        params, i = [], 0
-        while f"layer{layer}.{i}.weight" in self.tensors:
-            params.append((self.tensors[f"layer{layer}.{i}.weight"], self.tensors[f"layer{layer}.{i}.bias"]))
-            i += 1
+        params = stored_parameters(self.tensors, f"layer{layer}")
         if not params or params[-1][0].shape[-1] != self.d_model:
             raise ValueError(f"Diff editor state has no complete network for layer {layer}")
         return params

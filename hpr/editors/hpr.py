@@ -27,7 +27,6 @@ Deliberate differences from the official code:
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -36,7 +35,17 @@ from torch import Tensor, nn
 
 from hpr import ops
 from hpr.editors.base import MAX_MAGNITUDE, Editor, Shape, check_number, distinct_layers, load_editor, register
+from hpr.editors.halving_mlp import (
+    halving_widths,
+    mlp,
+    stacked_mlp,
+    stacked_parameters,
+    stored_depth,
+    stored_parameters,
+    stored_shapes,
+)
 from hpr.editors.registry import FitContext, Method, register_method
+from hpr.editors.training import warmup_then_linear_decay
 from hpr.positions import HELP as POSITIONS_HELP
 from hpr.positions import check_mode
 
@@ -87,42 +96,16 @@ class HPRTrainConfig:
             raise ValueError(f"hpr.lr must be positive, got {self.lr!r}")
 
 
-def stacked_mlp(x: Tensor, weights, biases) -> Tensor:
-    """One MLP per layer at once: ``x [layers, n, d_in]``, weights ``[layers, d_in, d_out]``, biases
-    ``[layers, 1, d_out]``; GELU between the linear layers."""
-    for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
-        x = torch.baddbmm(b, x, w)
-        if i < len(weights) - 1:
-            x = nn.functional.gelu(x)
-    return x
-
-
-def mlp(x: Tensor, params) -> Tensor:
-    """The same MLP for one layer: ``x [..., d_in]``, ``params`` a list of ``(weight [d_in, d_out], bias)``."""
-    shape = x.shape[:-1]
-    x = x.reshape(-1, x.shape[-1])
-    for i, (w, b) in enumerate(params):
-        x = torch.addmm(b.to(x.device), x, w.to(x.device))
-        if i < len(params) - 1:
-            x = nn.functional.gelu(x)
-    return x.reshape(*shape, -1)
-
-
 class LayerwiseHPR(nn.Module):
     """Probes and angle MLPs for ``n_layers`` layers at once: parameters are stacked on a layer axis."""
 
     def __init__(self, n_layers: int, d_model: int, angle_layers: int = 4):
         super().__init__()
-        widths = [d_model // (2**i) for i in range(angle_layers)] + [1]
+        widths = halving_widths(d_model, angle_layers, 1)
         if min(widths[:-1]) < 1:
             raise ValueError(f"d_model={d_model} too small for {angle_layers} halving angle layers")
         self.probe = nn.Parameter(torch.empty(n_layers, d_model))
-        self.weights = nn.ParameterList()
-        self.biases = nn.ParameterList()
-        for d_in, d_out in zip(widths[:-1], widths[1:], strict=True):
-            bound = 1 / math.sqrt(d_in)  # nn.Linear's default init, per layer
-            self.weights.append(nn.Parameter(torch.empty(n_layers, d_in, d_out).uniform_(-bound, bound)))
-            self.biases.append(nn.Parameter(torch.empty(n_layers, 1, d_out).uniform_(-bound, bound)))
+        self.weights, self.biases = stacked_parameters(n_layers, widths)
         nn.init.uniform_(self.probe, -1 / math.sqrt(d_model), 1 / math.sqrt(d_model))
 
     def logits(self, h: Tensor) -> Tensor:
@@ -136,14 +119,10 @@ class LayerwiseHPR(nn.Module):
 
 def reference_optimizer(net: nn.Module, cfg: HPRTrainConfig, total_steps: int):
     """AdamW with linear warmup over ``cfg.warmup`` of the steps, then linear decay to 0 (the official schedule)."""
-    warm = max(1, int(cfg.warmup * total_steps))
     # Fused: one kernel per step over all parameters instead of ~10 passes each (the same update).
     fused = all(p.device.type in ("cpu", "cuda") for p in net.parameters()) or None
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total_steps - s) / max(1, total_steps - warm))
-    )
-    return opt, sched
+    return opt, warmup_then_linear_decay(opt, cfg.warmup, total_steps)
 
 
 def fit_layerwise(
@@ -266,23 +245,14 @@ class HPREditor(Editor):
         shapes: dict[str, Shape] = {}
         for layer in self.config.layers:
             shapes[f"layer{layer}.probe"] = (self.d_model,)
-            depth = sum(1 for name in self.tensors if re.fullmatch(rf"layer{layer}\.angle\.\d+\.weight", name))
+            depth = stored_depth(self.tensors, f"layer{layer}.angle")
             if self.config.no_angle and depth == 0:
                 continue
-            widths = [self.d_model // 2**i for i in range(max(depth, 1))] + [1]
-            for i, (d_in, d_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
-                shapes[f"layer{layer}.angle.{i}.weight"] = (d_in, d_out)
-                shapes[f"layer{layer}.angle.{i}.bias"] = (d_out,)
+            shapes |= stored_shapes(f"layer{layer}.angle", halving_widths(self.d_model, max(depth, 1), 1))
         return shapes
 
     def _angle_params(self, layer: int) -> list[tuple[Tensor, Tensor]]:
-        params, i = [], 0
-        while f"layer{layer}.angle.{i}.weight" in self.tensors:
-            params.append(
-                (self.tensors[f"layer{layer}.angle.{i}.weight"], self.tensors[f"layer{layer}.angle.{i}.bias"])
-            )
-            i += 1
-        return params
+        return stored_parameters(self.tensors, f"layer{layer}.angle")
 
     def edit_fn(self, layer: int, device):
         """The HPR edit of activations ``h [..., d]`` at ``layer`` (float32 math, input dtype out)."""

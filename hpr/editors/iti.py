@@ -32,7 +32,7 @@ from torch import Tensor
 from hpr.activations import gather_continuations
 from hpr.data.prompts import PromptFormat
 from hpr.data.schema import MCQuestion
-from hpr.editors.base import Editor, Hook, Shape, check_number, register, whole_numbers
+from hpr.editors.base import Editor, Hook, Shape, check_number, recorded_head_shape, register, whole_numbers
 from hpr.editors.registry import FitContext, Method, register_method
 from hpr.encoding import encode_all
 from hpr.models import head_z_hook
@@ -270,10 +270,7 @@ class ITIEditor(Editor):
     @property
     def head_shape(self) -> tuple[int, int]:
         """``(n_heads, d_head)`` of the model the editor was fitted on."""
-        if "head_shape" not in self.tensors:
-            raise ValueError("ITI editor state has no 'head_shape' tensor (n_heads, d_head)")
-        n_heads, d_head = (int(x) for x in self.tensors["head_shape"])
-        return n_heads, d_head
+        return recorded_head_shape(self)
 
     def check_model(self, model) -> None:
         # The edit lives on hook_z, so n_layers, n_heads and d_head are what must match (d_model need not).

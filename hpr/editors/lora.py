@@ -48,8 +48,19 @@ from torch import Tensor
 from hpr.continuations import shared_prefix_forward
 from hpr.data.prompts import PromptFormat, true_answer_texts
 from hpr.data.schema import MCQuestion
-from hpr.editors.base import Editor, Hook, Shape, check_number, distinct_layers, register
+from hpr.editors.base import (
+    Editor,
+    Hook,
+    Shape,
+    applied_if_any,
+    check_layers_in_range,
+    check_number,
+    distinct_layers,
+    recorded_head_shape,
+    register,
+)
 from hpr.editors.registry import FitContext, Method, register_method
+from hpr.editors.training import warmup_then_linear_decay
 from hpr.encoding import Encoded, encode_all, pad_token_id
 
 TARGETS = ("q", "k", "v")  # the attention projections an adapter can sit on, in the order TL computes them
@@ -180,9 +191,7 @@ class LoRAEditor(Editor):
         cfg = model.cfg
         if not config.layers:
             raise ValueError("LoRA needs at least one layer to adapt")
-        bad = [layer for layer in config.layers if layer >= cfg.n_layers]
-        if bad:
-            raise ValueError(f"LoRA layers {bad} out of range for a {cfg.n_layers}-layer model")
+        check_layers_in_range("LoRA", config.layers, cfg.n_layers)
         gen = torch.Generator().manual_seed(seed)
         bound = 1.0 / math.sqrt(cfg.d_model)
         tensors = {"head_shape": torch.tensor([cfg.n_heads, cfg.d_head])}
@@ -196,10 +205,7 @@ class LoRAEditor(Editor):
     @property
     def head_shape(self) -> tuple[int, int]:
         """``(n_heads, d_head)`` of the model the editor was fitted on."""
-        if "head_shape" not in self.tensors:
-            raise ValueError("LoRA editor state has no 'head_shape' tensor (n_heads, d_head)")
-        n_heads, d_head = (int(x) for x in self.tensors["head_shape"])
-        return n_heads, d_head
+        return recorded_head_shape(self)
 
     def factors(self, layer: int, target: str) -> tuple[Tensor, Tensor]:
         """``A [d_model, rank]`` and ``B [rank, n_heads_t * d_head]`` of one adapter (as stored)."""
@@ -231,9 +237,8 @@ class LoRAEditor(Editor):
         if why:
             raise ValueError(f"lora editor cannot adapt this model: {why}")
         rank = self.config.rank
+        check_layers_in_range("LoRA", self.config.layers, cfg.n_layers)
         for layer in self.config.layers:
-            if layer >= cfg.n_layers:
-                raise ValueError(f"LoRA layer {layer} out of range for a {cfg.n_layers}-layer model")
             for t in self.config.targets:
                 a, b = self.factors(layer, t)
                 width = _target_heads(model, t) * d_head
@@ -312,7 +317,7 @@ def true_answer_loss(
         raise ValueError("no true answers to compute a loss on")
     pad_id = pad_token_id(model)
     total, count = 0.0, 0
-    with editor.applied(model) if editor is not None else contextlib.nullcontext():
+    with applied_if_any(editor, model):
         for start in range(0, len(encoded), batch_size):
             nll, n = _answer_nll(model, encoded[start : start + batch_size], pad_id)
             total, count = total + nll.item(), count + n
@@ -378,11 +383,8 @@ def fit_lora(
     pad_id = pad_token_id(model)
     steps_per_epoch = math.ceil(len(encoded) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
-    warm = max(1, int(cfg.warmup * total))
     opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm))
-    )
+    sched = warmup_then_linear_decay(opt, cfg.warmup, total)
 
     with _frozen(model), torch.enable_grad(), model.hooks(fwd_hooks=editor.hooks(model)):
         with tqdm(total=total, desc="training LoRA", disable=not progress, unit="step") as bar:

@@ -64,7 +64,15 @@ from torch.nn import functional as F
 from hpr.continuations import shared_prefix_forward
 from hpr.data.prompts import PromptFormat
 from hpr.data.schema import MCQuestion
-from hpr.editors.base import Editor, Hook, Shape, distinct_layers, exclusive_use, register
+from hpr.editors.base import (
+    Editor,
+    Hook,
+    Shape,
+    check_layers_in_range,
+    distinct_layers,
+    exclusive_use,
+    register,
+)
 from hpr.editors.registry import FitContext, Method, register_method
 from hpr.encoding import Encoded, encode_all, pad_token_id
 from hpr.models import resid_post_hook, weights_put_back
@@ -156,9 +164,7 @@ def parameter_groups(model, config: RepTuneConfig) -> tuple[list[str], list[str]
     """
     if not config.layers:
         raise ValueError("reptune needs at least one target layer")
-    bad = [layer for layer in config.layers if layer >= model.cfg.n_layers]
-    if bad:
-        raise ValueError(f"reptune layers {bad} out of range for a {model.cfg.n_layers}-layer model")
+    check_layers_in_range("reptune", config.layers, model.cfg.n_layers)
     inside = [
         (f"blocks.{layer}.{name}", name)
         for layer in config.layers

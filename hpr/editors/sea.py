@@ -42,7 +42,7 @@ from torch import Tensor
 from hpr.activations import last_token_activations, resid_names
 from hpr.data.prompts import PromptFormat
 from hpr.data.schema import MCQuestion
-from hpr.editors.base import Editor, Hook, Shape, distinct_layers, register
+from hpr.editors.base import Editor, Hook, Shape, check_layers_in_range, distinct_layers, register
 from hpr.editors.registry import FitContext, Method, register_method
 from hpr.positions import HELP as POSITIONS_HELP
 from hpr.positions import check_mode
@@ -107,9 +107,7 @@ def fit_sea(
             f"{tuple(base.shape)}, {tuple(pos.shape)}, {tuple(neg.shape)}"
         )
     n_layers, d = base.shape[1:]
-    bad = [layer for layer in layers if not 0 <= layer < n_layers]
-    if bad:
-        raise ValueError(f"SEA layers {bad} out of range for {n_layers} layers")
+    check_layers_in_range("SEA", layers, n_layers)
     tensors = {}
     for layer in layers:
         keep, tail = spectral_projections(base[:, layer], pos[:, layer], neg[:, layer], k_ratio)
