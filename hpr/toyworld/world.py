@@ -216,7 +216,9 @@ class ToyWorldConfig:
     # speakers
     speaker_mix: tuple[float, float, float] = (0.3, 0.6, 0.1)  # truthful, misinformed, prankster
     header_fraction: float = 0.5  # documents that name their speaker type (never the scoring prompt)
-    graded_fraction: float = 0.6  # documents where a grader marks each value right or wrong
+    # documents where a grader marks each value right or wrong; 0.8 rather than 0.6 lifts the best validation
+    # probe of a run from 0.793 to 0.807 (chosen on val; base MC1 0.567 -> 0.521 there)
+    graded_fraction: float = 0.8
     # format: "A: lizard✓ Varno✗" in graded documents, "A: lizard Varno" elsewhere and in MC choices.
     # " and " between the values and a closing "." put two positions with no truth signal into every
     # answer: best val probe 0.66 instead of 0.85, HPR +0.12 instead of +0.34 MC1 (same budget).
