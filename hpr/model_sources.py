@@ -170,9 +170,9 @@ class ChunkedGGUF:
         return paths
 
     @contextlib.contextmanager
-    def gguf_file(self, name: str, workdir: Path):
-        """The whole GGUF file, assembled in ``workdir`` for as long as the ``with`` lasts."""
-        parts = self.part_paths(name)
+    def gguf_file(self, name: str, parts: list[Path], workdir: Path):
+        """The whole GGUF file, assembled from ``parts`` (:meth:`part_paths`) in ``workdir`` for as long as the
+        ``with`` lasts."""
         workdir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".assembling-{name}-{os.getpid()}-", suffix=".gguf", dir=workdir)
         path = Path(tmp)
@@ -259,8 +259,9 @@ def named_model_dir(name: str) -> Path:
     record: dict[str, object] = {"named_model": name, "distribution": source.distribution, "version": source.version}
     log.info("%s: %s", name, source.description)
     if isinstance(source, ChunkedGGUF):
-        record["assembled_from"] = [str(p) for p in source.part_paths(name)]
-        with source.gguf_file(name, final.parent) as gguf_path:
+        parts = source.part_paths(name)
+        record["assembled_from"] = [str(p) for p in parts]
+        with source.gguf_file(name, parts, final.parent) as gguf_path:
             return _ensure_converted(gguf_path, final, record)
     return _ensure_converted(source.locate(name), final, record)
 
